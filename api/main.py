@@ -1,0 +1,82 @@
+"""The trainq HTTP API (FastAPI). Run with ``uvicorn api.main:app``; OpenAPI docs at ``/docs``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.deps import StoreDep
+from api.routes import jobs
+from shared.jobs import JobStore
+from shared.queue import make_celery
+from shared.settings import Settings, get_settings
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/±Infinity (not valid JSON) with their names, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 listing each error with its JSON path (``loc``), e.g. ``["body", "optimizer", "lr"]``.
+
+    FastAPI's default handler echoes the bad input back and fails with a 500 when that input is
+    NaN or Infinity (fastapi/fastapi#4589); here such values are echoed as strings.
+    """
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": _finite(jsonable_encoder(exc.errors()))})
+
+
+async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    """503 with a clear message while Redis cannot be reached, instead of a stack trace."""
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": f"job store (Redis) unavailable: {type(exc).__name__}: {exc}"},
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API app on ``settings`` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.store = JobStore.from_url(settings.redis_url)
+        app.state.celery = make_celery(settings)
+        yield
+        app.state.store.redis.close()
+
+    app = FastAPI(
+        title="trainq",
+        summary="Self-hosted batch training: POST a PyTorch training spec, get checkpoints and TensorBoard logs in S3.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(redis.RedisError, redis_unavailable)
+    app.include_router(jobs.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(store: StoreDep) -> dict[str, str]:
+        """`{"status": "ok"}` when the API can reach Redis (503 otherwise)."""
+        store.redis.ping()
+        return {"status": "ok"}
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,37 @@
+"""The Celery application shared by the API (which sends) and the worker (which runs).
+
+Configured for long GPU jobs:
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after the
+  job ends, so a worker that dies mid-job leaves it to be delivered again.
+* ``worker_prefetch_multiplier = 1``: a busy worker does not hoard queued jobs.
+* the Redis transport's ``visibility_timeout`` (``VISIBILITY_TIMEOUT_S``) is longer than the
+  longest job, so a running job is not re-delivered to a second worker (celery/celery#5935).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings
+
+#: Name of the one task: its only argument is the job id; the spec is read from the job record.
+TRAIN_TASK = "trainq.train"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on ``settings.redis_url``, configured for long, late-acknowledged jobs."""
+    app = Celery("trainq", broker=settings.redis_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.default_queue,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_hijack_root_logger=False,
+    )
+    return app

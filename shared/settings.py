@@ -1,0 +1,61 @@
+"""Infrastructure settings shared by the API and the worker, read from environment variables.
+
+Job specs (what to train) live in :mod:`shared.spec`; this module only says where things are
+(Redis, the S3 endpoint and bucket) and the service-wide limits.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where trainq's parts live. Every field is an environment variable of the same name, upper-cased.
+
+    AWS credentials use boto3's own variable names (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), so the same variables serve trainq, the AWS
+    CLI and TensorBoard. Left unset, boto3's default chain applies (config files, instance roles).
+    """
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the job queue and job records.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 API endpoint (MinIO, moto). Unset means AWS S3 itself."
+    )
+    aws_access_key_id: str | None = Field(None, description="S3 access key (boto3's default chain if unset).")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret key.")
+    aws_default_region: str | None = Field(None, description="S3 region, e.g. `us-east-1`.")
+    s3_bucket: str = Field("trainq", description="Bucket that holds datasets and job artifacts.")
+    s3_prefix: str = Field(
+        "jobs", description="Key prefix under which each job writes `<prefix>/<job_id>/...`."
+    )
+    default_queue: str = Field("default", description="Celery queue a job goes to when its spec names none.")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description=(
+            "Redis broker visibility timeout in seconds. A message not acknowledged within it is "
+            "delivered again, so it must exceed the longest job (tasks are acknowledged late)."
+        ),
+    )
+    data_cache_dir: Path = Field(
+        Path.home() / ".cache" / "trainq",
+        description="Worker-local directory where datasets are downloaded and jobs keep scratch files.",
+    )
+    progress_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between progress writes to the job record while training."
+    )
+    tensorboard_upload_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between TensorBoard event uploads within an epoch (also at every epoch end)."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide :class:`Settings`, read from the environment on first call."""
+    return Settings()

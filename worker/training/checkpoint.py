@@ -1,0 +1,107 @@
+"""Self-describing checkpoints that load with ``torch.load(path, weights_only=True)``.
+
+A checkpoint holds everything a resume needs and nothing that needs pickle's full power:
+tensors, dicts, lists, str, int, float, bool and None only (numpy scalars and arrays are
+converted; dvgodoy/PyTorchStepByStep#61 shows ``weights_only`` failing on a numpy.float64).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU and every CUDA device), numpy and Python, as weights_only-safe values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "algorithm": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`. CUDA states are restored only where CUDA exists."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["algorithm"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    job_id: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    spec: dict[str, Any],
+    classes: list[str],
+) -> Path:
+    """Write a checkpoint to ``path`` (via a temporary file, so ``path`` is never half-written).
+
+    Args:
+        epoch: epochs completed when saved.
+        step: optimizer steps taken when saved.
+        metrics: plain floats, e.g. ``{"val_loss": 0.08, "val_accuracy": 0.98}``.
+        spec: the job spec as JSON-compatible data (``JobSpec.model_dump(mode="json")``).
+        classes: class names in label-index order.
+
+    Returns:
+        ``path``.
+    """
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "job_id": job_id,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "metrics": {name: float(value) for name, value in metrics.items()},
+        "spec": spec,
+        "classes": list(classes),
+        "rng": capture_rng_state(),
+        "torch_version": torch.__version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    ``map_location`` moves tensors saved on a GPU to the given device (CPU by default).
+    """
+    return torch.load(path, map_location=map_location, weights_only=True)
