@@ -132,7 +132,8 @@ class Storage:
         for obj in objects:
             target = dest / obj.key[len(prefix):]
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
+            # Unique per process: two workers sharing a cache may fetch the same object at once.
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
             self.client.download_file(bucket, obj.key, str(tmp))
             os.replace(tmp, target)
         (dest / ".complete").write_text(uri + "\n")

@@ -40,7 +40,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`. CUDA states are restored only where CUDA exists."""
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # The resuming worker may see fewer or more GPUs than the one that saved.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
     np_state = state["numpy"]
     np.random.set_state(
         (
@@ -90,7 +92,7 @@ def save_checkpoint(
         "spec": spec,
         "classes": list(classes),
         "rng": capture_rng_state(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-safe
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

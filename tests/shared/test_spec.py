@@ -1,0 +1,71 @@
+"""The spec alone (no servers): what it accepts, what it refuses and where it says the fault is."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from shared.spec import JobSpec
+from tests.fixtures import example_spec
+
+
+def error_locs(spec: dict) -> list[tuple]:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(spec)
+    return [tuple(error["loc"]) for error in info.value.errors()]
+
+
+def test_example_spec_is_valid_and_round_trips():
+    spec = JobSpec.model_validate(example_spec())
+    assert spec.dataset.uri == "s3://trainq/datasets/digits/"
+    assert spec.optimizer.betas == (0.9, 0.999)
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_defaults_fill_a_minimal_spec():
+    spec = JobSpec.model_validate({"dataset": {"uri": "s3://bucket/data/"}})
+    assert (spec.model.arch, spec.loss.name, spec.optimizer.name) == ("small_cnn", "cross_entropy", "adam")
+    assert spec.optimizer.lr == 1e-3 and spec.epochs == 10 and spec.checkpoint.every_epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "loc"),
+    [
+        (("epochs",), "ten", ("epochs",)),
+        (("batch_size",), 0, ("batch_size",)),
+        (("optimizer", "lr"), -0.1, ("optimizer", "lr")),
+        (("optimizer", "lr"), math.nan, ("optimizer", "lr")),
+        (("optimizer", "lr"), "Infinity", ("optimizer", "lr")),
+        (("optimizer", "betas"), [0.9], ("optimizer", "betas", 1)),
+        (("dataset", "uri"), "/local/path", ("dataset", "uri")),
+        (("dataset", "val_fraction"), 1.0, ("dataset", "val_fraction")),
+        (("model", "arch"), "resnet9000", ("model", "arch")),
+        (("queue",), "bad queue!", ("queue",)),
+    ],
+)
+def test_bad_values_name_their_field(path, value, loc):
+    spec = example_spec()
+    target = spec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    assert loc in error_locs(spec)
+
+
+@pytest.mark.parametrize(
+    ("section", "loc"),
+    [(None, ("learnig_rate",)), ("optimizer", ("optimizer", "learnig_rate")), ("dataset", ("dataset", "learnig_rate"))],
+)
+def test_unknown_keys_are_refused_at_every_level(section, loc):
+    spec = example_spec()
+    (spec[section] if section else spec)["learnig_rate"] = 0.1
+    assert error_locs(spec) == [loc]
+
+
+def test_torchvision_arch_needs_three_channels():
+    spec = example_spec()
+    spec["model"]["arch"] = "resnet18"
+    with pytest.raises(ValidationError, match="dataset.channels"):
+        JobSpec.model_validate(spec)

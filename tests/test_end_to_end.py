@@ -1,0 +1,132 @@
+"""The whole path on the real stack: HTTP submit → Redis → Celery worker → S3 artifacts.
+
+Asserts real outcomes: the final checkpoint reproduces the reported val accuracy, TensorBoard's
+own reader finds one train-loss point per step in the bucket, and bad data fails naming the prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from shared.spec import JobSpec
+from shared.storage import Storage
+from tests.conftest import wait_for_job
+from tests.fixtures import fast_digits_spec, with_dataset
+from worker.training.checkpoint import load_checkpoint
+from worker.training.data import load_image_folder
+from worker.training.engine import evaluate
+from worker.training.models import build_model
+
+
+@pytest.fixture(scope="module")
+def digits_job(stack) -> dict:
+    """One short digits job, run once for the assertions below."""
+    with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+        response = client.post("/jobs", json=fast_digits_spec())
+        assert response.status_code == 202, response.text
+        return wait_for_job(client, response.json()["id"])
+
+
+def test_job_succeeds_with_progress_and_artifacts(digits_job: dict):
+    job = digits_job
+    assert job["state"] == "succeeded", job["error"]
+    assert [t["state"] for t in job["transitions"]] == ["queued", "running", "succeeded"]
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    assert job["device"] == "cpu"
+    assert job["dataset"] == {"classes": [str(d) for d in range(10)], "num_train": 1438, "num_val": 359}
+    progress = job["progress"]
+    assert progress["epoch"] == progress["epochs"] == 2
+    assert progress["steps_per_epoch"] == math.ceil(1438 / 64)
+    assert progress["step"] == progress["total_steps"] == 2 * progress["steps_per_epoch"]
+    assert progress["val_accuracy"] > 0.5 and progress["samples_per_s"] > 0
+    prefix = f"s3://trainq/jobs/{job['id']}"
+    artifacts = job["artifacts"]
+    assert artifacts["tensorboard"] == f"{prefix}/tensorboard/"
+    assert artifacts["final_checkpoint"] == f"{prefix}/checkpoints/final.pt"
+    assert artifacts["checkpoints"] == [f"{prefix}/checkpoints/step-{23:09d}.pt", f"{prefix}/checkpoints/final.pt"]
+
+
+def test_final_checkpoint_loads_weights_only_and_reproduces_val_accuracy(digits_job: dict, storage: Storage, tmp_path: Path):
+    job = digits_job
+    path = storage.download_file(job["artifacts"]["final_checkpoint"], tmp_path / "final.pt")
+    checkpoint = load_checkpoint(path)  # torch.load(..., weights_only=True)
+    assert checkpoint["step"] == job["progress"]["step"] and checkpoint["epoch"] == 2
+    assert checkpoint["classes"] == job["dataset"]["classes"]
+    spec = JobSpec.model_validate(checkpoint["spec"])
+    assert spec == JobSpec.model_validate(job["spec"])
+    model = build_model(spec.model, num_classes=10, in_channels=spec.dataset.channels)
+    model.load_state_dict(checkpoint["model"])
+    data = load_image_folder(spec.dataset, storage, tmp_path / "cache", spec.seed)
+    loader = torch.utils.data.DataLoader(data.val, batch_size=128)
+    val_loss, val_accuracy = evaluate(model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert val_accuracy == pytest.approx(job["progress"]["val_accuracy"], abs=1e-9)
+    assert val_loss == pytest.approx(job["progress"]["val_loss"], rel=1e-4)
+    assert checkpoint["metrics"]["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
+
+
+_READ_EVENTS = """
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+events = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "images": 0})
+events.Reload()
+tags = events.Tags()
+print(json.dumps({
+    "images": tags["images"],
+    "scalars": {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in tags["scalars"]},
+}))
+"""
+
+
+def read_tensorboard(uri: str, env: dict[str, str]) -> dict:
+    """Scalars and image tags of the run at ``uri``, read by TensorBoard's own S3 reader.
+
+    In a subprocess, as a user would run it: TensorBoard reads S3_ENDPOINT when it is imported.
+    """
+    out = subprocess.run([sys.executable, "-c", _READ_EVENTS, uri], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_tensorboard_events_in_s3_hold_one_train_loss_per_step(digits_job: dict, stack):
+    events = read_tensorboard(digits_job["artifacts"]["tensorboard"].rstrip("/"), stack.env)
+    total = digits_job["progress"]["total_steps"]
+    train_loss = events["scalars"]["train/loss"]
+    assert [step for step, _ in train_loss] == list(range(1, total + 1))
+    assert all(math.isfinite(value) for _, value in train_loss)
+    val_accuracy = events["scalars"]["val/accuracy"]
+    assert [step for step, _ in val_accuracy] == [total // 2, total]
+    assert val_accuracy[-1][1] == pytest.approx(digits_job["progress"]["val_accuracy"], abs=1e-6)
+    assert {"val/loss", "train/lr"} <= set(events["scalars"])
+    assert events["images"] == ["inputs"]
+
+
+@pytest.mark.parametrize("uri", ["s3://trainq/datasets/empty-or-missing/", "s3://no-such-bucket-xyz/data/"])
+def test_missing_dataset_fails_naming_the_prefix(api: httpx.Client, uri: str):
+    response = api.post("/jobs", json=with_dataset(fast_digits_spec(), uri=uri))
+    job = wait_for_job(api, response.json()["id"], timeout_s=60)
+    assert job["state"] == "failed"
+    assert uri in job["error"]
+
+
+def test_empty_class_folder_fails_naming_it(api: httpx.Client, storage: Storage):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for cls in ("cat", "dog"):
+            (root / cls).mkdir()
+        (root / "cat" / "notes.txt").write_text("not an image")
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(root / "dog" / "a.png")
+        storage.upload_dir(root, "s3://trainq/datasets/no-cats/")
+    response = api.post("/jobs", json=with_dataset(fast_digits_spec(), uri="s3://trainq/datasets/no-cats/"))
+    job = wait_for_job(api, response.json()["id"], timeout_s=60)
+    assert job["state"] == "failed"
+    assert "s3://trainq/datasets/no-cats/" in job["error"] and "cat" in job["error"]
