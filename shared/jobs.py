@@ -158,6 +158,7 @@ class JobStore:
             spec=spec,
             queue=queue,
             created_at=now,
+            progress=Progress(epochs=spec.epochs),
             transitions=[Transition(state=JobState.QUEUED, at=now)],
         )
         pipe = self.redis.pipeline(transaction=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -35,6 +36,14 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return match["bucket"], match["key"]
 
 
+def _folder(uri: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``uri`` read as a folder: the prefix is empty or ends with ``/``."""
+    bucket, prefix = parse_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
 def _is_hidden(relative_key: str) -> bool:
     return any(part.startswith(".") for part in relative_key.split("/"))
 
@@ -54,9 +63,10 @@ class Storage:
     Args:
         settings: gives ``s3_endpoint_url`` (None means AWS), ``s3_bucket`` and ``s3_prefix``.
         max_attempts: boto3 ``standard`` retry mode attempts per request (backoff between them).
+        max_concurrency: parallel transfers when a prefix is downloaded (many small files).
     """
 
-    def __init__(self, settings: Settings, *, max_attempts: int = 10) -> None:
+    def __init__(self, settings: Settings, *, max_attempts: int = 10, max_concurrency: int = 16) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
         secret = settings.aws_secret_access_key
@@ -66,8 +76,12 @@ class Storage:
             aws_access_key_id=settings.aws_access_key_id,
             aws_secret_access_key=secret.get_secret_value() if secret else None,
             region_name=settings.aws_default_region,
-            config=Config(retries={"mode": "standard", "max_attempts": max_attempts}),
+            config=Config(
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                max_pool_connections=max_concurrency,
+            ),
         )
+        self.transfer_config = TransferConfig(max_concurrency=max_concurrency)
 
     # -- URIs -------------------------------------------------------------------------------
     def job_uri(self, job_id: str, *parts: str) -> str:
@@ -90,9 +104,7 @@ class Storage:
         A prefix without a trailing slash is treated as a folder (``s3://b/data`` lists
         ``data/...``, not ``database/...``).
         """
-        bucket, prefix = parse_s3_uri(uri)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
+        bucket, prefix = _folder(uri)
         paginator = self.client.get_paginator("list_objects_v2")
         objects: list[ObjectInfo] = []
         try:
@@ -116,8 +128,7 @@ class Storage:
         Raises:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
         """
-        bucket, prefix = parse_s3_uri(uri)
-        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        bucket, prefix = _folder(uri)
         objects = [
             obj for obj in self.list_objects(uri) if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])
         ]
@@ -129,12 +140,21 @@ class Storage:
         dest = cache_dir / digest.hexdigest()[:24]
         if (dest / ".complete").exists():
             return dest
-        for obj in objects:
-            target = dest / obj.key[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Unique per process: two workers sharing a cache may fetch the same object at once.
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-            self.client.download_file(bucket, obj.key, str(tmp))
+        # Many small files (an image folder) are latency-bound: fetch them concurrently with
+        # boto3's transfer manager, each to a temporary name renamed once complete.
+        parts: list[tuple[Path, Path]] = []
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            futures = []
+            for obj in objects:
+                target = dest / obj.key[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Unique per process: two workers sharing a cache may fetch the same object at once.
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+                futures.append(manager.download(bucket, obj.key, str(tmp)))
+                parts.append((tmp, target))
+            for future in futures:
+                future.result()  # re-raises the first failed download
+        for tmp, target in parts:
             os.replace(tmp, target)
         (dest / ".complete").write_text(uri + "\n")
         return dest
@@ -159,8 +179,11 @@ class Storage:
 
     def upload_dir(self, local_dir: Path, uri: str) -> list[str]:
         """Upload every file under ``local_dir`` to ``uri/<relative path>``; return the URIs."""
-        base = uri.rstrip("/")
-        uploaded = []
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            uploaded.append(self.upload_file(path, f"{base}/{path.relative_to(local_dir).as_posix()}"))
-        return uploaded
+        bucket, prefix = _folder(uri)
+        paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        keys = [prefix + path.relative_to(local_dir).as_posix() for path in paths]
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            futures = [manager.upload(str(path), bucket, key) for path, key in zip(paths, keys, strict=True)]
+            for future in futures:
+                future.result()  # re-raises the first failed upload
+        return [f"s3://{bucket}/{key}" for key in keys]

@@ -1,0 +1,70 @@
+"""Image-folder datasets read from the real S3 server: classes, hidden files, split, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shared.exceptions import DatasetError
+from shared.spec import ImageFolderDataset
+from shared.storage import Storage
+from worker.training.data import load_image_folder
+
+
+def make_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.new("RGB", (size, size), (index * 20 % 255, 0, 0)).save(root / name / f"{index}.png")
+    return root
+
+
+def test_hidden_folders_and_files_are_not_classes(tmp_path: Path, storage: Storage):
+    # pytorch/vision#2831: ImageFolder makes `.ipynb_checkpoints` a class.
+    root = make_folder(tmp_path / "src", {"cat": 3, "dog": 2})
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (12, 12)).save(root / ".ipynb_checkpoints" / "copy.png")
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    storage.upload_dir(root, "s3://trainq/tests/hidden/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/hidden/", val_fraction=0.2, image_size=8, channels=3)
+    data = load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+    assert data.classes == ["cat", "dog"]
+    assert len(data.train) + len(data.val) == 5 and len(data.val) == 1
+    image, label = data.train[0]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+
+
+def test_split_is_seeded_and_the_download_is_cached(tmp_path: Path, storage: Storage):
+    root = make_folder(tmp_path / "src", {"a": 10, "b": 10})
+    storage.upload_dir(root, "s3://trainq/tests/split/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/split/", val_fraction=0.25, image_size=8, channels=1)
+    first = load_image_folder(spec, storage, tmp_path / "cache", seed=7)
+    again = load_image_folder(spec, storage, tmp_path / "cache", seed=7)
+    other = load_image_folder(spec, storage, tmp_path / "cache", seed=8)
+    assert first.val.indices == again.val.indices != other.val.indices
+    assert len(first.val) == 5 and not set(first.val.indices) & set(first.train.indices)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one download for unchanged content
+
+
+def test_unreadable_image_fails_naming_the_object(tmp_path: Path, storage: Storage):
+    root = make_folder(tmp_path / "src", {"a": 2, "b": 2})
+    (root / "b" / "broken.jpg").write_bytes(b"")
+    storage.upload_dir(root, "s3://trainq/tests/broken/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/broken/", image_size=8)
+    data = load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+    dataset = data.train.dataset
+    broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg"))
+    with pytest.raises(DatasetError, match="s3://trainq/tests/broken/b/broken.jpg"):
+        dataset[broken]
+
+
+def test_separate_val_prefix_must_have_the_same_classes(tmp_path: Path, storage: Storage):
+    storage.upload_dir(make_folder(tmp_path / "train", {"a": 2, "b": 2}), "s3://trainq/tests/tv/train/")
+    storage.upload_dir(make_folder(tmp_path / "val", {"a": 1, "c": 1}), "s3://trainq/tests/tv/val/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/tv/train/", val_uri="s3://trainq/tests/tv/val/", image_size=8)
+    with pytest.raises(DatasetError, match=r"classes of s3://trainq/tests/tv/val/ \['a', 'c'\] differ"):
+        load_image_folder(spec, storage, tmp_path / "cache", seed=0)
