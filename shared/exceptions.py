@@ -34,3 +34,12 @@ class JobFailure(TrainqError):
 
 class DatasetError(JobFailure):
     """The dataset a spec points at is missing, empty or malformed. The message names the URI or file."""
+
+
+class IdempotencyConflictError(TrainqError):
+    """An ``Idempotency-Key`` was reused with a different spec (API: 409)."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was used for job {job_id} with a different spec")
+        self.key = key
+        self.job_id = job_id

@@ -1,13 +1,15 @@
 """Job records in Redis: state, timestamps, progress, device, error and artifact URIs.
 
 A record is a Redis hash ``trainq:job:<id>`` whose fields are JSON values; the sorted set
-``trainq:jobs`` (score: creation time, seconds since the epoch) lists ids newest first.
-State changes go through :meth:`JobStore.transition`, which checks the lifecycle in a Redis
-transaction (WATCH/MULTI), so the API and a worker never both win a race.
+``trainq:jobs`` (score: creation time, seconds since the epoch) lists ids newest first, and the
+set ``trainq:running`` holds the ids of running jobs (what the reaper inspects). State changes go
+through :meth:`JobStore.transition`, which checks the lifecycle in a Redis transaction
+(WATCH/MULTI), so the API, a worker and a reaper never both win a race.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -17,20 +19,29 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from shared.exceptions import InvalidTransitionError, JobNotFoundError
+from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
 from shared.spec import JobSpec
 
 JOB_KEY = "trainq:job:{}"
 INDEX_KEY = "trainq:jobs"
+RUNNING_KEY = "trainq:running"
+IDEMPOTENCY_KEY = "trainq:idempotency:{}"
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 
 class JobState(str, Enum):
-    """Where a job is in its life. ``succeeded`` and ``failed`` are final."""
+    """Where a job is in its life. ``succeeded``, ``failed`` and ``cancelled`` are final.
+
+    ``retrying``: an infrastructure failure (worker lost, S3 or Redis unreachable) sent the job
+    back to the queue; it resumes from its newest complete checkpoint.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
+    RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
@@ -38,27 +49,32 @@ class JobState(str, Enum):
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+#: States in which a delivered message may start the job.
+STARTABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
 
-#: The lifecycle: which state may follow which. A queued job can fail without running
-#: (it could not be enqueued); anything else fails or succeeds only from ``running``.
+#: The lifecycle: which state may follow which. A queued job can fail without running (it could
+#: not be enqueued) or be cancelled before it starts.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING}),
+    JobState.RETRYING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
 }
 
 
 class Transition(BaseModel):
-    """One state change: the new state and when it happened (seconds since the epoch, UTC)."""
+    """One state change: the new state, when (seconds since the epoch, UTC) and why."""
 
     state: JobState
     at: float
+    reason: str | None = None
 
 
 class Progress(BaseModel):
-    """How far a running job has got. Losses are means over the batches named; times in seconds."""
+    """How far a job has got. Losses are means over the batches named; times in seconds."""
 
     epoch: int = Field(0, description="Epochs completed.")
     epochs: int = Field(0, description="Epochs in the spec.")
@@ -68,8 +84,9 @@ class Progress(BaseModel):
     train_loss: float | None = Field(None, description="Loss of the latest training batch.")
     val_loss: float | None = Field(None, description="Mean validation loss after the latest epoch.")
     val_accuracy: float | None = Field(None, description="Validation accuracy after the latest epoch, 0..1.")
-    samples_per_s: float | None = Field(None, description="Training throughput since the job started.")
+    samples_per_s: float | None = Field(None, description="Training throughput of the current attempt.")
     eta_s: float | None = Field(None, description="Estimated seconds left, from the throughput so far.")
+    runtime_s: float = Field(0.0, description="Seconds spent training, summed over attempts (the time limit's clock).")
     updated_at: float | None = None
 
 
@@ -97,19 +114,19 @@ class JobRecord(BaseModel):
     spec: JobSpec
     queue: str
     created_at: float
-    started_at: float | None = None
+    started_at: float | None = Field(None, description="When the first attempt started.")
     finished_at: float | None = None
     transitions: list[Transition] = Field(default_factory=list)
+    attempts: int = Field(0, description="Times a worker started the job (1 unless it was retried).")
+    duplicate_deliveries: int = Field(0, description="Queue deliveries skipped because the job was already taken.")
+    cancel_requested_at: float | None = None
+    resumed_from: str | None = Field(None, description="Checkpoint the latest attempt resumed from.")
     progress: Progress = Field(default_factory=Progress)
     device: str | None = Field(None, description="Where it trained: a CUDA device name or `cpu`.")
-    worker: str | None = Field(None, description="Host name of the Celery worker that ran it.")
+    worker: str | None = Field(None, description="Celery worker that ran the latest attempt.")
     dataset: DatasetInfo | None = None
     artifacts: Artifacts = Field(default_factory=Artifacts)
-    error: str | None = Field(None, description="Why the job failed, naming the file or field at fault.")
-
-
-# Fields stored as JSON in the hash; the rest are plain strings.
-_JSON_FIELDS = {"spec", "transitions", "progress", "dataset", "artifacts", "created_at", "started_at", "finished_at"}
+    error: str | None = Field(None, description="Why the job failed (or was retried), naming the file or field at fault.")
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
@@ -119,19 +136,12 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
             value = value.model_dump(mode="json")
         elif isinstance(value, Enum):
             value = value.value
-        out[name] = json.dumps(value) if name in _JSON_FIELDS else ("" if value is None else str(value))
+        out[name] = json.dumps(value)
     return out
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in raw.items():
-        name, text = key.decode(), value.decode()
-        if name in _JSON_FIELDS:
-            data[name] = json.loads(text)
-        else:
-            data[name] = text or None
-    return data
+    return {key.decode(): json.loads(value) for key, value in raw.items()}
 
 
 class JobStore:
@@ -143,14 +153,25 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         """A store on a new connection pool to ``url`` (``redis://host:port/db``)."""
-        return cls(redis.Redis.from_url(url))
+        return cls(redis.Redis.from_url(url, health_check_interval=30))
 
-    def create(self, spec: JobSpec, queue: str) -> JobRecord:
-        """Record a new ``queued`` job for ``spec`` on ``queue`` and return it."""
+    def create(self, spec: JobSpec, queue: str, *, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Record a new ``queued`` job for ``spec`` on ``queue``.
+
+        With ``idempotency_key``, the first call records the job and later calls with the same
+        key (for 24 hours) return that job instead of a new one.
+
+        Returns:
+            ``(record, created)``; ``created`` is False when the key returned an existing job.
+
+        Raises:
+            IdempotencyConflictError: the key was used before with a different spec.
+        """
         now = time.time()
         record = JobRecord(
             id=uuid.uuid4().hex,
@@ -161,11 +182,31 @@ class JobStore:
             progress=Progress(epochs=spec.epochs),
             transitions=[Transition(state=JobState.QUEUED, at=now)],
         )
+        if idempotency_key is not None:
+            digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+            key = IDEMPOTENCY_KEY.format(hashlib.sha256(idempotency_key.encode()).hexdigest())
+            claimed = self.redis.set(key, json.dumps([record.id, digest]), nx=True, ex=IDEMPOTENCY_TTL_S)
+            if not claimed:
+                existing_id, existing_digest = json.loads(self.redis.get(key) or "[null, null]")
+                if existing_digest != digest:
+                    raise IdempotencyConflictError(idempotency_key, existing_id)
+                return self._get_eventually(existing_id), False
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(JOB_KEY.format(record.id), mapping=_encode(record.model_dump(mode="json", exclude_none=True)))
         pipe.zadd(INDEX_KEY, {record.id: now})
         pipe.execute()
-        return record
+        return record, True
+
+    def _get_eventually(self, job_id: str, timeout_s: float = 5.0) -> JobRecord:
+        # The request that claimed the idempotency key writes the record a moment later.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.get(job_id)
+            except JobNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def get(self, job_id: str) -> JobRecord:
         """The record of ``job_id``.
@@ -187,15 +228,33 @@ class JobStore:
         records = [JobRecord.model_validate(_decode(raw)) for raw in pipe.execute() if raw]
         return records, self.redis.zcard(INDEX_KEY)
 
-    def transition(self, job_id: str, state: JobState, **fields: Any) -> JobRecord:
+    def running_ids(self) -> list[str]:
+        """Ids of jobs in the ``running`` state."""
+        return sorted(member.decode() for member in self.redis.smembers(RUNNING_KEY))
+
+    def transition(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        reason: str | None = None,
+        expect_attempt: int | None = None,
+        **fields: Any,
+    ) -> JobRecord:
         """Move ``job_id`` to ``state``, setting ``fields`` in the same transaction.
 
-        The change is timestamped in ``transitions``; ``started_at``/``finished_at`` are set on
-        entering ``running`` and a final state.
+        The change is timestamped (with ``reason``) in ``transitions``; entering ``running``
+        counts an attempt and sets ``started_at`` the first time; a final state sets
+        ``finished_at``.
+
+        Args:
+            expect_attempt: a fencing token: refuse unless the job is on this attempt, so a
+                worker that lost its job to a retry cannot overwrite the new attempt's state.
 
         Raises:
             JobNotFoundError: no such job.
-            InvalidTransitionError: the lifecycle forbids going from the current state to ``state``.
+            InvalidTransitionError: the lifecycle forbids going from the current state to
+                ``state``, or the job is no longer on ``expect_attempt``.
         """
         key = JOB_KEY.format(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -207,22 +266,74 @@ class JobStore:
                         raise JobNotFoundError(job_id)
                     current = _decode(raw)
                     previous = JobState(current["state"])
+                    attempts = current.get("attempts", 0)
                     if state not in ALLOWED_TRANSITIONS[previous]:
                         raise InvalidTransitionError(job_id, previous.value, state.value)
+                    if expect_attempt is not None and attempts != expect_attempt:
+                        raise InvalidTransitionError(
+                            job_id, f"{previous.value} (attempt {attempts})", f"{state.value} from attempt {expect_attempt}"
+                        )
                     now = time.time()
-                    update = dict(fields, state=state.value)
-                    update["transitions"] = current["transitions"] + [{"state": state.value, "at": now}]
+                    update = dict(fields, state=state)
+                    entry = {"state": state.value, "at": now} | ({"reason": reason} if reason else {})
+                    update["transitions"] = current["transitions"] + [entry]
                     if state is JobState.RUNNING:
-                        update["started_at"] = now
+                        update["attempts"] = attempts + 1
+                        update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
                     pipe.multi()
                     pipe.hset(key, mapping=_encode(update))
+                    if state is JobState.RUNNING:
+                        pipe.sadd(RUNNING_KEY, job_id)
+                    else:
+                        pipe.srem(RUNNING_KEY, job_id)
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue
         return self.get(job_id)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel ``job_id``: at once if it has not started, else ask its worker to stop.
+
+        A queued or retrying job becomes ``cancelled`` (a later delivery skips it). A running
+        job gets ``cancel_requested_at``; its worker stops at the next step boundary, saves a
+        checkpoint and ends it ``cancelled``.
+
+        Raises:
+            JobNotFoundError: no such job.
+            InvalidTransitionError: the job is already final.
+        """
+        key = JOB_KEY.format(job_id)
+        while True:
+            state = self.get(job_id).state
+            if state in STARTABLE_STATES:
+                try:
+                    return self.transition(job_id, JobState.CANCELLED, reason="cancelled by request")
+                except InvalidTransitionError:
+                    continue  # it started meanwhile: ask the worker instead
+            if state is JobState.RUNNING:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    try:
+                        pipe.watch(key)
+                        if JobState(json.loads(pipe.hget(key, "state"))) is not JobState.RUNNING:
+                            continue
+                        pipe.multi()
+                        pipe.hsetnx(key, "cancel_requested_at", json.dumps(time.time()))
+                        pipe.execute()
+                    except redis.WatchError:
+                        continue
+                return self.get(job_id)
+            raise InvalidTransitionError(job_id, state.value, JobState.CANCELLED.value)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True once a cancel was requested for ``job_id`` (one cheap HEXISTS)."""
+        return bool(self.redis.hexists(JOB_KEY.format(job_id), "cancel_requested_at"))
+
+    def count_duplicate_delivery(self, job_id: str) -> None:
+        """Note on the record that a queue delivery for ``job_id`` was skipped."""
+        self.redis.hincrby(JOB_KEY.format(job_id), "duplicate_deliveries", 1)
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set ``fields`` (progress, device, dataset, artifacts…) without changing the state.
@@ -230,16 +341,14 @@ class JobStore:
         Raises:
             JobNotFoundError: no such job (an update never creates a record).
         """
-        key = JOB_KEY.format(job_id)
-        # HSET on a missing key would create a half record; only write fields of an existing one.
-        script = self.redis.register_script(_UPDATE_IF_EXISTS)
         flat: list[str] = []
         for name, value in _encode(fields).items():
             flat += [name, value]
-        if not script(keys=[key], args=flat):
+        if not self._update_if_exists(keys=[JOB_KEY.format(job_id)], args=flat):
             raise JobNotFoundError(job_id)
 
 
+# HSET on a missing key would create a half record; only write fields of an existing one.
 _UPDATE_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))

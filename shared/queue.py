@@ -35,3 +35,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def enqueue(app: Celery, job_id: str, queue: str) -> None:
+    """Send the message that makes a worker on ``queue`` run job ``job_id``."""
+    app.send_task(TRAIN_TASK, args=[job_id], queue=queue)

@@ -53,6 +53,24 @@ class Settings(BaseSettings):
     tensorboard_upload_interval_s: float = Field(
         30.0, gt=0, description="Seconds between TensorBoard event uploads within an epoch (also at every epoch end)."
     )
+    max_runtime_s: float = Field(
+        3 * 24 * 3600,
+        gt=0,
+        description="Ceiling on any job's training time in seconds; a spec's `max_runtime_s` may only lower it.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per job before infrastructure failures (worker lost, S3 down) fail it."
+    )
+    lease_ttl_s: float = Field(
+        30.0, gt=0, description="Seconds a running job's heartbeat lives; a job whose worker died is requeued after it."
+    )
+    reaper_interval_s: float = Field(10.0, gt=0, description="Seconds between a worker's scans for jobs whose worker died.")
+    cancel_poll_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's checks for a cancel request.")
+    upload_deadline_s: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds an artifact upload keeps retrying through an S3 outage before the attempt fails.",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -161,6 +161,12 @@ class JobSpec(SpecModel):
         "auto", description="`auto` uses CUDA when the worker has it, else the CPU; `cuda` fails on a CPU worker."
     )
     checkpoint: CheckpointSpec = CheckpointSpec()
+    max_runtime_s: float | None = Field(
+        None,
+        gt=0,
+        description="Training time limit in seconds, summed over attempts. At the limit the job saves a "
+        "checkpoint and fails with reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
+    )
     queue: str | None = Field(
         None,
         pattern=QUEUE_PATTERN,

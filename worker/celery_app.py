@@ -5,9 +5,14 @@ so a spec's DataLoader may start its own worker processes (``num_workers > 0``);
 would fail with "daemonic processes are not allowed to have children". One job at a time per
 worker process; run one worker per GPU (``CUDA_VISIBLE_DEVICES``) to use several. torch is
 imported once when the worker starts (``worker.tasks``), not per job.
+
+Each worker also runs a reaper thread (requeues jobs whose worker died), and on a warm shutdown
+(SIGTERM) its running job checkpoints and goes back to the queue.
 """
 
 from __future__ import annotations
+
+from celery import signals
 
 from shared.queue import make_celery
 from shared.settings import get_settings
@@ -18,3 +23,19 @@ app.conf.update(
     worker_concurrency=1,
     include=["worker.tasks"],
 )
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    from shared.jobs import JobStore
+    from worker.recovery import Reaper
+
+    settings = get_settings()
+    Reaper(JobStore.from_url(settings.redis_url), app, settings).start()
+
+
+@signals.worker_shutting_down.connect
+def _checkpoint_on_shutdown(**_: object) -> None:
+    from worker.heartbeat import worker_shutdown
+
+    worker_shutdown.set()

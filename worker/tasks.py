@@ -1,104 +1,178 @@
-"""The Celery task: load the job's spec from its record, run the engine, record the outcome.
+"""The Celery task: take the job, run the engine under a heartbeat, record the outcome.
 
-Thin on purpose: all training is in :mod:`worker.training`. A failing job never crashes the
-worker: the error is recorded on the job (``failed``), logged with the job id, and the message is
-acknowledged.
+Thin on purpose: all training is in :mod:`worker.training`. Exactly one worker trains a job at a
+time: a delivery starts the job only by moving it from ``queued``/``retrying`` to ``running`` in a
+Redis transaction; any other delivery (Redis re-delivering after ``visibility_timeout``, a
+duplicate) is counted and skipped. Every later state change is fenced by the attempt number.
+
+A failing job never crashes the worker. Job faults (bad data or spec) fail it at once;
+infrastructure faults (S3 or Redis unreachable, …) send it back to the queue up to
+``MAX_ATTEMPTS``; a cancel or time limit ends it after a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import traceback
+from collections.abc import Callable
+from typing import TypeVar
 
+import redis
+from celery import Celery
 from pydantic import ValidationError
 
 from shared.exceptions import InvalidTransitionError, JobFailure, JobNotFoundError
-from shared.jobs import Artifacts, DatasetInfo, JobState, JobStore, Progress
+from shared.jobs import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, JobStore, Progress
+from shared.lease import JobLease
 from shared.queue import TRAIN_TASK
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
 from shared.storage import Storage
 from worker.celery_app import app
-from worker.training import TrainingCallbacks, run_training
+from worker.heartbeat import JobMonitor
+from worker.recovery import requeue
+from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _redis_retry(action: Callable[[], T], what: str, deadline_s: float) -> T:
+    """Run ``action``, retrying while Redis is unreachable (a restart) for up to ``deadline_s``."""
+    started, backoff = time.monotonic(), 0.2
+    while True:
+        try:
+            return action()
+        except redis.ConnectionError as exc:
+            if time.monotonic() - started > deadline_s:
+                raise
+            logger.warning("%s: Redis unavailable (%s); retrying", what, exc)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 class RecordCallbacks(TrainingCallbacks):
-    """Writes the engine's reports into the job record in Redis."""
+    """Writes the engine's reports into the job record and relays the monitor's stop flags.
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
-        self.store, self.job_id = store, job_id
+    Progress writes are best effort: a Redis restart must not stop training.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, monitor: JobMonitor) -> None:
+        self.store, self.job_id, self.monitor = store, job_id, monitor
         self.artifacts = Artifacts()
 
-    def on_start(self, *, device: str, dataset: DatasetInfo, tensorboard_uri: str) -> None:
+    def _write(self, **fields) -> None:
+        try:
+            self.store.update(self.job_id, **fields)
+        except redis.RedisError as exc:
+            logger.warning("job %s: record update skipped (%s)", self.job_id, exc)
+
+    def on_start(self, *, device: str, dataset: DatasetInfo, tensorboard_uri: str, resumed_from: str | None) -> None:
+        self.artifacts = self.store.get(self.job_id).artifacts  # keep earlier attempts' checkpoints
         self.artifacts.tensorboard = tensorboard_uri
-        self.store.update(self.job_id, device=device, dataset=dataset, artifacts=self.artifacts)
+        self._write(device=device, dataset=dataset, artifacts=self.artifacts, resumed_from=resumed_from)
 
     def on_progress(self, progress: Progress) -> None:
-        self.store.update(self.job_id, progress=progress)
+        self._write(progress=progress)
 
     def on_checkpoint(self, uri: str) -> None:
-        self.artifacts.checkpoints.append(uri)
+        if uri not in self.artifacts.checkpoints:
+            self.artifacts.checkpoints.append(uri)
         if uri.endswith("/final.pt"):
             self.artifacts.final_checkpoint = uri
-        self.store.update(self.job_id, artifacts=self.artifacts)
+        self._write(artifacts=self.artifacts)
+
+    def stop_requested(self) -> StopReason | None:
+        return self.monitor.stop_requested()
 
 
-def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings) -> JobState:
-    """Run job ``job_id`` to a final state and return that state.
-
-    A message for a job that is no longer ``queued`` (already running elsewhere, or finished) is
-    a duplicate delivery and is skipped. The spec is validated again: a record written by an
-    older API, or edited by hand, must not reach the GPU unchecked.
-    """
+def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings, celery: Celery, worker_name: str) -> JobState:
+    """Run one delivery of job ``job_id``; return the job's state afterwards."""
     try:
         record = store.get(job_id)
     except JobNotFoundError:
         logger.error("job %s: no record; message dropped", job_id)
         return JobState.FAILED
-    if record.state is not JobState.QUEUED:
-        logger.warning("job %s: is %s, not queued; duplicate delivery skipped", job_id, record.state.value)
+    if record.state not in STARTABLE_STATES:
+        store.count_duplicate_delivery(job_id)
+        logger.warning("job %s: is %s; delivery skipped", job_id, record.state.value)
         return record.state
     try:
-        store.transition(job_id, JobState.RUNNING, worker=socket.gethostname())
-    except InvalidTransitionError as exc:  # another worker took it between get() and here
-        logger.warning("job %s: %s; skipped", job_id, exc)
+        record = store.transition(job_id, JobState.RUNNING, worker=worker_name)
+    except InvalidTransitionError:
+        store.count_duplicate_delivery(job_id)
+        logger.warning("job %s: taken by another worker; delivery skipped", job_id)
         return store.get(job_id).state
-    callbacks = RecordCallbacks(store, job_id)
+    attempt = record.attempts
+    lease = JobLease(store.redis, job_id, settings.lease_ttl_s, owner=worker_name)
+    lease.acquire() or logger.warning("job %s: a stale lease exists; it expires within %g s", job_id, settings.lease_ttl_s)
+    monitor = JobMonitor(store, lease, job_id, settings.cancel_poll_interval_s, settings.lease_ttl_s)
+    monitor.start()
+    logger.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
+
+    def finish(state: JobState, **fields) -> JobState:
+        try:
+            _redis_retry(lambda: store.transition(job_id, state, expect_attempt=attempt, **fields), f"job {job_id}", settings.lease_ttl_s)
+        except InvalidTransitionError as exc:
+            logger.error("job %s: outcome %s not recorded: %s", job_id, state.value, exc)
+            return store.get(job_id).state
+        return state
+
     try:
         spec = JobSpec.model_validate(record.spec.model_dump(mode="json"))
+        callbacks = RecordCallbacks(store, job_id, monitor)
+        if record.cancel_requested_at is not None:
+            return finish(JobState.CANCELLED, reason="cancelled before the attempt started")
         result = run_training(job_id, spec, storage, settings, callbacks)
+    except TrainingStopped as stop:
+        if stop.reason is StopReason.CANCELLED:
+            return finish(JobState.CANCELLED, reason=f"cancelled by request at step {stop.step}")
+        if stop.reason is StopReason.TIME_LIMIT:
+            limit = min(settings.max_runtime_s, spec.max_runtime_s or settings.max_runtime_s)
+            message = f"time limit: trained {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
+            return finish(JobState.FAILED, reason="time limit", error=message)
+        if stop.reason is StopReason.SHUTDOWN:
+            return _requeue(store, celery, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
+        logger.error("job %s: %s; leaving the job to its new owner", job_id, stop)
+        return store.get(job_id).state
     except (JobFailure, ValidationError) as exc:
         logger.warning("job %s: failed: %s", job_id, exc)
-        store.transition(job_id, JobState.FAILED, error=str(exc))
-        return JobState.FAILED
+        return finish(JobState.FAILED, reason="job error", error=str(exc))
     except Exception as exc:
-        logger.exception("job %s: crashed", job_id)
-        store.transition(
-            job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
-        )
-        return JobState.FAILED
-    callbacks.artifacts.final_checkpoint = result.final_checkpoint
-    store.transition(job_id, JobState.SUCCEEDED, artifacts=callbacks.artifacts)
-    logger.info(
-        "job %s: succeeded in %.1f s, val_accuracy %.4f", job_id, time.time() - record.created_at, result.val_accuracy
-    )
-    return JobState.SUCCEEDED
+        logger.exception("job %s: attempt %d hit an infrastructure error", job_id, attempt)
+        detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
+        return _requeue(store, celery, job_id, detail, attempt, settings.max_attempts)
+    else:
+        callbacks.artifacts.final_checkpoint = result.final_checkpoint
+        logger.info("job %s: succeeded, val_accuracy %.4f", job_id, result.val_accuracy)
+        return finish(JobState.SUCCEEDED, artifacts=callbacks.artifacts)
+    finally:
+        monitor.stop()
+        try:
+            lease.release()
+        except redis.RedisError:
+            pass  # it expires by itself
+
+
+def _requeue(store: JobStore, celery: Celery, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
+    try:
+        return requeue(store, celery, job_id, reason=reason, attempt=attempt, max_attempts=max_attempts)
+    except InvalidTransitionError as exc:
+        logger.error("job %s: not requeued: %s", job_id, exc)
+        return store.get(job_id).state
 
 
 _store: JobStore | None = None
 _storage: Storage | None = None
 
 
-@app.task(name=TRAIN_TASK)
-def train(job_id: str) -> str:
-    """Celery entry point (task ``trainq.train``): run one job by id; return its final state."""
+@app.task(name=TRAIN_TASK, bind=True)
+def train(self, job_id: str) -> str:
+    """Celery entry point (task ``trainq.train``): run one job by id; return its state."""
     global _store, _storage
     settings = get_settings()
     if _store is None:
         _store = JobStore.from_url(settings.redis_url)
         _storage = Storage(settings)
-    return execute_job(job_id, _store, _storage, settings).value
+    return execute_job(job_id, _store, _storage, settings, app, self.request.hostname or "worker").value

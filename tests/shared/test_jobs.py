@@ -20,7 +20,7 @@ def store(stack) -> JobStore:
 
 def test_create_get_and_list_newest_first(store: JobStore):
     spec = JobSpec.model_validate(example_spec())
-    first, second = store.create(spec, "default"), store.create(spec, "gpu")
+    (first, _), (second, _) = store.create(spec, "default"), store.create(spec, "gpu")
     assert store.get(first.id) == first
     records, count = store.list(limit=10)
     assert count == 2 and [r.id for r in records] == [second.id, first.id]
@@ -28,7 +28,7 @@ def test_create_get_and_list_newest_first(store: JobStore):
 
 
 def test_lifecycle_is_enforced_and_timestamped(store: JobStore):
-    job = store.create(JobSpec.model_validate(example_spec()), "default")
+    job, _ = store.create(JobSpec.model_validate(example_spec()), "default")
     running = store.transition(job.id, JobState.RUNNING, worker="w1")
     assert running.worker == "w1" and running.started_at >= job.created_at
     store.update(job.id, progress=Progress(step=3, epochs=10))
@@ -39,7 +39,7 @@ def test_lifecycle_is_enforced_and_timestamped(store: JobStore):
     with pytest.raises(InvalidTransitionError, match="succeeded; it cannot become running"):
         store.transition(job.id, JobState.RUNNING)
     with pytest.raises(InvalidTransitionError):
-        store.transition(store.create(job.spec, "default").id, JobState.SUCCEEDED)
+        store.transition(store.create(job.spec, "default")[0].id, JobState.SUCCEEDED)
 
 
 def test_unknown_jobs_raise_and_updates_never_create_records(store: JobStore):

@@ -1,5 +1,5 @@
 """The training engine: spec in, trained model and artifacts out. Imports neither Celery nor FastAPI."""
 
-from worker.training.engine import TrainingCallbacks, TrainResult, run_training
+from worker.training.engine import StopReason, TrainingCallbacks, TrainingStopped, TrainResult, run_training
 
-__all__ = ["TrainResult", "TrainingCallbacks", "run_training"]
+__all__ = ["StopReason", "TrainResult", "TrainingCallbacks", "TrainingStopped", "run_training"]

@@ -68,6 +68,8 @@ def save_checkpoint(
     metrics: dict[str, float],
     spec: dict[str, Any],
     classes: list[str],
+    runtime_s: float = 0.0,
+    loader_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` (via a temporary file, so ``path`` is never half-written).
 
@@ -77,6 +79,9 @@ def save_checkpoint(
         metrics: plain floats, e.g. ``{"val_loss": 0.08, "val_accuracy": 0.98}``.
         spec: the job spec as JSON-compatible data (``JobSpec.model_dump(mode="json")``).
         classes: class names in label-index order.
+        runtime_s: seconds spent training so far, over all attempts (the time limit's clock).
+        loader_state: the training DataLoader's position within the epoch
+            (``StatefulDataLoader.state_dict()``), or None at an epoch boundary.
 
     Returns:
         ``path``.
@@ -91,6 +96,8 @@ def save_checkpoint(
         "metrics": {name: float(value) for name, value in metrics.items()},
         "spec": spec,
         "classes": list(classes),
+        "runtime_s": float(runtime_s),
+        "loader": loader_state,
         "rng": capture_rng_state(),
         "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-safe
     }

@@ -1,24 +1,34 @@
-"""The training loop: spec in; checkpoints and TensorBoard events out to S3.
+"""The training loop: spec in; checkpoints and TensorBoard events out to S3; resumable.
 
 The standard PyTorch flow, in nanoGPT's order: Dataset/DataLoader → model → loss → Adam
 ``zero_grad``/``backward``/``step``, validation and checkpoint after each epoch. This module
-knows nothing of Celery, FastAPI or Redis: it reports through :class:`TrainingCallbacks`.
+knows nothing of Celery, FastAPI or Redis: it reports and asks whether to stop through
+:class:`TrainingCallbacks`.
+
+Resume: a run first looks for the job's newest checkpoint in S3 and, if there is one, restores
+model, optimizer, epoch/step, RNG states and the DataLoader's position in the epoch
+(torchdata's ``StatefulDataLoader``), so that on the same hardware a killed and resumed job ends
+with weights bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
 
 from shared.exceptions import JobFailure
@@ -26,27 +36,58 @@ from shared.jobs import DatasetInfo, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
-from worker.training.checkpoint import save_checkpoint
+from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from worker.training.data import ImageData, load_image_folder
 from worker.training.models import build_model
+from worker.training.uploads import BackgroundUploader
 
 logger = logging.getLogger(__name__)
 
+FINAL_CHECKPOINT = "final.pt"
+_STEP_CHECKPOINT = re.compile(r"step-(\d+)\.pt$")
+
+
+class StopReason(str, Enum):
+    """Why a run stopped before the end of its last epoch."""
+
+    CANCELLED = "cancelled"
+    TIME_LIMIT = "time limit"
+    SHUTDOWN = "worker shutdown"
+    LEASE_LOST = "lease lost"
+
+    @property
+    def saves_checkpoint(self) -> bool:
+        """A run that lost its lease must not write: another worker may own the job now."""
+        return self is not StopReason.LEASE_LOST
+
+
+class TrainingStopped(Exception):
+    """Raised by :func:`run_training` when it stops early; ``checkpoint`` is in S3 (or None)."""
+
+    def __init__(self, reason: StopReason, step: int, runtime_s: float, checkpoint: str | None) -> None:
+        super().__init__(f"stopped at step {step} after {runtime_s:.1f} s: {reason.value}")
+        self.reason, self.step, self.runtime_s, self.checkpoint = reason, step, runtime_s, checkpoint
+
 
 class TrainingCallbacks:
-    """Hooks the engine calls while a job runs; the default does nothing.
+    """Hooks the engine calls while a job runs; the default does nothing and never stops.
 
-    The Celery task subclasses this to write the job record; tests and a CLI can use their own.
+    The Celery task subclasses this to write the job record and to relay cancel requests;
+    tests and a CLI can use their own. ``on_checkpoint`` is called from the upload thread.
     """
 
-    def on_start(self, *, device: str, dataset: DatasetInfo, tensorboard_uri: str) -> None:
-        """Data loaded and model built; training is about to begin on ``device``."""
+    def on_start(self, *, device: str, dataset: DatasetInfo, tensorboard_uri: str, resumed_from: str | None) -> None:
+        """Data loaded, model built (and restored); training is about to begin on ``device``."""
 
     def on_progress(self, progress: Progress) -> None:
         """Called every ``progress_interval_s`` seconds and after every epoch."""
 
     def on_checkpoint(self, uri: str) -> None:
         """A checkpoint is complete in S3 at ``uri``."""
+
+    def stop_requested(self) -> StopReason | None:
+        """Polled after every optimizer step; must be cheap (no I/O). None means go on."""
+        return None
 
 
 @dataclass
@@ -58,6 +99,7 @@ class TrainResult:
     steps: int
     val_loss: float
     val_accuracy: float
+    runtime_s: float
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +133,23 @@ def resolve_device(requested: str) -> torch.device:
 def describe_device(device: torch.device) -> str:
     """Human name of ``device``: the CUDA device name (e.g. ``NVIDIA H200``) or ``cpu``."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
+    """The job's checkpoints in S3, newest first (``final.pt``, then ``step-N.pt`` by N).
+
+    Only complete objects are ever listed: an S3 PUT or multipart upload appears whole or not
+    at all, so a worker killed mid-upload leaves nothing behind.
+    """
+    ranked = []
+    for obj in storage.list_objects(storage.job_uri(job_id, "checkpoints")):
+        name = obj.key.rsplit("/", 1)[-1]
+        match = _STEP_CHECKPOINT.fullmatch(name)
+        if name == FINAL_CHECKPOINT:
+            ranked.append((float("inf"), obj.key))
+        elif match:
+            ranked.append((int(match[1]), obj.key))
+    return [f"s3://{storage.bucket}/{key}" for _, key in sorted(ranked, reverse=True)]
 
 
 @torch.no_grad()
@@ -137,8 +196,24 @@ class _ScalarBuffer:
         return values[-1]
 
 
+def _loaders(data: ImageData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+    common: dict[str, Any] = dict(
+        batch_size=spec.batch_size,
+        num_workers=spec.num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_dataloader_worker,
+    )
+    # The shuffle is a function of (seed, epoch) — DistributedSampler's rule, and the one DDP
+    # will need — so a resumed run replays exactly the order an uninterrupted one would. The
+    # loader has its own generator so iterating it never draws from the global torch RNG.
+    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=spec.seed)
+    train = StatefulDataLoader(data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), **common)
+    val = DataLoader(data.val, shuffle=False, **common)
+    return train, sampler, val
+
+
 class _Run:
-    """State and helpers of one training run; :func:`run_training` drives it."""
+    """State and helpers of one attempt at a job; :func:`run_training` drives it."""
 
     def __init__(self, job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks):
         self.job_id, self.spec, self.storage, self.settings, self.callbacks = job_id, spec, storage, settings, callbacks
@@ -146,17 +221,67 @@ class _Run:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.tb_dir = self.workdir / "tensorboard"
         self.tb_uri = storage.job_uri(job_id, "tensorboard")
+        self.uploader = BackgroundUploader(storage, settings.upload_deadline_s)
         self.progress = Progress(epochs=spec.epochs)
         self.metrics: dict[str, float] = {}
+        self.runtime_before_s = 0.0  # training seconds of earlier attempts
         self.started = time.monotonic()
+        self.start_step = 0
         self.last_progress = self.last_tb_upload = self.started
+        limits = [settings.max_runtime_s] + ([spec.max_runtime_s] if spec.max_runtime_s else [])
+        self.max_runtime_s = min(limits)
 
-    def upload_tensorboard(self, writer: SummaryWriter) -> None:
-        writer.flush()
-        self.storage.upload_dir(self.tb_dir, self.tb_uri)
-        self.last_tb_upload = time.monotonic()
+    @property
+    def runtime_s(self) -> float:
+        """Training seconds so far, this attempt and earlier ones."""
+        return self.runtime_before_s + time.monotonic() - self.started
 
-    def checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, classes: list[str], name: str) -> str:
+    def stop_reason(self) -> StopReason | None:
+        reason = self.callbacks.stop_requested()
+        if reason is None and self.runtime_s >= self.max_runtime_s:
+            reason = StopReason.TIME_LIMIT
+        return reason
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: StatefulDataLoader, classes: list[str], device: torch.device) -> str | None:
+        """Restore the newest loadable checkpoint of this job, if any; return its URI."""
+        for uri in checkpoint_uris(self.storage, self.job_id):
+            path = self.workdir / "resume.pt"
+            try:
+                checkpoint = load_checkpoint(self.storage.download_file(uri, path), map_location=device)
+            except Exception:  # never expected (S3 writes are atomic), but an older one will do
+                logger.exception("job %s: checkpoint %s unreadable; trying an older one", self.job_id, uri)
+                continue
+            finally:
+                path.unlink(missing_ok=True)
+            if checkpoint["classes"] != classes:
+                raise JobFailure(
+                    f"cannot resume: {self.spec.dataset.uri} now has classes {classes}, "
+                    f"checkpoint {uri} was trained on {checkpoint['classes']}"
+                )
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["loader"] is not None:
+                loader.load_state_dict(checkpoint["loader"])
+            restore_rng_state(checkpoint["rng"])
+            self.progress.epoch, self.progress.step = checkpoint["epoch"], checkpoint["step"]
+            self.start_step = checkpoint["step"]
+            self.metrics = dict(checkpoint["metrics"])
+            self.progress.val_loss = self.metrics.get("val_loss")
+            self.progress.val_accuracy = self.metrics.get("val_accuracy")
+            self.runtime_before_s = checkpoint["runtime_s"]
+            logger.info("job %s: resuming from %s (epoch %d, step %d)", self.job_id, uri, checkpoint["epoch"], checkpoint["step"])
+            return uri
+        return None
+
+    def checkpoint(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        classes: list[str],
+        name: str,
+        loader: StatefulDataLoader | None = None,
+    ) -> str:
+        """Save a checkpoint locally and queue its upload; return the URI it will have."""
         path = save_checkpoint(
             self.workdir / "checkpoints" / name,
             job_id=self.job_id,
@@ -167,11 +292,17 @@ class _Run:
             metrics=self.metrics,
             spec=self.spec.model_dump(mode="json"),
             classes=classes,
+            runtime_s=self.runtime_s,
+            loader_state=loader.state_dict() if loader is not None else None,
         )
-        uri = self.storage.upload_file(path, self.storage.job_uri(self.job_id, "checkpoints", name))
-        path.unlink()
-        self.callbacks.on_checkpoint(uri)
+        uri = self.storage.job_uri(self.job_id, "checkpoints", name)
+        self.uploader.submit_file(path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri))
         return uri
+
+    def upload_tensorboard(self, writer: SummaryWriter) -> None:
+        writer.flush()
+        self.uploader.submit_snapshot(self.tb_dir, self.tb_uri, key="tensorboard")
+        self.last_tb_upload = time.monotonic()
 
     def report(self, writer: SummaryWriter, losses: _ScalarBuffer, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -182,28 +313,15 @@ class _Run:
             self.progress.train_loss = latest
             self.metrics["train_loss"] = latest
         elapsed = max(now - self.started, 1e-9)
-        done = self.progress.step
+        done = self.progress.step - self.start_step
         self.progress.samples_per_s = done * self.spec.batch_size / elapsed if done else None
-        self.progress.eta_s = (self.progress.total_steps - done) * elapsed / done if done else None
+        self.progress.eta_s = (self.progress.total_steps - self.progress.step) * elapsed / done if done else None
+        self.progress.runtime_s = self.runtime_s
         self.progress.updated_at = time.time()
         self.callbacks.on_progress(self.progress.model_copy())
         self.last_progress = now
         if now - self.last_tb_upload >= self.settings.tensorboard_upload_interval_s:
             self.upload_tensorboard(writer)
-
-
-def _loaders(data: ImageData, spec: JobSpec, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    common = dict(
-        batch_size=spec.batch_size,
-        num_workers=spec.num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_seed_dataloader_worker,
-        persistent_workers=spec.num_workers > 0,
-    )
-    generator = torch.Generator().manual_seed(spec.seed)
-    train = DataLoader(data.train, shuffle=True, generator=generator, **common)
-    val = DataLoader(data.val, shuffle=False, **common)
-    return train, val
 
 
 def run_training(
@@ -213,19 +331,29 @@ def run_training(
     settings: Settings,
     callbacks: TrainingCallbacks | None = None,
 ) -> TrainResult:
-    """Train ``spec`` and upload its checkpoints and TensorBoard events under the job's prefix.
+    """Train ``spec`` (resuming from the job's newest checkpoint) and upload its artifacts.
 
-    Artifacts: ``<prefix>/<job_id>/tensorboard/`` (uploaded every epoch, every
-    ``tensorboard_upload_interval_s`` seconds, and after close even when training fails) and
-    ``<prefix>/<job_id>/checkpoints/step-<step>.pt`` every ``spec.checkpoint`` interval, plus
-    ``final.pt``.
+    Artifacts go under ``<prefix>/<job_id>/``: ``tensorboard/`` (every epoch, every
+    ``tensorboard_upload_interval_s`` seconds, and at the end — also when training fails) and
+    ``checkpoints/step-<step>.pt`` every ``spec.checkpoint`` interval, plus ``final.pt``. Uploads
+    run in the background; the function returns only once every artifact is in S3.
 
     Raises:
+        TrainingStopped: cancelled, time limit, worker shutdown (a checkpoint was saved) or lease
+            lost (nothing written).
         JobFailure: a fault of the job (its data, e.g. :class:`shared.exceptions.DatasetError`,
             or its spec). Anything else is an infrastructure or programming error.
     """
     callbacks = callbacks or TrainingCallbacks()
     run = _Run(job_id, spec, storage, settings, callbacks)
+    try:
+        return _train(run, spec, storage, settings, callbacks)
+    finally:
+        run.uploader.close()
+
+
+def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks) -> TrainResult:
+    job_id = run.job_id
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
     data = load_image_folder(spec.dataset, storage, settings.data_cache_dir / "datasets", spec.seed)
@@ -238,22 +366,26 @@ def run_training(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.loss.label_smoothing)
     opt = spec.optimizer
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    train_loader, val_loader = _loaders(data, spec, device)
+    train_loader, sampler, val_loader = _loaders(data, spec, device)
+    resumed_from = run.resume(model, optimizer, train_loader, data.classes, device)
     run.progress.steps_per_epoch = len(train_loader)
     run.progress.total_steps = spec.epochs * len(train_loader)
     callbacks.on_start(
         device=describe_device(device),
         dataset=DatasetInfo(classes=data.classes, num_train=len(data.train), num_val=len(data.val)),
         tensorboard_uri=run.tb_uri + "/",
+        resumed_from=resumed_from,
     )
-    logger.info("job %s: training on %s, %d steps", job_id, device, run.progress.total_steps)
+    logger.info("job %s: training on %s from step %d of %d", job_id, device, run.progress.step, run.progress.total_steps)
 
-    writer = SummaryWriter(log_dir=str(run.tb_dir))
+    # purge_step: TensorBoard drops events at or after it from an earlier attempt's files, so a
+    # resumed job shows each step once (one run per job, however many attempts).
+    writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else None)
     try:
         losses = _ScalarBuffer()
-        val_loss = val_accuracy = float("nan")
         model.train()
-        for epoch in range(spec.epochs):
+        for epoch in range(run.progress.epoch, spec.epochs):
+            sampler.set_epoch(epoch)
             for images, labels in train_loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if run.progress.step == 0:
@@ -265,10 +397,13 @@ def run_training(
                 optimizer.step()
                 run.progress.step += 1
                 losses.add(run.progress.step, loss)
+                reason = run.stop_reason()
                 every = spec.checkpoint.every_steps
+                if reason is not None:
+                    _stop(run, reason, writer, losses, model, optimizer, data.classes, train_loader)
                 if every and run.progress.step % every == 0:
                     run.report(writer, losses, force=True)
-                    run.checkpoint(model, optimizer, data.classes, f"step-{run.progress.step:09d}.pt")
+                    run.checkpoint(model, optimizer, data.classes, f"step-{run.progress.step:09d}.pt", train_loader)
                 run.report(writer, losses)
             run.progress.epoch = epoch + 1
             val_loss, val_accuracy = evaluate(model, val_loader, loss_fn, device)
@@ -284,22 +419,50 @@ def run_training(
             if (epoch + 1) % spec.checkpoint.every_epochs == 0 and epoch + 1 < spec.epochs:
                 run.checkpoint(model, optimizer, data.classes, f"step-{step:09d}.pt")
             run.upload_tensorboard(writer)
-        final_uri = run.checkpoint(model, optimizer, data.classes, "final.pt")
+        final_uri = run.checkpoint(model, optimizer, data.classes, FINAL_CHECKPOINT)
+        writer.close()
+        run.upload_tensorboard(writer)
+        run.uploader.drain()  # the job is not done until its artifacts are in S3
+    except TrainingStopped:
+        writer.close()
+        raise
     except BaseException:
-        # The events written so far are still worth having: upload them, but never hide the
-        # training error behind an upload error.
+        # The events written so far are still worth having; but never hide the training error
+        # behind an upload error.
         writer.close()
         try:
-            storage.upload_dir(run.tb_dir, run.tb_uri)
+            run.upload_tensorboard(writer)
+            run.uploader.drain()
         except Exception:
             logger.exception("job %s: TensorBoard upload after failure failed", job_id)
         raise
-    writer.close()
-    storage.upload_dir(run.tb_dir, run.tb_uri)  # the job is not done until its events are in S3
     return TrainResult(
         final_checkpoint=final_uri,
         epochs=spec.epochs,
         steps=run.progress.step,
-        val_loss=val_loss,
-        val_accuracy=val_accuracy,
+        val_loss=run.metrics.get("val_loss", float("nan")),
+        val_accuracy=run.metrics.get("val_accuracy", float("nan")),
+        runtime_s=run.runtime_s,
     )
+
+
+def _stop(
+    run: _Run,
+    reason: StopReason,
+    writer: SummaryWriter,
+    losses: _ScalarBuffer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    classes: list[str],
+    loader: StatefulDataLoader,
+) -> None:
+    """End the run at this step boundary: checkpoint and upload (unless the lease is lost), raise."""
+    logger.warning("job %s: stopping at step %d: %s", run.job_id, run.progress.step, reason.value)
+    uri = None
+    if reason.saves_checkpoint:
+        run.report(writer, losses, force=True)
+        uri = run.checkpoint(model, optimizer, classes, f"step-{run.progress.step:09d}.pt", loader)
+        writer.close()
+        run.upload_tensorboard(writer)
+        run.uploader.drain()
+    raise TrainingStopped(reason, run.progress.step, run.runtime_s, uri)

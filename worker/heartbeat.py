@@ -1,0 +1,78 @@
+"""The heartbeat of a running job: renews its lease and relays cancel requests to the engine.
+
+One thread per running job. The engine asks :meth:`JobMonitor.stop_requested` after every step;
+that reads flags this thread sets, so the training loop itself never waits on Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from shared.jobs import JobStore
+from shared.lease import JobLease
+from worker.training import StopReason
+
+logger = logging.getLogger(__name__)
+
+#: Set when the Celery worker begins a warm shutdown (SIGTERM, Ctrl-C): running jobs checkpoint
+#: and go back to the queue instead of holding the shutdown until they finish.
+worker_shutdown = threading.Event()
+
+
+class JobMonitor(threading.Thread):
+    """Renews ``lease`` and watches for a cancel request on ``job_id`` until :meth:`stop`.
+
+    Args:
+        store: job records (for the cancel flag).
+        lease: this attempt's lease, already held.
+        interval_s: seconds between checks; at most a third of the lease's TTL.
+        lease_ttl_s: a lease that could not be renewed for this long counts as lost.
+    """
+
+    def __init__(self, store: JobStore, lease: JobLease, job_id: str, interval_s: float, lease_ttl_s: float) -> None:
+        super().__init__(name=f"trainq-heartbeat-{job_id[:8]}", daemon=True)
+        self.store, self.lease, self.job_id = store, lease, job_id
+        self.interval_s = min(interval_s, lease_ttl_s / 3)
+        self.lease_ttl_s = lease_ttl_s
+        self.cancelled = threading.Event()
+        self.lease_lost = threading.Event()
+        self._stopped = threading.Event()
+
+    def stop_requested(self) -> StopReason | None:
+        """Why the engine should stop now, if it should (lease loss first: it must not write)."""
+        if self.lease_lost.is_set():
+            return StopReason.LEASE_LOST
+        if self.cancelled.is_set():
+            return StopReason.CANCELLED
+        if worker_shutdown.is_set():
+            return StopReason.SHUTDOWN
+        return None
+
+    def run(self) -> None:
+        last_renewed = time.monotonic()
+        while not self._stopped.wait(self.interval_s):
+            try:
+                if not self.lease.renew():
+                    logger.error("job %s: lease taken over by another worker; stopping", self.job_id)
+                    self.lease_lost.set()
+                    return
+                last_renewed = time.monotonic()
+                if self.store.cancel_requested(self.job_id):
+                    self.cancelled.set()
+            except redis.RedisError as exc:
+                # Redis restarting: go on training; only a lease that may have expired is lost.
+                if time.monotonic() - last_renewed > self.lease_ttl_s:
+                    logger.error("job %s: lease not renewed for %.0f s (%s); stopping", self.job_id, self.lease_ttl_s, exc)
+                    self.lease_lost.set()
+                    return
+                logger.warning("job %s: heartbeat failed (%s); retrying", self.job_id, exc)
+
+    def stop(self) -> None:
+        """End the thread (the lease is released by the caller)."""
+        self._stopped.set()
+        if self.is_alive():
+            self.join()

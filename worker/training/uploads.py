@@ -1,0 +1,161 @@
+"""Artifact uploads on a background thread, so training goes on while S3 is slow or down.
+
+Uploads run in submission order (a checkpoint is in S3 before any later one). Each retries
+through outages — boto3's ``standard`` retry mode per request, and around that a backoff loop
+until ``deadline_s`` — and only then counts as failed. :meth:`BackgroundUploader.drain` waits
+for everything and raises if anything failed, so a job is never called done with an artifact
+missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class UploadError(RuntimeError):
+    """An artifact could not be uploaded before the deadline (an infrastructure failure)."""
+
+
+@dataclass
+class _Upload:
+    files: list[tuple[Path, str]]  # (local path, destination URI)
+    on_done: Callable[[], None] | None = None
+    key: str | None = None  # uploads with the same key replace a waiting one
+    cleanup: list[Path] = field(default_factory=list)
+
+
+class BackgroundUploader:
+    """One thread that uploads submitted files to S3, in order, retrying until a deadline.
+
+    Args:
+        storage: where to upload.
+        deadline_s: seconds one upload may keep failing (S3 outage) before it is given up.
+        max_backoff_s: longest sleep between retries, in seconds.
+    """
+
+    def __init__(self, storage: Storage, deadline_s: float, max_backoff_s: float = 10.0) -> None:
+        self.storage = storage
+        self.deadline_s = deadline_s
+        self.max_backoff_s = max_backoff_s
+        self._queue: deque[_Upload] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.error: BaseException | None = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="trainq-upload-"))
+        self._thread = threading.Thread(target=self._run, name="trainq-uploader", daemon=True)
+        self._thread.start()
+
+    def submit_file(self, path: Path, uri: str, on_done: Callable[[], None] | None = None) -> None:
+        """Upload ``path`` to ``uri`` and then delete ``path``; call ``on_done`` once it is in S3."""
+        self._put(_Upload([(path, uri)], on_done, cleanup=[path]))
+
+    def submit_snapshot(self, local_dir: Path, uri: str, key: str) -> None:
+        """Upload a copy of every file under ``local_dir`` (taken now) to ``uri/<relative path>``.
+
+        Files still being written (TensorBoard event files) are copied first, so the upload sees
+        a consistent prefix of each. A waiting snapshot with the same ``key`` is replaced.
+        """
+        snapshot = Path(tempfile.mkdtemp(dir=self._scratch))
+        files = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            relative = path.relative_to(local_dir).as_posix()
+            copy = snapshot / relative
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+            files.append((copy, f"{uri.rstrip('/')}/{relative}"))
+        self._put(_Upload(files, key=key, cleanup=[snapshot]))
+
+    def _put(self, upload: _Upload) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("uploader is closed")
+            if upload.key is not None:
+                for index, waiting in enumerate(self._queue):
+                    if waiting.key == upload.key:
+                        self._remove(waiting)
+                        self._queue[index] = upload
+                        self._cond.notify_all()
+                        return
+            self._queue.append(upload)
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Block until every submitted upload is done.
+
+        Raises:
+            UploadError: an upload failed past the deadline.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: (not self._queue and not self._busy) or self.error is not None)
+            if self.error is not None:
+                raise UploadError(str(self.error)) from self.error
+
+    def close(self) -> None:
+        """Stop the thread after the uploads already submitted; remove scratch files."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                upload = self._queue.popleft()
+                self._busy = True
+            try:
+                if self.error is None:
+                    for path, uri in upload.files:
+                        self._upload_with_retry(path, uri)
+                    if upload.on_done is not None:
+                        upload.on_done()
+            except BaseException as exc:  # kept for drain(); the thread goes on to clean up
+                logger.error("upload failed: %s", exc)
+                self.error = exc
+            finally:
+                self._remove(upload)
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_with_retry(self, path: Path, uri: str) -> None:
+        first_failure: float | None = None
+        backoff = 0.5
+        while True:
+            try:
+                self.storage.upload_file(path, uri)
+                if first_failure is not None:
+                    logger.info("upload of %s succeeded after %.0f s of failures", uri, time.monotonic() - first_failure)
+                return
+            except Exception as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.deadline_s:
+                    raise UploadError(f"upload of {uri} failed for {now - first_failure:.0f} s: {exc}") from exc
+                logger.warning("upload of %s failed (%s); retrying in %.1f s", uri, exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    @staticmethod
+    def _remove(upload: _Upload) -> None:
+        for path in upload.cleanup:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
