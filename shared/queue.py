@@ -19,6 +19,18 @@ from shared.settings import Settings
 TRAIN_TASK = "trainq.train"
 
 
+def _transport_options(visibility_timeout_s: int) -> dict[str, int]:
+    # kombu sweeps for expired unacked messages every `interval * throttle` seconds (100 s by
+    # default); keep the sweep a fraction of the timeout so a short timeout is honoured.
+    interval = max(1, min(10, visibility_timeout_s // 4))
+    throttle = max(1, min(10, visibility_timeout_s // (4 * interval)))
+    return {
+        "visibility_timeout": visibility_timeout_s,
+        "unacked_restore_interval": interval,
+        "unacked_restore_throttle": throttle,
+    }
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app on ``settings.redis_url``, configured for long, late-acknowledged jobs."""
     app = Celery("trainq", broker=settings.redis_url)
@@ -31,7 +43,7 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=_transport_options(settings.visibility_timeout_s),
         worker_hijack_root_logger=False,
     )
     return app

@@ -11,11 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.jobs import FINAL_STATES as FINAL
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI
 from trainq.stack import LocalStack
 
-FINAL_STATES = {"succeeded", "failed"}
+FINAL_STATES = {state.value for state in FINAL}
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from shared.jobs import FINAL_STATES as FINAL
 from shared.storage import Storage
 from trainq.stack import LocalStack
 
 REPO = Path(__file__).resolve().parent.parent
-FINAL_STATES = {"succeeded", "failed"}
+FINAL_STATES = {state.value for state in FINAL}
 
 
 def watch(client: httpx.Client, job_id: str, poll_s: float = 0.5) -> dict:

