@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,10 @@ from shared.queue import make_celery
 from shared.settings import Settings, get_settings
 
 
+MAX_BODY_BYTES = 1024 * 1024
+_MAX_ECHO_CHARS = 200
+
+
 def _finite(value: Any) -> Any:
     """Replace NaN/±Infinity (not valid JSON) with their names, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -31,16 +36,25 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _short_input(error: dict[str, Any]) -> dict[str, Any]:
+    """An error whose echoed ``input`` is cut to a readable length (a 20 MB name is not echoed)."""
+    text = json.dumps(error.get("input"), default=str)
+    if len(text) > _MAX_ECHO_CHARS:
+        error = dict(error, input=text[:_MAX_ECHO_CHARS] + f"… ({len(text)} characters)")
+    return error
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 listing each error with its JSON path (``loc``), e.g. ``["body", "optimizer", "lr"]``.
 
     FastAPI's default handler echoes the bad input back and fails with a 500 when that input is
     NaN or Infinity (fastapi/fastapi#4589); here such values are echoed as strings.
     """
-    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": _finite(jsonable_encoder(exc.errors()))})
+    errors = [_short_input(error) for error in _finite(jsonable_encoder(exc.errors()))]
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
-async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+async def redis_unavailable(request: Request, exc: redis.ConnectionError | redis.TimeoutError) -> JSONResponse:
     """503 with a clear message while Redis cannot be reached, instead of a stack trace."""
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -67,7 +81,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(redis.RedisError, redis_unavailable)
+    app.add_exception_handler(redis.ConnectionError, redis_unavailable)
+    app.add_exception_handler(redis.TimeoutError, redis_unavailable)
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        """413 for bodies over 1 MiB (a spec is a few KB), before anything reads them."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+                content={"detail": f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}"},
+            )
+        return await call_next(request)
     app.include_router(jobs.router)
 
     @app.get("/healthz", tags=["health"])

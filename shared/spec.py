@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -62,9 +62,17 @@ S3Uri = Annotated[
 
 
 class SpecModel(BaseModel):
-    """Base of every spec section: unknown keys and NaN/Infinity are refused at every level."""
+    """Base of every spec section: unknown keys and NaN/Infinity are refused at every level.
+
+    Numbers are strict: ``"epochs": "3"`` or ``true`` is a type error, not 3 or 1 (an int is
+    still accepted where a float is expected).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
 
 
 class ImageFolderDataset(SpecModel):
@@ -83,15 +91,23 @@ class ImageFolderDataset(SpecModel):
         description="Prefix of a separate validation set with the same class folders. "
         "When set, `val_fraction` is ignored.",
     )
-    val_fraction: float = Field(
+    val_fraction: Float = Field(
         0.2,
         gt=0.0,
         lt=1.0,
         description="Fraction of `uri`'s images held out for validation, chosen with `seed` "
         "(used when `val_uri` is not set).",
     )
-    image_size: int = Field(32, ge=4, le=1024, description="Images are resized to a square of this side, in pixels.")
+    image_size: Int = Field(32, ge=4, le=1024, description="Images are resized to a square of this side, in pixels.")
     channels: Literal[1, 3] = Field(3, description="1 converts images to grayscale, 3 to RGB.")
+
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _no_bool_channels(cls, value: object) -> object:
+        if isinstance(value, bool):  # True == 1 would pass the Literal
+            raise ValueError("channels must be the number 1 or 3")
+        return value
 
 
 class ModelSpec(SpecModel):
@@ -104,7 +120,7 @@ class ModelSpec(SpecModel):
     arch: Literal[("small_cnn",) + TORCHVISION_ARCHS] = Field(
         "small_cnn", description="`small_cnn` (4 conv layers, for small images) or a torchvision architecture."
     )
-    num_classes: int | None = Field(
+    num_classes: Int | None = Field(
         None, ge=2, le=100_000, description="Output classes; defaults to the dataset's class count."
     )
 
@@ -113,27 +129,27 @@ class CrossEntropyLoss(SpecModel):
     """``torch.nn.CrossEntropyLoss`` on the model's logits, shape ``(batch, num_classes)``."""
 
     name: Literal["cross_entropy"] = "cross_entropy"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="As in `torch.nn.CrossEntropyLoss`.")
+    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0, description="As in `torch.nn.CrossEntropyLoss`.")
 
 
 class AdamOptimizer(SpecModel):
     """``torch.optim.Adam`` (Kingma & Ba, 2015, arXiv:1412.6980)."""
 
     name: Literal["adam"] = "adam"
-    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
+    lr: Float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
     betas: tuple[
-        Annotated[float, Field(ge=0.0, lt=1.0)],
-        Annotated[float, Field(ge=0.0, lt=1.0)],
+        Annotated[float, Strict(), Field(ge=0.0, lt=1.0)],
+        Annotated[float, Strict(), Field(ge=0.0, lt=1.0)],
     ] = Field((0.9, 0.999), description="Coefficients of the running averages of the gradient and its square.")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="L2 penalty added to the gradient.")
+    weight_decay: Float = Field(0.0, ge=0.0, le=1.0, description="L2 penalty added to the gradient.")
 
 
 class CheckpointSpec(SpecModel):
     """How often a checkpoint is written and uploaded. A final checkpoint is always written."""
 
-    every_epochs: int = Field(1, ge=1, le=100_000, description="Save after every N epochs.")
-    every_steps: int | None = Field(
-        None, ge=1, description="Also save every N optimizer steps (bounds the work lost to a crash)."
+    every_epochs: Int = Field(1, ge=1, le=100_000, description="Save after every N epochs.")
+    every_steps: Int | None = Field(
+        None, ge=1, le=10**9, description="Also save every N optimizer steps (bounds the work lost to a crash)."
     )
 
 
@@ -151,17 +167,17 @@ class JobSpec(SpecModel):
     model: ModelSpec = ModelSpec()
     loss: CrossEntropyLoss = CrossEntropyLoss()
     optimizer: AdamOptimizer = AdamOptimizer()
-    epochs: int = Field(10, ge=1, le=100_000, description="Passes over the training set.")
-    batch_size: int = Field(32, ge=1, le=65_536, description="Samples per optimizer step.")
-    seed: int = Field(0, ge=0, lt=2**32, description="Seeds torch, numpy, Python and the validation split.")
-    num_workers: int = Field(
+    epochs: Int = Field(10, ge=1, le=100_000, description="Passes over the training set.")
+    batch_size: Int = Field(32, ge=1, le=65_536, description="Samples per optimizer step.")
+    seed: Int = Field(0, ge=0, lt=2**32, description="Seeds torch, numpy, Python and the validation split.")
+    num_workers: Int = Field(
         0, ge=0, le=64, description="DataLoader worker processes (0 loads in the training process)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` uses CUDA when the worker has it, else the CPU; `cuda` fails on a CPU worker."
     )
     checkpoint: CheckpointSpec = CheckpointSpec()
-    max_runtime_s: float | None = Field(
+    max_runtime_s: Float | None = Field(
         None,
         gt=0,
         description="Training time limit in seconds, summed over attempts. At the limit the job saves a "
@@ -173,10 +189,14 @@ class JobSpec(SpecModel):
         description="Celery queue to run on (workers started with `-Q <queue>`); defaults to `DEFAULT_QUEUE`.",
     )
 
-    @model_validator(mode="after")
-    def _torchvision_needs_rgb(self) -> JobSpec:
-        if self.model.arch != "small_cnn" and self.dataset.channels != 3:
-            raise ValueError(
-                f"model.arch {self.model.arch!r} takes 3-channel input: set dataset.channels to 3"
-            )
-        return self
+    @field_validator("model")
+    @classmethod
+    def _model_fits_dataset(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
+        dataset = info.data.get("dataset")
+        if dataset is None or model.arch == "small_cnn":
+            return model
+        if dataset.channels != 3:
+            raise ValueError(f"model.arch {model.arch!r} takes 3-channel input: set dataset.channels to 3")
+        if model.arch.startswith("vit_") and dataset.image_size != 224:
+            raise ValueError(f"model.arch {model.arch!r} takes 224x224 images: set dataset.image_size to 224")
+        return model

@@ -129,14 +129,22 @@ class Storage:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
         """
         bucket, prefix = _folder(uri)
-        objects = [
-            obj for obj in self.list_objects(uri) if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])
-        ]
+        listed = self.list_objects(uri)
+        objects = [obj for obj in listed if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])]
         if not objects:
             raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
+        # Folders that hold no visible file (a "b/" marker object, or only ".DS_Store") still
+        # exist locally, so an empty class is reported rather than silently dropped.
+        folders = {
+            obj.key[len(prefix):].rsplit("/", 1)[0]
+            for obj in listed
+            if "/" in obj.key[len(prefix):] and not _is_hidden(obj.key[len(prefix):].rsplit("/", 1)[0] + "/")
+        }
         digest = hashlib.sha256(f"{bucket}\n".encode())
         for obj in objects:
             digest.update(f"{obj.key}\t{obj.etag}\n".encode())
+        for folder in sorted(folders):
+            digest.update(f"{folder}/\n".encode())
         dest = cache_dir / digest.hexdigest()[:24]
         if (dest / ".complete").exists():
             return dest
@@ -156,6 +164,8 @@ class Storage:
                 future.result()  # re-raises the first failed download
         for tmp, target in parts:
             os.replace(tmp, target)
+        for folder in folders:
+            (dest / folder).mkdir(parents=True, exist_ok=True)
         (dest / ".complete").write_text(uri + "\n")
         return dest
 

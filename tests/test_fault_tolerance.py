@@ -122,20 +122,24 @@ def assert_bit_identical(got: dict, expected: dict) -> None:
             assert torch.equal(got["optimizer"]["state"][index][key], tensor), f"optimizer.state[{index}].{key} differs"
 
 
-@pytest.mark.parametrize("kill_point", ["before_first_checkpoint", "mid_epoch", "mid_checkpoint_upload"])
+@pytest.mark.parametrize("kill_point", ["before_first_checkpoint", "mid_epoch", "mid_checkpoint_upload", "sigterm"])
 def test_killed_worker_resumes_exactly_once_bit_identical(faults: FaultStack, reference: dict, kill_point: str, tmp_path: Path):
     victim = faults.start_worker()
     job_id = faults.submit(resumable_spec())
     if kill_point == "before_first_checkpoint":
         faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 1)
-    elif kill_point == "mid_epoch":
+    elif kill_point in ("mid_epoch", "sigterm"):
         faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 50 and len(r["artifacts"]["checkpoints"]) >= 2)
     else:
         faults.wait_until(job_id, lambda r: r["state"] == "running")
         faults.proxy.slow_marker = f"/jobs/{job_id}/checkpoints/step-000000040.pt".encode()
         assert faults.proxy.upload_in_flight.wait(60), "the checkpoint upload never started"
     before = faults.get(job_id)
-    faults.kill(victim)
+    if kill_point == "sigterm":  # a node drain: the worker checkpoints and hands the job back
+        assert faults.stack.stop_process(victim, signal.SIGTERM, timeout_s=60) == 0
+        assert faults.get(job_id)["state"] == "retrying"
+    else:
+        faults.kill(victim)
     faults.proxy.slow_marker = None
     rescuer = faults.start_worker()
     record = wait_for_job(faults.api, job_id)
@@ -143,12 +147,16 @@ def test_killed_worker_resumes_exactly_once_bit_identical(faults: FaultStack, re
 
     assert record["state"] == "succeeded", record["error"]
     assert [t["state"] for t in record["transitions"]] == ["queued", "running", "retrying", "running", "succeeded"]
-    assert record["attempts"] == 2 and "no heartbeat" in record["transitions"][2]["reason"]
+    reason = record["transitions"][2]["reason"]
+    assert record["attempts"] == 2 and ("shut down at step" if kill_point == "sigterm" else "no heartbeat") in reason
     checkpoints_before = before["artifacts"]["checkpoints"]
     if kill_point == "before_first_checkpoint":
         assert checkpoints_before == [] and record["resumed_from"] is None
     elif kill_point == "mid_epoch":
         assert record["resumed_from"] is not None and record["resumed_from"] in checkpoints_before
+    elif kill_point == "sigterm":
+        stopped_at = int(reason.rsplit(" ", 1)[1])
+        assert record["resumed_from"].endswith(f"step-{stopped_at:09d}.pt")  # saved where it stopped
     else:
         # The interrupted upload left nothing: the resume used the checkpoint before it.
         assert record["resumed_from"].endswith("step-000000020.pt")

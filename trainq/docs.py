@@ -51,15 +51,32 @@ def _default(info: FieldInfo) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _limits(info: FieldInfo) -> str:
+def _constraints(metadata: list[Any]) -> list[str]:
     parts = []
-    for meta in info.metadata:
-        for name, symbol in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+    for meta in metadata:
+        for name, text in (("gt", "> {}"), ("ge", "≥ {}"), ("lt", "< {}"), ("le", "≤ {}"),
+                           ("min_length", "at least {} characters"), ("max_length", "at most {} characters")):
             if getattr(meta, name, None) is not None:
-                parts.append(f"{symbol} {getattr(meta, name)}")
+                parts.append(text.format(getattr(meta, name)))
         if getattr(meta, "pattern", None):
             parts.append(f"pattern `{meta.pattern}`")
-    return ", ".join(parts)
+        if isinstance(meta, FieldInfo):
+            parts += _constraints(meta.metadata)
+    return parts
+
+
+def _limits(info: FieldInfo) -> str:
+    parts = _constraints(info.metadata)
+    annotation = info.annotation
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation = args[0]  # `X | None`: the limits of X
+    if get_origin(annotation) is Annotated:
+        parts += _constraints(list(get_args(annotation)[1:]))
+    if get_origin(annotation) is tuple:
+        items = {", ".join(_constraints(list(get_args(arg)[1:]))) for arg in get_args(annotation) if get_origin(arg) is Annotated}
+        parts += [f"each {text}" for text in items if text]
+    return ", ".join(dict.fromkeys(parts))
 
 
 def _sections(model: type[BaseModel], path: str) -> list[tuple[str, type[BaseModel]]]:

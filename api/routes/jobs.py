@@ -72,7 +72,7 @@ def read_job(job_id: str, store: StoreDep) -> JobRecord:
 def read_jobs(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10**12)] = 0,
 ) -> JobsPublic:
     """Jobs newest first, `limit` per page from `offset`."""
     records, count = store.list(limit=limit, offset=offset)

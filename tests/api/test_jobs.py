@@ -29,6 +29,10 @@ def test_healthz_and_openapi(api: httpx.Client):
         (lambda s: s["optimizer"].update(lr=-1), ["body", "optimizer", "lr"]),
         (lambda s: s["dataset"].update(image_size=100000), ["body", "dataset", "image_size"]),
         (lambda s: s.pop("dataset"), ["body", "dataset"]),
+        (lambda s: s.update(epochs=True), ["body", "epochs"]),
+        (lambda s: s.update(epochs="3"), ["body", "epochs"]),
+        (lambda s: s["model"].update(arch="resnet18"), ["body", "model"]),  # needs dataset.channels 3
+        (lambda s: s["checkpoint"].update(every_steps=10**26), ["body", "checkpoint", "every_steps"]),
     ],
 )
 def test_bad_spec_is_422_naming_the_field(api: httpx.Client, mutate, loc):
@@ -79,3 +83,12 @@ def test_submit_returns_202_with_a_queued_record(api: httpx.Client):
     assert job["state"] == "queued" and job["queue"] == "test-nobody-listens"
     assert [t["state"] for t in job["transitions"]] == ["queued"]
     assert api.get(f"/jobs/{job['id']}").json()["spec"] == job["spec"]
+
+
+def test_huge_inputs_are_refused_briefly(api: httpx.Client):
+    spec = example_spec() | {"name": "x" * 100_000}
+    response = api.post("/jobs", json=spec)
+    assert ["body", "name"] in locs(response) and len(response.content) < 2_000
+    big = api.post("/jobs", content=b"{" + b" " * (2 * 1024 * 1024) + b"}", headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    assert api.get("/jobs", params={"offset": 10**20}).status_code == 422

@@ -68,3 +68,22 @@ def test_separate_val_prefix_must_have_the_same_classes(tmp_path: Path, storage:
     spec = ImageFolderDataset(uri="s3://trainq/tests/tv/train/", val_uri="s3://trainq/tests/tv/val/", image_size=8)
     with pytest.raises(DatasetError, match=r"classes of s3://trainq/tests/tv/val/ \['a', 'c'\] differ"):
         load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+
+
+@pytest.mark.parametrize("empty", ["marker", "ds_store_only", "text_only"])
+def test_a_class_folder_without_images_is_refused_naming_it(tmp_path: Path, storage: Storage, empty: str):
+    # pytorch/vision#4925: an empty class must not silently vanish from the label set.
+    uri = f"s3://trainq/tests/empty-class-{empty}/"
+    storage.upload_dir(make_folder(tmp_path / "src", {"cat": 2, "dog": 2}), uri)
+    bucket, key = uri[5:].split("/", 1)
+    body, name = {"marker": (b"", "bird/"), "ds_store_only": (b"\0Bud1", "bird/.DS_Store"), "text_only": (b"hi", "bird/notes.txt")}[empty]
+    storage.client.put_object(Bucket=bucket, Key=key + name, Body=body)
+    spec = ImageFolderDataset(uri=uri, image_size=8)
+    with pytest.raises(DatasetError, match=rf"{uri}: Found no valid file for the classes bird\. Images must end in \.jpg"):
+        load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+
+
+def test_one_class_is_refused(tmp_path: Path, storage: Storage):
+    storage.upload_dir(make_folder(tmp_path / "src", {"only": 4}), "s3://trainq/tests/one-class/")
+    with pytest.raises(DatasetError, match=r"1 class folder\(s\) \['only'\]; classification needs at least 2"):
+        load_image_folder(ImageFolderDataset(uri="s3://trainq/tests/one-class/", image_size=8), storage, tmp_path / "c", seed=0)

@@ -42,3 +42,16 @@ def test_worker_package_exposes_the_celery_app_lazily():
     code = "import sys, worker; assert 'celery' not in sys.modules; print(worker.app.main)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "trainq"
+
+
+def test_an_input_size_the_model_cannot_take_fails_before_training_naming_the_field():
+    from shared.exceptions import JobFailure
+    from shared.spec import JobSpec
+    from worker.training.engine import _check_input_size
+
+    spec = JobSpec.model_validate({"dataset": {"uri": "s3://trainq/d/", "image_size": 8}, "model": {"arch": "alexnet"}})
+    model = build_model(spec.model, num_classes=3, in_channels=3)
+    state = torch.get_rng_state()
+    with pytest.raises(JobFailure, match=r"model.arch 'alexnet' cannot take 3x8x8 images \(dataset.image_size=8\)"):
+        _check_input_size(model, spec, torch.device("cpu"))
+    assert model.training and torch.equal(torch.get_rng_state(), state)

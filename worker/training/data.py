@@ -78,9 +78,12 @@ def _image_folder(root: Path, uri: str, spec: ImageFolderDataset) -> _VisibleIma
     )
     mode = "L" if spec.channels == 1 else "RGB"
     try:
-        return _VisibleImageFolder(root, uri, mode, transform)
-    except FileNotFoundError as exc:  # ImageFolder: "Found no valid file for the classes dog, bird"
-        raise DatasetError(f"{uri}: {exc}") from exc
+        dataset = _VisibleImageFolder(root, uri, mode, transform)
+    except FileNotFoundError as exc:  # ImageFolder: "Found no valid file for the classes dog, bird. "
+        raise DatasetError(f"{uri}: {str(exc).strip()} Images must end in {', '.join(IMG_EXTENSIONS)}.") from exc
+    if len(dataset.classes) < 2:
+        raise DatasetError(f"{uri} has {len(dataset.classes)} class folder(s) {dataset.classes}; classification needs at least 2")
+    return dataset
 
 
 def load_image_folder(spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int) -> ImageData:

@@ -196,6 +196,31 @@ class _ScalarBuffer:
         return values[-1]
 
 
+def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> None:
+    """Run one tiny batch through ``model`` so a size it cannot take fails now, naming the field.
+
+    Some architectures need a minimum or fixed input (``vit_b_16``: 224 px; ``alexnet``: 63 px).
+    The probe runs in eval mode under ``fork_rng``, so it changes neither BatchNorm statistics nor
+    any random state.
+
+    Raises:
+        JobFailure: the forward pass failed for ``(2, channels, image_size, image_size)`` input.
+    """
+    size, channels = spec.dataset.image_size, spec.dataset.channels
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            model(torch.zeros(2, channels, size, size, device=device))
+        except Exception as exc:
+            raise JobFailure(
+                f"model.arch {spec.model.arch!r} cannot take {channels}x{size}x{size} images "
+                f"(dataset.image_size={size}): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            model.train()
+
+
 def _loaders(data: ImageData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
     common: dict[str, Any] = dict(
         batch_size=spec.batch_size,
@@ -363,6 +388,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             f"model.num_classes is {num_classes} but {spec.dataset.uri} has {len(data.classes)} classes: {data.classes}"
         )
     model = build_model(spec.model, num_classes=num_classes, in_channels=spec.dataset.channels).to(device)
+    _check_input_size(model, spec, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.loss.label_smoothing)
     opt = spec.optimizer
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
