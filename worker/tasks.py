@@ -146,7 +146,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
     else:
         callbacks.artifacts.final_checkpoint = result.final_checkpoint
         logger.info("job %s: succeeded, val_accuracy %.4f", job_id, result.val_accuracy)
-        return finish(JobState.SUCCEEDED, artifacts=callbacks.artifacts)
+        return finish(JobState.SUCCEEDED, artifacts=callbacks.artifacts, error=None)  # clear a retry's reason
     finally:
         monitor.stop()
         try:
@@ -167,7 +167,16 @@ _store: JobStore | None = None
 _storage: Storage | None = None
 
 
-@app.task(name=TRAIN_TASK, bind=True)
+# A Redis blip before the job is taken (reading its record) must not drop the message: Celery
+# sends it again with backoff. Once taken, execute_job handles Redis errors itself.
+@app.task(
+    name=TRAIN_TASK,
+    bind=True,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=20,
+)
 def train(self, job_id: str) -> str:
     """Celery entry point (task ``trainq.train``): run one job by id; return its state."""
     global _store, _storage

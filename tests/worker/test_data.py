@@ -50,16 +50,50 @@ def test_split_is_seeded_and_the_download_is_cached(tmp_path: Path, storage: Sto
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one download for unchanged content
 
 
-def test_unreadable_image_fails_naming_the_object(tmp_path: Path, storage: Storage):
-    root = make_folder(tmp_path / "src", {"a": 2, "b": 2})
-    (root / "b" / "broken.jpg").write_bytes(b"")
+def test_unreadable_images_fail_before_training_naming_each_file(tmp_path: Path, storage: Storage):
+    # pytorch/vision#138: never train silently on gray pixels. Policy: the job fails, naming them.
+    root = tmp_path / "src"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for index in range(25):
+            Image.new("RGB", (16, 16), (index * 9, 40, 90)).save(root / cls / f"{index}.jpg", quality=90)
+    whole = (root / "b" / "0.jpg").read_bytes()
+    (root / "b" / "half.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "b" / "empty.jpg").write_bytes(b"")
     storage.upload_dir(root, "s3://trainq/tests/broken/")
     spec = ImageFolderDataset(uri="s3://trainq/tests/broken/", image_size=8)
+    with pytest.raises(DatasetError) as info:
+        load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+    message = str(info.value)
+    assert message.startswith("2 unreadable image(s) in s3://trainq/tests/broken/: ")
+    assert "s3://trainq/tests/broken/b/empty.jpg (UnidentifiedImageError: cannot identify image file it)" in message
+    assert "s3://trainq/tests/broken/b/half.jpg (OSError: Truncated File Read)" in message
+    assert str(tmp_path) not in message  # no worker-local paths
+
+
+def test_every_image_mode_becomes_three_channels_and_batches_stack(tmp_path: Path, storage: Storage):
+    root = tmp_path / "src"
+    (root / "mixed").mkdir(parents=True)
+    (root / "plain").mkdir()
+    Image.new("RGB", (20, 14), (200, 10, 10)).save(root / "mixed" / "rgb.jpg")
+    Image.new("L", (9, 9), 128).save(root / "mixed" / "gray.png")
+    palette = Image.new("P", (12, 12), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(root / "mixed" / "palette.png", transparency=0)
+    Image.new("RGBA", (10, 10), (0, 255, 0, 100)).save(root / "mixed" / "rgba.png")
+    Image.new("CMYK", (10, 10), (0, 255, 255, 0)).save(root / "mixed" / "cmyk.jpg")
+    Image.new("1", (10, 10), 1).save(root / "mixed" / "bits.png")
+    make_folder(root, {"plain": 2})
+    storage.upload_dir(root, "s3://trainq/tests/modes/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/modes/", val_fraction=0.1, image_size=8, channels=3)
     data = load_image_folder(spec, storage, tmp_path / "cache", seed=0)
-    dataset = data.train.dataset
-    broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg"))
-    with pytest.raises(DatasetError, match="s3://trainq/tests/broken/b/broken.jpg"):
-        dataset[broken]
+    full = data.train.dataset
+    assert {Path(path).name for path, _ in full.samples} >= {"rgb.jpg", "gray.png", "palette.png", "rgba.png", "cmyk.jpg", "bits.png"}
+    images, labels = next(iter(torch.utils.data.DataLoader(full, batch_size=len(full))))
+    assert images.shape == (len(full), 3, 8, 8) and labels.tolist().count(0) == 6
+    by_name = {Path(path).name: full[i][0] for i, (path, _) in enumerate(full.samples)}
+    assert by_name["palette.png"][0].max() > 0.9  # the red palette entry survived as red
+    assert by_name["cmyk.jpg"][0].mean() > 0.9 and by_name["cmyk.jpg"][1].mean() < 0.1  # CMYK (0,255,255,0) is red
 
 
 def test_separate_val_prefix_must_have_the_same_classes(tmp_path: Path, storage: Storage):

@@ -7,6 +7,7 @@ sub-folder names in sorted order, hidden folders and files are skipped
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,56 @@ class _VisibleImageFolder(ImageFolder):
     def _load(self, path: str) -> Image.Image:
         try:
             with Image.open(path) as image:
-                return image.convert(self.mode)
+                return to_mode(image, self.mode)
         except Exception as exc:  # PIL raises several types for truncated or non-image files
-            name = Path(path).relative_to(self.root_path).as_posix()
-            raise DatasetError(f"cannot read image {self.source_uri}/{name}: {exc}") from exc
+            raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {exc}") from exc
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to the dataset root, as in the S3 key."""
+        return Path(path).relative_to(self.root_path).as_posix()
+
+    def verify(self, max_listed: int = 10) -> None:
+        """Decode every image once; fail listing the unreadable ones (never train on gray pixels).
+
+        The result is remembered in the content-keyed download folder, so unchanged data is
+        checked once per worker. Decoding runs on 8 threads (PIL releases the GIL while decoding).
+
+        Raises:
+            DatasetError: naming up to ``max_listed`` unreadable files and how many there are.
+        """
+        marker = self.root_path / ".verified"
+        if marker.exists():
+            return
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            problems = [p for p in pool.map(_decode_problem, (path for path, _ in self.samples)) if p]
+        if problems:
+            listed = "; ".join(
+                f"{self.source_uri}/{self.relative(path)} ({error.replace(repr(path), 'it').replace(path, 'it')})"
+                for path, error in problems[:max_listed]
+            )
+            more = f" and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+            raise DatasetError(f"{len(problems)} unreadable image(s) in {self.source_uri}/: {listed}{more}")
+        marker.touch()
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image (RGB, L, 1-bit, P with transparency, RGBA, CMYK…) to ``mode``.
+
+    A palette image with a transparent colour goes through RGBA first, as PIL recommends, so
+    its colours are not mangled.
+    """
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert(mode)
+
+
+def _decode_problem(path: str) -> tuple[str, str] | None:
+    try:
+        with Image.open(path) as image:
+            image.load()  # a full decode: catches truncated files, not just bad headers
+    except Exception as exc:
+        return path, f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _image_folder(root: Path, uri: str, spec: ImageFolderDataset) -> _VisibleImageFolder:
@@ -83,6 +130,7 @@ def _image_folder(root: Path, uri: str, spec: ImageFolderDataset) -> _VisibleIma
         raise DatasetError(f"{uri}: {str(exc).strip()} Images must end in {', '.join(IMG_EXTENSIONS)}.") from exc
     if len(dataset.classes) < 2:
         raise DatasetError(f"{uri} has {len(dataset.classes)} class folder(s) {dataset.classes}; classification needs at least 2")
+    dataset.verify()
     return dataset
 
 

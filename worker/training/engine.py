@@ -300,13 +300,20 @@ class _Run:
 
     def checkpoint(
         self,
+        writer: SummaryWriter,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         classes: list[str],
         name: str,
         loader: StatefulDataLoader | None = None,
     ) -> str:
-        """Save a checkpoint locally and queue its upload; return the URI it will have."""
+        """Save a checkpoint locally and queue its upload; return the URI it will have.
+
+        The TensorBoard events up to this step are queued first: uploads run in order, so once
+        a checkpoint is in S3, so are the events a resume from it relies on (its ``purge_step``
+        drops only what came after).
+        """
+        self.upload_tensorboard(writer)
         path = save_checkpoint(
             self.workdir / "checkpoints" / name,
             job_id=self.job_id,
@@ -429,7 +436,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
                     _stop(run, reason, writer, losses, model, optimizer, data.classes, train_loader)
                 if every and run.progress.step % every == 0:
                     run.report(writer, losses, force=True)
-                    run.checkpoint(model, optimizer, data.classes, f"step-{run.progress.step:09d}.pt", train_loader)
+                    run.checkpoint(writer, model, optimizer, data.classes, f"step-{run.progress.step:09d}.pt", train_loader)
                 run.report(writer, losses)
             run.progress.epoch = epoch + 1
             val_loss, val_accuracy = evaluate(model, val_loader, loss_fn, device)
@@ -443,11 +450,11 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             run.report(writer, losses, force=True)
             logger.info("job %s: epoch %d/%d val_loss %.4f val_accuracy %.4f", job_id, epoch + 1, spec.epochs, val_loss, val_accuracy)
             if (epoch + 1) % spec.checkpoint.every_epochs == 0 and epoch + 1 < spec.epochs:
-                run.checkpoint(model, optimizer, data.classes, f"step-{step:09d}.pt")
-            run.upload_tensorboard(writer)
-        final_uri = run.checkpoint(model, optimizer, data.classes, FINAL_CHECKPOINT)
+                run.checkpoint(writer, model, optimizer, data.classes, f"step-{step:09d}.pt")
+            else:
+                run.upload_tensorboard(writer)
         writer.close()
-        run.upload_tensorboard(writer)
+        final_uri = run.checkpoint(writer, model, optimizer, data.classes, FINAL_CHECKPOINT)
         run.uploader.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
         writer.close()
@@ -487,8 +494,7 @@ def _stop(
     uri = None
     if reason.saves_checkpoint:
         run.report(writer, losses, force=True)
-        uri = run.checkpoint(model, optimizer, classes, f"step-{run.progress.step:09d}.pt", loader)
         writer.close()
-        run.upload_tensorboard(writer)
+        uri = run.checkpoint(writer, model, optimizer, classes, f"step-{run.progress.step:09d}.pt", loader)
         run.uploader.drain()
     raise TrainingStopped(reason, run.progress.step, run.runtime_s, uri)
