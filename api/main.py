@@ -19,6 +19,7 @@ from api.routes import jobs
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
+from shared.spec import json_path
 
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -51,6 +52,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     NaN or Infinity (fastapi/fastapi#4589); here such values are echoed as strings.
     """
     errors = [_short_input(error) for error in _finite(jsonable_encoder(exc.errors()))]
+    for error in errors:
+        if error["loc"] and error["loc"][0] == "body":
+            error["loc"] = ["body", *json_path(error["loc"][1:], exc.body)]
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 

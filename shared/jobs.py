@@ -81,9 +81,15 @@ class Progress(BaseModel):
     step: int = Field(0, description="Optimizer steps taken.")
     steps_per_epoch: int = 0
     total_steps: int = 0
-    train_loss: float | None = Field(None, description="Loss of the latest training batch.")
+    train_loss: float | None = Field(None, description="Loss of the latest optimizer step (mean over its micro-batches).")
     val_loss: float | None = Field(None, description="Mean validation loss after the latest epoch.")
     val_accuracy: float | None = Field(None, description="Validation accuracy after the latest epoch, 0..1.")
+    val_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Every validation metric after the latest epoch: val_loss and val_accuracy, val_top5_accuracy "
+        "(classification); val_mae, val_rmse, val_r2 (regression).",
+    )
+    early_stopped: bool = Field(False, description="Training ended early: the early-stopping metric stopped improving.")
     samples_per_s: float | None = Field(None, description="Training throughput of the current attempt.")
     eta_s: float | None = Field(None, description="Estimated seconds left, from the throughput so far.")
     runtime_s: float = Field(0.0, description="Seconds spent training, summed over attempts (the time limit's clock).")
@@ -91,11 +97,13 @@ class Progress(BaseModel):
 
 
 class DatasetInfo(BaseModel):
-    """What the worker found in the dataset: classes in index order and sample counts."""
+    """What the worker found in the dataset: task, classes in index order and sample counts."""
 
-    classes: list[str]
+    task: str = "classification"
+    classes: list[str] = Field(description="Class names in label-index order (empty for regression).")
     num_train: int
     num_val: int
+    features: list[str] | None = Field(None, description="CSV feature columns, in input order.")
 
 
 class Artifacts(BaseModel):
@@ -104,6 +112,7 @@ class Artifacts(BaseModel):
     tensorboard: str | None = Field(None, description="Prefix holding the TensorBoard event files.")
     checkpoints: list[str] = Field(default_factory=list, description="Every checkpoint uploaded, oldest first.")
     final_checkpoint: str | None = None
+    best_checkpoint: str | None = Field(None, description="`best.pt`, when `checkpoint.best_metric` is set.")
 
 
 class JobRecord(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -75,17 +75,104 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 
 
+class Resize(SpecModel):
+    """``v2.Resize(size)``: the shorter side to ``size`` px (or exactly ``[h, w]``)."""
+
+    name: Literal["resize"]
+    size: Int | tuple[Int, Int] = Field(ge=1, le=4096)
+
+
+class CenterCrop(SpecModel):
+    """``v2.CenterCrop(size)``."""
+
+    name: Literal["center_crop"]
+    size: Int = Field(ge=1, le=4096)
+
+
+class RandomCrop(SpecModel):
+    """``v2.RandomCrop(size, padding)``: a random ``size`` crop after zero-padding each side."""
+
+    name: Literal["random_crop"]
+    size: Int = Field(ge=1, le=4096)
+    padding: Int = Field(0, ge=0, le=1024)
+
+
+class RandomResizedCrop(SpecModel):
+    """``v2.RandomResizedCrop(size, scale)`` (Szegedy et al., 2015, the Inception crop)."""
+
+    name: Literal["random_resized_crop"]
+    size: Int = Field(ge=1, le=4096)
+    scale: tuple[Float, Float] = Field((0.08, 1.0), description="Range of the crop's area fraction.")
+
+
+class HorizontalFlip(SpecModel):
+    """``v2.RandomHorizontalFlip(p)``."""
+
+    name: Literal["horizontal_flip"]
+    p: Float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ColorJitter(SpecModel):
+    """``v2.ColorJitter``: random brightness, contrast, saturation (factors) and hue (≤ 0.5)."""
+
+    name: Literal["color_jitter"]
+    brightness: Float = Field(0.0, ge=0.0, le=10.0)
+    contrast: Float = Field(0.0, ge=0.0, le=10.0)
+    saturation: Float = Field(0.0, ge=0.0, le=10.0)
+    hue: Float = Field(0.0, ge=0.0, le=0.5)
+
+
+Transform = Annotated[
+    Resize | CenterCrop | RandomCrop | RandomResizedCrop | HorizontalFlip | ColorJitter,
+    Field(discriminator="name"),
+]
+
+#: Per-channel mean and std of ImageNet's training set (torchvision's classification references).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(SpecModel):
+    """``v2.Normalize(mean, std)`` after scaling to [0, 1]; ``preset: imagenet`` uses ImageNet's."""
+
+    preset: Literal["imagenet"] | None = None
+    mean: list[Float] | None = Field(None, min_length=1, max_length=3)
+    std: list[Annotated[float, Strict(), Field(gt=0.0)]] | None = Field(None, min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _preset_or_values(self) -> Normalize:
+        if (self.preset is None) == (self.mean is None or self.std is None):
+            raise ValueError("give either preset 'imagenet' or both mean and std")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need one value per channel each")
+        return self
+
+    def values(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per channel."""
+        if self.preset == "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        return tuple(self.mean or ()), tuple(self.std or ())
+
+
 class ImageFolderDataset(SpecModel):
-    """Images in class folders under an S3 prefix: ``<uri>/<class_name>/*.png|jpg``.
+    """Images in class folders: ``<uri>/<class_name>/*.png|jpg`` (task: classification).
 
     The layout of torchvision's ``ImageFolder`` (and the classic ants/bees set). Classes are the
     sub-folder names in sorted order; hidden folders and files (``.ipynb_checkpoints``,
     ``.DS_Store``) are ignored. Each image becomes a float tensor of shape
-    ``(channels, image_size, image_size)`` with values in [0, 1].
+    ``(channels, image_size, image_size)`` with values in [0, 1] (then `normalize`). Train
+    images go through `train_transforms`, validation images through `eval_transforms`; a
+    resize to `image_size` always ends both.
     """
 
     type: Literal["image_folder"] = "image_folder"
     uri: S3Uri = Field(description="Prefix holding the training images, one sub-folder per class.")
+    extra_uris: list[S3Uri] = Field(
+        default_factory=list,
+        max_length=64,
+        description="More prefixes with the same layout, concatenated with `uri` (e.g. ants/ and bees/ "
+        "kept apart). Classes are the union of their folders.",
+    )
     val_uri: S3Uri | None = Field(
         None,
         description="Prefix of a separate validation set with the same class folders. "
@@ -95,12 +182,18 @@ class ImageFolderDataset(SpecModel):
         0.2,
         gt=0.0,
         lt=1.0,
-        description="Fraction of `uri`'s images held out for validation, chosen with `seed` "
+        description="Fraction of the images held out for validation, chosen with `seed` "
         "(used when `val_uri` is not set).",
     )
     image_size: Int = Field(32, ge=4, le=1024, description="Images are resized to a square of this side, in pixels.")
     channels: Literal[1, 3] = Field(3, description="1 converts images to grayscale, 3 to RGB.")
-
+    train_transforms: list[Transform] = Field(
+        default_factory=list, max_length=32, description="Augmentations for training images, in order."
+    )
+    eval_transforms: list[Transform] = Field(
+        default_factory=list, max_length=32, description="Transforms for validation images, in order."
+    )
+    normalize: Normalize | None = Field(None, description="Per-channel normalization after scaling to [0, 1].")
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -109,27 +202,161 @@ class ImageFolderDataset(SpecModel):
             raise ValueError("channels must be the number 1 or 3")
         return value
 
+    @model_validator(mode="after")
+    def _normalize_fits_channels(self) -> ImageFolderDataset:
+        if self.normalize is not None:
+            mean, _ = self.normalize.values()
+            if len(mean) not in (1, self.channels):
+                raise ValueError(f"normalize has {len(mean)} values per statistic; channels is {self.channels}")
+        return self
 
-class ModelSpec(SpecModel):
-    """The network: trainq's ``small_cnn`` or a torchvision classification architecture by name.
+    @property
+    def task(self) -> Literal["classification"]:
+        """Image folders are always classification."""
+        return "classification"
 
-    Weights are initialised at random (no weights are downloaded). ``num_classes`` may be left
-    out; it is then the number of class folders in the dataset. When given, it must match them.
+
+class CsvDataset(SpecModel):
+    """A table in one CSV file with a header row: feature columns and a target column.
+
+    Features are parsed as numbers and standardized with the training split's mean and std
+    (stored in every checkpoint). For ``task: classification`` the target's distinct values
+    are the classes (sorted); for ``regression`` it must be numeric. Each row becomes a float
+    tensor ``(num_features,)`` and a target: a class index, or a float ``(1,)``.
     """
 
-    arch: Literal[("small_cnn",) + TORCHVISION_ARCHS] = Field(
-        "small_cnn", description="`small_cnn` (4 conv layers, for small images) or a torchvision architecture."
+    type: Literal["csv"]
+    uri: S3Uri = Field(description="The CSV object, e.g. `s3://bucket/tables/diabetes.csv`.")
+    target: str = Field(min_length=1, max_length=256, description="Column to predict.")
+    features: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=1, max_length=10_000, description="Feature columns; default: every column but `target`."
+    )
+    task: Literal["classification", "regression"] = Field(description="What the target is.")
+    val_uri: S3Uri | None = Field(None, description="A separate validation CSV with the same columns.")
+    val_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="Rows held out for validation, chosen with `seed`.")
+
+    @model_validator(mode="after")
+    def _target_is_not_a_feature(self) -> CsvDataset:
+        if self.features is not None and self.target in self.features:
+            raise ValueError(f"target {self.target!r} is also listed in features")
+        return self
+
+
+def _dataset_type(value: object) -> str | None:
+    # `type` may be left out for an image folder (the first dataset kind, and the common one).
+    if isinstance(value, dict):
+        return value.get("type", "image_folder")
+    return getattr(value, "type", None)
+
+
+Dataset = Annotated[
+    Annotated[ImageFolderDataset, Tag("image_folder")] | Annotated[CsvDataset, Tag("csv")],
+    Discriminator(_dataset_type),
+]
+
+
+class ModelSpec(SpecModel):
+    """The network: ``small_cnn``, ``mlp`` or a torchvision classification architecture by name.
+
+    Weights are random unless ``weights_uri`` names a checkpoint of ours or a ``state_dict``
+    saved with ``torch.save`` (loaded with ``weights_only=True``); nothing is downloaded.
+    ``num_classes`` may be left out; it is then the number of classes in the dataset.
+    """
+
+    arch: Literal[("small_cnn", "mlp") + TORCHVISION_ARCHS] = Field(
+        "small_cnn",
+        description="`small_cnn` (4 conv layers, for small images), `mlp` (for `csv` data) or a torchvision architecture.",
     )
     num_classes: Int | None = Field(
         None, ge=2, le=100_000, description="Output classes; defaults to the dataset's class count."
     )
+    hidden_sizes: list[Annotated[int, Strict(), Field(ge=1, le=65_536)]] = Field(
+        [128, 64], max_length=16, description="`mlp` only: widths of the hidden layers."
+    )
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="`mlp` only: dropout after each hidden layer.")
+    weights_uri: S3Uri | None = Field(None, description="Initial weights: a trainq checkpoint or a state_dict file.")
+    pretrained: bool = Field(
+        False,
+        description="Start from pretrained weights. They are never downloaded: requires `weights_uri`.",
+    )
+
+    @model_validator(mode="after")
+    def _pretrained_needs_weights(self) -> ModelSpec:
+        if self.pretrained and self.weights_uri is None:
+            raise ValueError(
+                "pretrained weights cannot be downloaded here: upload them and set weights_uri "
+                "(a state_dict saved with torch.save)"
+            )
+        return self
+
+
+def _named(default: str):
+    """Discriminator on ``name``, which may be left out (then ``default``)."""
+
+    def tag(value: object) -> str | None:
+        if isinstance(value, dict):
+            return value.get("name", default)
+        return getattr(value, "name", None)
+
+    return Discriminator(tag)
 
 
 class CrossEntropyLoss(SpecModel):
-    """``torch.nn.CrossEntropyLoss`` on the model's logits, shape ``(batch, num_classes)``."""
+    """``torch.nn.CrossEntropyLoss`` on logits ``(batch, num_classes)`` and class indices ``(batch,)``."""
 
     name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0, description="As in `torch.nn.CrossEntropyLoss`.")
+    class_weights: list[Annotated[float, Strict(), Field(ge=0.0)]] | None = Field(
+        None, min_length=2, max_length=100_000, description="One weight per class, in class-index order."
+    )
+
+
+class BCEWithLogitsLoss(SpecModel):
+    """``torch.nn.BCEWithLogitsLoss`` on logits ``(batch, num_classes)`` against one-hot targets."""
+
+    name: Literal["bce_with_logits"]
+    pos_weight: Float | None = Field(None, gt=0.0, description="Weight of positive targets.")
+
+
+class MSELoss(SpecModel):
+    """``torch.nn.MSELoss``: mean squared error, for regression."""
+
+    name: Literal["mse"]
+
+
+class L1Loss(SpecModel):
+    """``torch.nn.L1Loss``: mean absolute error, for regression."""
+
+    name: Literal["l1"]
+
+
+class SmoothL1Loss(SpecModel):
+    """``torch.nn.SmoothL1Loss`` (Girshick, 2015, Fast R-CNN), for regression."""
+
+    name: Literal["smooth_l1"]
+    beta: Float = Field(1.0, ge=0.0, le=1e6)
+
+
+class HuberLoss(SpecModel):
+    """``torch.nn.HuberLoss`` (Huber, 1964), for regression."""
+
+    name: Literal["huber"]
+    delta: Float = Field(1.0, gt=0.0, le=1e6)
+
+
+Loss = Annotated[
+    Annotated[CrossEntropyLoss, Tag("cross_entropy")]
+    | Annotated[BCEWithLogitsLoss, Tag("bce_with_logits")]
+    | Annotated[MSELoss, Tag("mse")]
+    | Annotated[L1Loss, Tag("l1")]
+    | Annotated[SmoothL1Loss, Tag("smooth_l1")]
+    | Annotated[HuberLoss, Tag("huber")],
+    _named("cross_entropy"),
+]
+CLASSIFICATION_LOSSES = frozenset({"cross_entropy", "bce_with_logits"})
+REGRESSION_LOSSES = frozenset({"mse", "l1", "smooth_l1", "huber"})
+
+Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 
 
 class AdamOptimizer(SpecModel):
@@ -137,11 +364,84 @@ class AdamOptimizer(SpecModel):
 
     name: Literal["adam"] = "adam"
     lr: Float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
-    betas: tuple[
-        Annotated[float, Strict(), Field(ge=0.0, lt=1.0)],
-        Annotated[float, Strict(), Field(ge=0.0, lt=1.0)],
-    ] = Field((0.9, 0.999), description="Coefficients of the running averages of the gradient and its square.")
+    betas: tuple[Beta, Beta] = Field(
+        (0.9, 0.999), description="Coefficients of the running averages of the gradient and its square."
+    )
     weight_decay: Float = Field(0.0, ge=0.0, le=1.0, description="L2 penalty added to the gradient.")
+
+
+class AdamWOptimizer(SpecModel):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (Loshchilov & Hutter, 2019, arXiv:1711.05101)."""
+
+    name: Literal["adamw"]
+    lr: Float = Field(1e-3, gt=0.0, le=10.0, description="Learning rate.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="As in Adam.")
+    weight_decay: Float = Field(0.01, ge=0.0, le=1.0, description="Decoupled weight decay.")
+
+
+class SGDOptimizer(SpecModel):
+    """``torch.optim.SGD`` with optional (Nesterov) momentum (Sutskever et al., 2013)."""
+
+    name: Literal["sgd"]
+    lr: Float = Field(0.01, gt=0.0, le=10.0, description="Learning rate.")
+    momentum: Float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = Field(False, description="Nesterov momentum; needs `momentum` > 0.")
+    weight_decay: Float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDOptimizer:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+
+
+Optimizer = Annotated[
+    Annotated[AdamOptimizer, Tag("adam")] | Annotated[AdamWOptimizer, Tag("adamw")] | Annotated[SGDOptimizer, Tag("sgd")],
+    _named("adam"),
+]
+
+
+class StepSchedule(SpecModel):
+    """``StepLR``: multiply the lr by ``gamma`` every ``step_epochs`` epochs."""
+
+    name: Literal["step"]
+    step_epochs: Int = Field(ge=1, le=100_000)
+    gamma: Float = Field(0.1, gt=0.0, le=1.0)
+    warmup_steps: Int = Field(0, ge=0, le=10**9, description="Linear warmup from lr/100 over these optimizer steps.")
+
+
+class CosineSchedule(SpecModel):
+    """``CosineAnnealingLR`` over the whole run, down to ``min_lr`` (Loshchilov & Hutter, 2017, SGDR)."""
+
+    name: Literal["cosine"]
+    min_lr: Float = Field(0.0, ge=0.0, le=10.0)
+    warmup_steps: Int = Field(0, ge=0, le=10**9, description="Linear warmup from lr/100 over these optimizer steps.")
+
+
+class OneCycleSchedule(SpecModel):
+    """``OneCycleLR`` up to ``max_lr`` and down over the whole run (Smith & Topin, 2017, arXiv:1708.07120)."""
+
+    name: Literal["one_cycle"]
+    max_lr: Float = Field(gt=0.0, le=10.0)
+    pct_start: Float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of the run spent increasing the lr.")
+
+
+class WarmupSchedule(SpecModel):
+    """Linear warmup from lr/100 to lr over ``warmup_steps`` optimizer steps, then constant."""
+
+    name: Literal["warmup"]
+    warmup_steps: Int = Field(ge=1, le=10**9)
+
+
+LRSchedule = Annotated[
+    StepSchedule | CosineSchedule | OneCycleSchedule | WarmupSchedule, Field(discriminator="name")
+]
+
+Metric = Literal["val_loss", "val_accuracy", "val_top5_accuracy", "val_mae", "val_rmse", "val_r2"]
+CLASSIFICATION_METRICS = frozenset({"val_loss", "val_accuracy", "val_top5_accuracy"})
+REGRESSION_METRICS = frozenset({"val_loss", "val_mae", "val_rmse", "val_r2"})
 
 
 class CheckpointSpec(SpecModel):
@@ -151,25 +451,43 @@ class CheckpointSpec(SpecModel):
     every_steps: Int | None = Field(
         None, ge=1, le=10**9, description="Also save every N optimizer steps (bounds the work lost to a crash)."
     )
+    best_metric: Metric | None = Field(
+        None, description="Also keep `best.pt`: the epoch with the best value of this validation metric."
+    )
+
+
+class EarlyStopping(SpecModel):
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` epochs; the job succeeds."""
+
+    metric: Metric = "val_loss"
+    patience: Int = Field(5, ge=1, le=100_000, description="Epochs without improvement before stopping.")
+    min_delta: Float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
 class JobSpec(SpecModel):
     """A training job: data, model, loss, optimizer and the loop's settings.
 
     The loop is the standard one: DataLoader → model → loss → ``zero_grad``/``backward``/``step``,
-    validation after every epoch.
+    validation after every epoch. The task follows the dataset (image folders: classification;
+    CSV: as its `task` says) and must fit the loss: cross-entropy or BCE for classification,
+    MSE/L1/smooth L1/Huber for regression.
     """
 
     name: str | None = Field(
         None, min_length=1, max_length=128, description="A label for people; not unique.", examples=["digits-cnn"]
     )
-    dataset: ImageFolderDataset
+    dataset: Dataset
     model: ModelSpec = ModelSpec()
-    loss: CrossEntropyLoss = CrossEntropyLoss()
-    optimizer: AdamOptimizer = AdamOptimizer()
+    loss: Loss = Field(CrossEntropyLoss(), description="Default: `cross_entropy` for classification, `mse` for regression.")
+    optimizer: Optimizer = AdamOptimizer()
+    lr_schedule: LRSchedule | None = Field(None, description="How the lr changes; stepped after every optimizer step.")
     epochs: Int = Field(10, ge=1, le=100_000, description="Passes over the training set.")
-    batch_size: Int = Field(32, ge=1, le=65_536, description="Samples per optimizer step.")
-    seed: Int = Field(0, ge=0, lt=2**32, description="Seeds torch, numpy, Python and the validation split.")
+    batch_size: Int = Field(32, ge=1, le=65_536, description="Samples per forward pass (micro-batch).")
+    grad_accumulation_steps: Int = Field(
+        1, ge=1, le=4096, description="Micro-batches per optimizer step (effective batch = batch_size × this)."
+    )
+    grad_clip_norm: Float | None = Field(None, gt=0.0, description="Clip the gradients' total L2 norm to this.")
+    seed: Int = Field(0, ge=0, lt=2**32, description="Seeds torch, numpy, Python, the split and augmentations.")
     num_workers: Int = Field(
         0, ge=0, le=64, description="DataLoader worker processes (0 loads in the training process)."
     )
@@ -177,6 +495,7 @@ class JobSpec(SpecModel):
         "auto", description="`auto` uses CUDA when the worker has it, else the CPU; `cuda` fails on a CPU worker."
     )
     checkpoint: CheckpointSpec = CheckpointSpec()
+    early_stopping: EarlyStopping | None = None
     max_runtime_s: Float | None = Field(
         None,
         gt=0,
@@ -189,14 +508,106 @@ class JobSpec(SpecModel):
         description="Celery queue to run on (workers started with `-Q <queue>`); defaults to `DEFAULT_QUEUE`.",
     )
 
+    @property
+    def task(self) -> Literal["classification", "regression"]:
+        """``classification`` or ``regression``, from the dataset."""
+        return self.dataset.task
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_for_task(cls, data: object) -> object:
+        # The seed's rule: CrossEntropyLoss for classification, MSELoss for regression.
+        if isinstance(data, dict) and "loss" not in data and isinstance(data.get("dataset"), dict):
+            if data["dataset"].get("task") == "regression":
+                return {**data, "loss": {"name": "mse"}}
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_fits_dataset(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
         dataset = info.data.get("dataset")
-        if dataset is None or model.arch == "small_cnn":
+        if dataset is None:
+            return model
+        if isinstance(dataset, CsvDataset) != (model.arch == "mlp"):
+            kind = "csv" if isinstance(dataset, CsvDataset) else "image_folder"
+            raise ValueError(f"model.arch {model.arch!r} does not take a {kind} dataset: use 'mlp' for csv, an image model for image_folder")
+        if isinstance(dataset, CsvDataset):
+            if dataset.task == "regression" and model.num_classes is not None:
+                raise ValueError("model.num_classes is for classification; this dataset's task is regression")
+            return model
+        if model.arch == "small_cnn":
             return model
         if dataset.channels != 3:
             raise ValueError(f"model.arch {model.arch!r} takes 3-channel input: set dataset.channels to 3")
         if model.arch.startswith("vit_") and dataset.image_size != 224:
             raise ValueError(f"model.arch {model.arch!r} takes 224x224 images: set dataset.image_size to 224")
         return model
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_fits_task(cls, loss: BaseModel, info: ValidationInfo) -> BaseModel:
+        dataset = info.data.get("dataset")
+        if dataset is None:
+            return loss
+        allowed = CLASSIFICATION_LOSSES if dataset.task == "classification" else REGRESSION_LOSSES
+        if loss.name not in allowed:
+            raise ValueError(
+                f"loss {loss.name!r} does not fit a {dataset.task} target: use one of {sorted(allowed)} "
+                "(CrossEntropyLoss for classification, MSELoss for regression)"
+            )
+        model = info.data.get("model")
+        weights = getattr(loss, "class_weights", None)
+        if weights is not None and model is not None and model.num_classes is not None and len(weights) != model.num_classes:
+            raise ValueError(f"loss.class_weights has {len(weights)} values; model.num_classes is {model.num_classes}")
+        return loss
+
+    @field_validator("checkpoint", "early_stopping")
+    @classmethod
+    def _metrics_fit_task(cls, section: BaseModel | None, info: ValidationInfo) -> BaseModel | None:
+        dataset = info.data.get("dataset")
+        metric = getattr(section, "best_metric", None) or getattr(section, "metric", None)
+        if dataset is None or metric is None:
+            return section
+        allowed = CLASSIFICATION_METRICS if dataset.task == "classification" else REGRESSION_METRICS
+        if metric not in allowed:
+            raise ValueError(f"metric {metric!r} does not exist for {dataset.task}: use one of {sorted(allowed)}")
+        return section
+
+
+#: Whether a larger value of the metric is better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "val_loss": False,
+    "val_accuracy": True,
+    "val_top5_accuracy": True,
+    "val_mae": False,
+    "val_rmse": False,
+    "val_r2": True,
+}
+
+
+#: Names pydantic puts into an error's ``loc`` to say which member of a union it tried.
+_UNION_TAGS = frozenset(
+    {"image_folder", "csv", "adam", "adamw", "sgd", "cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1",
+     "huber", "step", "cosine", "one_cycle", "warmup", "resize", "center_crop", "random_crop", "random_resized_crop",
+     "horizontal_flip", "color_jitter", "int", "tuple[int,int]"}
+)
+
+
+def json_path(loc: tuple | list, data: object) -> list:
+    """The JSON path of a validation error: pydantic's ``loc`` without the union tags it inserts.
+
+    ``("optimizer", "adam", "lr")`` for the body ``{"optimizer": {"lr": -1}}`` becomes
+    ``["optimizer", "lr"]``: the path a user can find in what they sent.
+    """
+    path, current = [], data
+    for part in loc:
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            current = current[part]
+        elif isinstance(part, str) and part in _UNION_TAGS:
+            continue
+        else:
+            current = None
+        path.append(part)
+    return path

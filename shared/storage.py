@@ -169,6 +169,25 @@ class Storage:
         (dest / ".complete").write_text(uri + "\n")
         return dest
 
+    def download_cached(self, uri: str, cache_dir: Path) -> Path:
+        """Download one object into a folder keyed by its URI and ETag; reuse it while unchanged.
+
+        Raises:
+            DatasetError: the object does not exist (naming ``uri``).
+        """
+        bucket, key = parse_s3_uri(uri)
+        try:
+            etag = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise DatasetError(f"{uri} does not exist or cannot be read ({code})") from exc
+        digest = hashlib.sha256(f"{uri}\n{etag}".encode()).hexdigest()[:24]
+        path = cache_dir / digest / (key.rsplit("/", 1)[-1] or "object")
+        if not path.exists():
+            tmp = self.download_file(uri, path.with_name(f"{path.name}.{os.getpid()}.part"))
+            os.replace(tmp, path)
+        return path
+
     def download_file(self, uri: str, path: Path) -> Path:
         """Download one object to ``path`` (parents created) and return ``path``."""
         bucket, key = parse_s3_uri(uri)

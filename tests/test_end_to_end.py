@@ -22,7 +22,7 @@ from shared.storage import Storage
 from tests.conftest import wait_for_job
 from tests.fixtures import fast_digits_spec, with_dataset
 from worker.training.checkpoint import load_checkpoint
-from worker.training.data import load_image_folder
+from worker.training.data import load_data
 from worker.training.engine import evaluate
 from worker.training.models import build_model
 
@@ -42,7 +42,9 @@ def test_job_succeeds_with_progress_and_artifacts(digits_job: dict):
     assert [t["state"] for t in job["transitions"]] == ["queued", "running", "succeeded"]
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     assert job["device"] == "cpu"
-    assert job["dataset"] == {"classes": [str(d) for d in range(10)], "num_train": 1438, "num_val": 359}
+    assert job["dataset"] == {
+        "task": "classification", "classes": [str(d) for d in range(10)], "num_train": 1438, "num_val": 359, "features": None
+    }
     progress = job["progress"]
     assert progress["epoch"] == progress["epochs"] == 2
     assert progress["steps_per_epoch"] == math.ceil(1438 / 64)
@@ -63,11 +65,12 @@ def test_final_checkpoint_loads_weights_only_and_reproduces_val_accuracy(digits_
     assert checkpoint["classes"] == job["dataset"]["classes"]
     spec = JobSpec.model_validate(checkpoint["spec"])
     assert spec == JobSpec.model_validate(job["spec"])
-    model = build_model(spec.model, num_classes=10, in_channels=spec.dataset.channels)
+    data = load_data(spec, storage, tmp_path / "cache")
+    model = build_model(spec.model, input_shape=data.input_shape, num_outputs=len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["model"])
-    data = load_image_folder(spec.dataset, storage, tmp_path / "cache", spec.seed)
     loader = torch.utils.data.DataLoader(data.val, batch_size=128)
-    val_loss, val_accuracy = evaluate(model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    metrics = evaluate(model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    val_loss, val_accuracy = metrics["val_loss"], metrics["val_accuracy"]
     assert val_accuracy == pytest.approx(job["progress"]["val_accuracy"], abs=1e-9)
     assert val_loss == pytest.approx(job["progress"]["val_loss"], rel=1e-4)
     assert checkpoint["metrics"]["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)

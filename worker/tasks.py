@@ -77,7 +77,9 @@ class RecordCallbacks(TrainingCallbacks):
         self._write(progress=progress)
 
     def on_checkpoint(self, uri: str) -> None:
-        if uri not in self.artifacts.checkpoints:
+        if uri.endswith("/best.pt"):
+            self.artifacts.best_checkpoint = uri
+        elif uri not in self.artifacts.checkpoints:
             self.artifacts.checkpoints.append(uri)
         if uri.endswith("/final.pt"):
             self.artifacts.final_checkpoint = uri

@@ -7,14 +7,14 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from shared.spec import JobSpec
+from shared.spec import JobSpec, json_path
 from tests.fixtures import example_spec
 
 
 def error_locs(spec: dict) -> list[tuple]:
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate(spec)
-    return [tuple(error["loc"]) for error in info.value.errors()]
+    return [tuple(json_path(error["loc"], spec)) for error in info.value.errors()]
 
 
 def test_example_spec_is_valid_and_round_trips():

@@ -11,7 +11,7 @@ from PIL import Image
 from shared.exceptions import DatasetError
 from shared.spec import ImageFolderDataset
 from shared.storage import Storage
-from worker.training.data import load_image_folder
+from worker.training.data import SeededTransform, load_image_folder
 
 
 def make_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
@@ -87,11 +87,12 @@ def test_every_image_mode_becomes_three_channels_and_batches_stack(tmp_path: Pat
     storage.upload_dir(root, "s3://trainq/tests/modes/")
     spec = ImageFolderDataset(uri="s3://trainq/tests/modes/", val_fraction=0.1, image_size=8, channels=3)
     data = load_image_folder(spec, storage, tmp_path / "cache", seed=0)
-    full = data.train.dataset
+    full = data.train.base
     assert {Path(path).name for path, _ in full.samples} >= {"rgb.jpg", "gray.png", "palette.png", "rgba.png", "cmyk.jpg", "bits.png"}
-    images, labels = next(iter(torch.utils.data.DataLoader(full, batch_size=len(full))))
+    everything = SeededTransform(full, list(range(len(full))), data.train.transform, seed=0)
+    images, labels = next(iter(torch.utils.data.DataLoader(everything, batch_size=len(full))))
     assert images.shape == (len(full), 3, 8, 8) and labels.tolist().count(0) == 6
-    by_name = {Path(path).name: full[i][0] for i, (path, _) in enumerate(full.samples)}
+    by_name = {Path(path).name: everything[i][0] for i, (path, _) in enumerate(full.samples)}
     assert by_name["palette.png"][0].max() > 0.9  # the red palette entry survived as red
     assert by_name["cmyk.jpg"][0].mean() > 0.9 and by_name["cmyk.jpg"][1].mean() < 0.1  # CMYK (0,255,255,0) is red
 

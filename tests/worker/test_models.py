@@ -27,7 +27,7 @@ def test_small_cnn_maps_images_to_logits(channels: int, size: int):
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_are_built_with_random_weights_and_num_classes(arch: str):
     torch.manual_seed(0)
-    model = build_model(ModelSpec(arch=arch), num_classes=5, in_channels=3).eval()
+    model = build_model(ModelSpec(arch=arch), input_shape=(3, 64, 64), num_outputs=5).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 5)
 
@@ -50,7 +50,7 @@ def test_an_input_size_the_model_cannot_take_fails_before_training_naming_the_fi
     from worker.training.engine import _check_input_size
 
     spec = JobSpec.model_validate({"dataset": {"uri": "s3://trainq/d/", "image_size": 8}, "model": {"arch": "alexnet"}})
-    model = build_model(spec.model, num_classes=3, in_channels=3)
+    model = build_model(spec.model, input_shape=(3, 8, 8), num_outputs=3)
     state = torch.get_rng_state()
     with pytest.raises(JobFailure, match=r"model.arch 'alexnet' cannot take 3x8x8 images \(dataset.image_size=8\)"):
         _check_input_size(model, spec, torch.device("cpu"))

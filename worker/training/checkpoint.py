@@ -70,6 +70,7 @@ def save_checkpoint(
     classes: list[str],
     runtime_s: float = 0.0,
     loader_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` (via a temporary file, so ``path`` is never half-written).
 
@@ -82,6 +83,8 @@ def save_checkpoint(
         runtime_s: seconds spent training so far, over all attempts (the time limit's clock).
         loader_state: the training DataLoader's position within the epoch
             (``StatefulDataLoader.state_dict()``), or None at an epoch boundary.
+        extra: more weights_only-safe entries: ``scheduler``, ``trackers``, ``batch_in_epoch``,
+            ``data`` (e.g. a CSV's feature names and standardization statistics).
 
     Returns:
         ``path``.
@@ -100,6 +103,7 @@ def save_checkpoint(
         "loader": loader_state,
         "rng": capture_rng_state(),
         "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-safe
+        **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -1,60 +1,101 @@
-"""Datasets from a spec: an image folder under an S3 prefix, downloaded once per content.
+"""Datasets from a spec, downloaded once per content: image folders and CSV tables from S3.
 
-Layout ``<uri>/<class_name>/<image>``, as torchvision's ``ImageFolder``: classes are the
-sub-folder names in sorted order, hidden folders and files are skipped
-(``.ipynb_checkpoints``, ``.DS_Store``; pytorch/vision#2831).
+Image folders have torchvision's ``ImageFolder`` layout, ``<uri>/<class_name>/<image>``:
+classes are the sub-folder names in sorted order, hidden folders and files are skipped
+(``.ipynb_checkpoints``, ``.DS_Store``; pytorch/vision#2831), an empty class folder or an
+unreadable image fails the job naming it (pytorch/vision#4925, #138).
+
+Augmentations are seeded per sample from ``(seed, epoch, index)``, not by whichever DataLoader
+worker happens to load the sample, so a resumed run sees exactly the images an uninterrupted
+one would.
 """
 
 from __future__ import annotations
 
+import csv
+import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from shared.exceptions import DatasetError
-from shared.spec import ImageFolderDataset
+from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
 from shared.storage import Storage
 
 
 @dataclass
-class ImageData:
-    """Train and validation datasets with their class names (index ``i`` is ``classes[i]``).
+class TrainingData:
+    """Train and validation sets of one job, and what the model needs to know about them.
 
-    Each item is ``(image, label)``: a float tensor ``(channels, image_size, image_size)`` in
-    [0, 1] and an int class index.
+    Image items are ``(image, label)``: a float tensor ``(channels, image_size, image_size)``
+    and an int class index. CSV items are ``(features, target)``: a float tensor
+    ``(num_features,)`` and a class index (classification) or a float tensor ``(1,)``.
+
+    Attributes:
+        classes: class names in label-index order; empty for regression.
+        input_shape: shape of one input, e.g. ``(3, 32, 32)`` or ``(10,)``.
+        num_outputs: model outputs: the class count, or 1 for regression.
+        metadata: stored in every checkpoint (e.g. the CSV's feature names, mean and std).
     """
 
     train: Dataset
     val: Dataset
+    task: str
     classes: list[str]
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the training set which epoch is starting (it seeds augmentations by epoch)."""
+        if isinstance(self.train, SeededTransform):
+            self.train.epoch = epoch
+
+
+def load_data(spec: JobSpec, storage: Storage, cache_dir: Path) -> TrainingData:
+    """Download and build the job's datasets.
+
+    Raises:
+        DatasetError: a prefix or file is missing or empty, a class has no image, an image or
+            a row cannot be read, or the validation set does not match the training set.
+    """
+    if isinstance(spec.dataset, CsvDataset):
+        return load_csv(spec.dataset, storage, cache_dir, spec.seed)
+    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed)
+
+
+# -- image folders -----------------------------------------------------------------------------
 
 
 class _VisibleImageFolder(ImageFolder):
-    """``ImageFolder`` that ignores hidden class folders and hidden files, and names bad files.
+    """``ImageFolder`` that ignores hidden folders and files, names bad files, returns PIL images.
 
     ``source_uri`` is used in error messages so a failure names the S3 object, not a cache path.
+    ``class_index`` maps class names to label indices shared by several folders (the union of
+    their classes); this folder's own classes must each hold at least one image.
     """
 
-    def __init__(self, root: Path, source_uri: str, mode: str, transform: v2.Transform) -> None:
+    def __init__(self, root: Path, source_uri: str, mode: str, class_index: dict[str, int]) -> None:
         self.source_uri = source_uri.rstrip("/")
         self.root_path = root
         self.mode = mode
-        super().__init__(str(root), transform=transform, loader=self._load, is_valid_file=self._is_valid)
+        self.class_index = class_index
+        try:
+            super().__init__(str(root), loader=self._load, is_valid_file=self._is_valid)
+        except FileNotFoundError as exc:  # "Found no valid file for the classes dog, bird. "
+            raise DatasetError(f"{source_uri}: {str(exc).strip()} Images must end in {', '.join(IMG_EXTENSIONS)}.") from exc
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(
-            entry.name for entry in Path(directory).iterdir() if entry.is_dir() and not entry.name.startswith(".")
-        )
-        if not classes:
-            raise DatasetError(f"no class folders under {self.source_uri}/ (expected <class_name>/<image> files)")
-        return classes, {name: index for index, name in enumerate(classes)}
+        present = visible_class_folders(Path(directory))
+        return present, {name: self.class_index[name] for name in present}
 
     def _is_valid(self, path: str) -> bool:
         relative = Path(path).relative_to(self.root_path)
@@ -95,6 +136,11 @@ class _VisibleImageFolder(ImageFolder):
         marker.touch()
 
 
+def visible_class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``root``."""
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
     """Convert any PIL image (RGB, L, 1-bit, P with transparency, RGBA, CMYK…) to ``mode``.
 
@@ -115,53 +161,192 @@ def _decode_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _image_folder(root: Path, uri: str, spec: ImageFolderDataset) -> _VisibleImageFolder:
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((spec.image_size, spec.image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    mode = "L" if spec.channels == 1 else "RGB"
-    try:
-        dataset = _VisibleImageFolder(root, uri, mode, transform)
-    except FileNotFoundError as exc:  # ImageFolder: "Found no valid file for the classes dog, bird. "
-        raise DatasetError(f"{uri}: {str(exc).strip()} Images must end in {', '.join(IMG_EXTENSIONS)}.") from exc
-    if len(dataset.classes) < 2:
-        raise DatasetError(f"{uri} has {len(dataset.classes)} class folder(s) {dataset.classes}; classification needs at least 2")
-    dataset.verify()
-    return dataset
+def _transform_op(spec: Transform) -> v2.Transform:
+    match spec.name:
+        case "resize":
+            return v2.Resize(spec.size, antialias=True)
+        case "center_crop":
+            return v2.CenterCrop(spec.size)
+        case "random_crop":
+            return v2.RandomCrop(spec.size, padding=spec.padding or None)
+        case "random_resized_crop":
+            return v2.RandomResizedCrop(spec.size, scale=spec.scale, antialias=True)
+        case "horizontal_flip":
+            return v2.RandomHorizontalFlip(spec.p)
+        case "color_jitter":
+            return v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
+    raise ValueError(f"unknown transform {spec.name!r}")  # unreachable: the spec lists them all
 
 
-def load_image_folder(spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int) -> ImageData:
-    """Download ``spec.uri`` (and ``spec.val_uri``) and build the train/validation datasets.
+def build_transform(steps: list[Transform], spec: ImageFolderDataset) -> v2.Compose:
+    """A torchvision v2 pipeline: PIL image → ``steps`` → resize to ``image_size`` → float in
+    [0, 1] of shape ``(channels, image_size, image_size)`` → optional normalize."""
+    ops: list[v2.Transform] = [v2.ToImage(), *(_transform_op(step) for step in steps)]
+    ops += [v2.Resize((spec.image_size, spec.image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
+    if spec.normalize is not None:
+        mean, std = spec.normalize.values()
+        ops.append(v2.Normalize(list(mean) * (spec.channels // len(mean)), list(std) * (spec.channels // len(std))))
+    return v2.Compose(ops)
+
+
+class SeededTransform(Dataset):
+    """``indices`` of ``base`` (PIL image, label) pairs with ``transform`` applied to the image.
+
+    Random transforms draw from a generator seeded by ``(seed, epoch, index)``, so the same
+    sample gets the same augmentation in the same epoch whatever worker loads it and however
+    often the job was resumed. Set ``epoch`` before each epoch.
+    """
+
+    def __init__(self, base: Dataset, indices: list[int], transform: v2.Compose, seed: int) -> None:
+        self.base, self.indices, self.transform, self.seed = base, indices, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[position]
+        image, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+            return self.transform(image), label
+
+
+def _image_folders(uris: list[str], storage: Storage, cache_dir: Path, mode: str) -> tuple[Dataset, list[str]]:
+    roots = [(uri, storage.download_prefix(uri, cache_dir)) for uri in uris]
+    classes = sorted({name for _, root in roots for name in visible_class_folders(root)})
+    if not classes:
+        raise DatasetError(f"no class folders under {', '.join(uris)} (expected <class_name>/<image> files)")
+    index = {name: i for i, name in enumerate(classes)}
+    folders = [_VisibleImageFolder(root, uri, mode, index) for uri, root in roots]
+    for folder in folders:
+        folder.verify()
+    return (folders[0] if len(folders) == 1 else ConcatDataset(folders)), classes
+
+
+def load_image_folder(spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int) -> TrainingData:
+    """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
 
     Without ``val_uri``, a seeded random ``val_fraction`` of the images (at least one) is held
     out; the same seed always gives the same split.
 
     Raises:
-        DatasetError: a prefix is empty or missing, a class folder has no image, the validation
-            classes differ from the training classes, or too few images to split.
+        DatasetError: as :func:`load_data`, or fewer than 2 classes.
     """
-    train_root = storage.download_prefix(spec.uri, cache_dir)
-    train_full = _image_folder(train_root, spec.uri, spec)
-    classes = train_full.classes
+    mode = "L" if spec.channels == 1 else "RGB"
+    uris = [spec.uri, *spec.extra_uris]
+    full, classes = _image_folders(uris, storage, cache_dir, mode)
+    if len(classes) < 2:
+        raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
+    train_transform = build_transform(spec.train_transforms, spec)
+    eval_transform = build_transform(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_root = storage.download_prefix(spec.val_uri, cache_dir)
-        val = _image_folder(val_root, spec.val_uri, spec)
-        if val.classes != classes:
-            raise DatasetError(
-                f"classes of {spec.val_uri} {val.classes} differ from those of {spec.uri} {classes}"
-            )
-        return ImageData(train=train_full, val=val, classes=classes)
-    count = len(train_full)
-    num_val = max(1, round(count * spec.val_fraction))
-    if count - num_val < 1:
-        raise DatasetError(f"{spec.uri} has {count} image(s): too few to hold out a validation split")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return ImageData(
-        train=Subset(train_full, order[num_val:]),
-        val=Subset(train_full, order[:num_val]),
+        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode)
+        if val_classes != classes:
+            raise DatasetError(f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}")
+        train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
+    else:
+        train_indices, val_indices = _split(len(full), spec.val_fraction, seed, spec.uri)
+        val = SeededTransform(full, val_indices, eval_transform, seed)
+    return TrainingData(
+        train=SeededTransform(full, train_indices, train_transform, seed),
+        val=val,
+        task="classification",
         classes=classes,
+        input_shape=(spec.channels, spec.image_size, spec.image_size),
+        num_outputs=len(classes),
+    )
+
+
+def _split(count: int, val_fraction: float, seed: int, uri: str) -> tuple[list[int], list[int]]:
+    """Seeded random (train, val) index lists; at least one sample in each."""
+    num_val = max(1, round(count * val_fraction))
+    if count - num_val < 1:
+        raise DatasetError(f"{uri} has {count} sample(s): too few to hold out a validation split")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[num_val:], order[:num_val]
+
+
+# -- CSV tables ----------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, uri: str, spec: CsvDataset, features: list[str] | None) -> tuple[list[str], list[list[float]], list[str]]:
+    """Feature names, feature rows and raw target strings of one CSV file."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        if spec.target not in header:
+            raise DatasetError(f"{uri}: no column {spec.target!r} (dataset.target); columns are {header}")
+        names = features or spec.features or [name for name in header if name != spec.target]
+        missing = [name for name in names if name not in header]
+        if missing:
+            raise DatasetError(f"{uri}: no column(s) {missing} (dataset.features); columns are {header}")
+        rows, targets = [], []
+        for line, record in enumerate(reader, start=2):
+            try:
+                values = [float(record[name]) for name in names]
+            except (TypeError, ValueError):
+                bad = next(name for name in names if not _is_number(record[name]))
+                raise DatasetError(f"{uri} line {line}: column {bad!r} is {record[bad]!r}, not a number") from None
+            if not all(math.isfinite(value) for value in values):
+                raise DatasetError(f"{uri} line {line}: a feature is NaN or infinite")
+            rows.append(values)
+            targets.append(record[spec.target])
+    if not rows:
+        raise DatasetError(f"{uri} has no data rows")
+    return names, rows, targets
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _targets(raw: list[str], spec: CsvDataset, classes: list[str], uri: str) -> torch.Tensor:
+    if spec.task == "classification":
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(raw) - set(index))
+        if unknown:
+            raise DatasetError(f"{uri}: target values {unknown[:10]} are not classes of the training set {classes[:20]}")
+        return torch.tensor([index[value] for value in raw], dtype=torch.long)
+    bad = next((value for value in raw if not _is_number(value) or not math.isfinite(float(value))), None)
+    if bad is not None:
+        raise DatasetError(f"{uri}: target {spec.target!r} has {bad!r}; a regression target must be a finite number")
+    return torch.tensor([float(value) for value in raw], dtype=torch.float32).unsqueeze(1)
+
+
+def load_csv(spec: CsvDataset, storage: Storage, cache_dir: Path, seed: int) -> TrainingData:
+    """Download and parse the CSV(s); standardize features with the training split's statistics.
+
+    Raises:
+        DatasetError: a missing file, column or class, a non-numeric feature or regression
+            target (naming the line and column), or too few rows.
+    """
+    names, rows, raw = _read_csv(storage.download_cached(spec.uri, cache_dir), spec.uri, spec, None)
+    features = torch.tensor(rows, dtype=torch.float32)
+    if spec.val_uri is not None:
+        _, val_rows, val_raw = _read_csv(storage.download_cached(spec.val_uri, cache_dir), spec.val_uri, spec, names)
+        train_x, train_raw = features, raw
+        val_x = torch.tensor(val_rows, dtype=torch.float32)
+    else:
+        train_idx, val_idx = _split(len(rows), spec.val_fraction, seed, spec.uri)
+        train_x, val_x = features[train_idx], features[val_idx]
+        train_raw, val_raw = [raw[i] for i in train_idx], [raw[i] for i in val_idx]
+    classes = sorted(set(train_raw)) if spec.task == "classification" else []
+    if spec.task == "classification" and len(classes) < 2:
+        raise DatasetError(f"{spec.uri}: target {spec.target!r} has {len(classes)} distinct value(s); classification needs at least 2")
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, unbiased=False).clamp_min(1e-12)
+    std = torch.where(std < 1e-8, torch.ones_like(std), std)  # constant columns stay as they are
+    return TrainingData(
+        train=TensorDataset((train_x - mean) / std, _targets(train_raw, spec, classes, spec.uri)),
+        val=TensorDataset((val_x - mean) / std, _targets(val_raw, spec, classes, spec.val_uri or spec.uri)),
+        task=spec.task,
+        classes=classes,
+        input_shape=(len(names),),
+        num_outputs=len(classes) if classes else 1,
+        metadata={"features": names, "feature_mean": mean.tolist(), "feature_std": std.tolist()},
     )

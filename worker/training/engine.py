@@ -14,6 +14,7 @@ with weights bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import shutil
@@ -37,13 +38,15 @@ from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
 from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from worker.training.data import ImageData, load_image_folder
-from worker.training.models import build_model
+from worker.training.data import TrainingData, load_data
+from worker.training.models import build_model, load_initial_weights
+from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
 
 logger = logging.getLogger(__name__)
 
 FINAL_CHECKPOINT = "final.pt"
+BEST_CHECKPOINT = "best.pt"
 _STEP_CHECKPOINT = re.compile(r"step-(\d+)\.pt$")
 
 
@@ -153,21 +156,50 @@ def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> tuple[float, float]:
-    """Mean loss per sample and accuracy (0..1) of ``model`` over ``loader``, in eval mode."""
+def evaluate(
+    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, task: str = "classification"
+) -> dict[str, float]:
+    """Validation metrics of ``model`` over ``loader``, in eval mode.
+
+    Classification: ``val_loss`` (mean per sample), ``val_accuracy`` and, with more than 5
+    classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
+    and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot).
+    """
     model.eval()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct, top5, |err|, err²
+    targets_all = []
     count = 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        total_loss += loss_fn(logits, labels) * labels.numel()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        count += labels.numel()
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        outputs = model(inputs)
+        total_loss += loss_fn(outputs, targets).double() * targets.shape[0]
+        if task == "classification":
+            sums[0] += (outputs.argmax(dim=1) == targets).sum()
+            if outputs.shape[1] > 5:
+                sums[1] += (outputs.topk(5, dim=1).indices == targets[:, None]).any(dim=1).sum()
+        else:
+            error = (outputs - targets).double()
+            sums[2] += error.abs().sum()
+            sums[3] += (error**2).sum()
+            targets_all.append(targets.double())
+        count += targets.shape[0]
     model.train()
-    # .item() is a sync point: once per evaluation, not per batch.
-    return total_loss.item() / count, correct.item() / count
+    # .tolist() is a sync point: once per evaluation, not per batch.
+    loss, (correct, top5, abs_error, sq_error) = total_loss.item() / count, sums.tolist()
+    if task == "classification":
+        metrics = {"val_loss": loss, "val_accuracy": correct / count}
+        if top5:
+            metrics["val_top5_accuracy"] = top5 / count
+        return metrics
+    target = torch.cat(targets_all)
+    total_variance = ((target - target.mean()) ** 2).sum().item()
+    return {
+        "val_loss": loss,
+        "val_mae": abs_error / count / target.shape[1],
+        "val_rmse": (sq_error / count / target.shape[1]) ** 0.5,
+        "val_r2": 1.0 - sq_error / total_variance if total_variance > 0 else float("nan"),
+    }
 
 
 class _ScalarBuffer:
@@ -206,6 +238,8 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
     Raises:
         JobFailure: the forward pass failed for ``(2, channels, image_size, image_size)`` input.
     """
+    if spec.dataset.type != "image_folder":
+        return
     size, channels = spec.dataset.image_size, spec.dataset.channels
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -221,7 +255,7 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
             model.train()
 
 
-def _loaders(data: ImageData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+def _loaders(data: TrainingData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
     common: dict[str, Any] = dict(
         batch_size=spec.batch_size,
         num_workers=spec.num_workers,
@@ -249,12 +283,22 @@ class _Run:
         self.uploader = BackgroundUploader(storage, settings.upload_deadline_s)
         self.progress = Progress(epochs=spec.epochs)
         self.metrics: dict[str, float] = {}
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained on
         self.runtime_before_s = 0.0  # training seconds of earlier attempts
         self.started = time.monotonic()
         self.start_step = 0
         self.last_progress = self.last_tb_upload = self.started
         limits = [settings.max_runtime_s] + ([spec.max_runtime_s] if spec.max_runtime_s else [])
         self.max_runtime_s = min(limits)
+        # Set up by _train once the data and model exist.
+        self.data: TrainingData | None = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.loader: StatefulDataLoader | None = None
+        self.sampler: DistributedSampler | None = None
+        self.val_loader: DataLoader | None = None
+        self.trackers: dict[str, MetricTracker] = {}
 
     @property
     def runtime_s(self) -> float:
@@ -267,7 +311,7 @@ class _Run:
             reason = StopReason.TIME_LIMIT
         return reason
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: StatefulDataLoader, classes: list[str], device: torch.device) -> str | None:
+    def resume(self, device: torch.device) -> str | None:
         """Restore the newest loadable checkpoint of this job, if any; return its URI."""
         for uri in checkpoint_uris(self.storage, self.job_id):
             path = self.workdir / "resume.pt"
@@ -278,54 +322,65 @@ class _Run:
                 continue
             finally:
                 path.unlink(missing_ok=True)
-            if checkpoint["classes"] != classes:
+            if checkpoint["classes"] != self.data.classes:
                 raise JobFailure(
-                    f"cannot resume: {self.spec.dataset.uri} now has classes {classes}, "
+                    f"cannot resume: {self.spec.dataset.uri} now has classes {self.data.classes}, "
                     f"checkpoint {uri} was trained on {checkpoint['classes']}"
                 )
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(checkpoint["scheduler"])
+            for name, tracker in self.trackers.items():
+                tracker.load_state_dict(checkpoint["trackers"][name])
             if checkpoint["loader"] is not None:
-                loader.load_state_dict(checkpoint["loader"])
+                self.loader.load_state_dict(checkpoint["loader"])
             restore_rng_state(checkpoint["rng"])
             self.progress.epoch, self.progress.step = checkpoint["epoch"], checkpoint["step"]
+            self.batch_in_epoch = checkpoint["batch_in_epoch"]
             self.start_step = checkpoint["step"]
             self.metrics = dict(checkpoint["metrics"])
-            self.progress.val_loss = self.metrics.get("val_loss")
-            self.progress.val_accuracy = self.metrics.get("val_accuracy")
+            self._show_metrics()
             self.runtime_before_s = checkpoint["runtime_s"]
             logger.info("job %s: resuming from %s (epoch %d, step %d)", self.job_id, uri, checkpoint["epoch"], checkpoint["step"])
             return uri
         return None
 
-    def checkpoint(
-        self,
-        writer: SummaryWriter,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        classes: list[str],
-        name: str,
-        loader: StatefulDataLoader | None = None,
-    ) -> str:
+    def _show_metrics(self) -> None:
+        self.progress.val_metrics = {k: v for k, v in self.metrics.items() if k.startswith("val_")}
+        self.progress.val_loss = self.metrics.get("val_loss")
+        self.progress.val_accuracy = self.metrics.get("val_accuracy")
+
+    def record_validation(self, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        self._show_metrics()
+
+    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str:
         """Save a checkpoint locally and queue its upload; return the URI it will have.
 
         The TensorBoard events up to this step are queued first: uploads run in order, so once
         a checkpoint is in S3, so are the events a resume from it relies on (its ``purge_step``
-        drops only what came after).
+        drops only what came after). ``mid_epoch`` also saves the DataLoader's position.
         """
         self.upload_tensorboard(writer)
         path = save_checkpoint(
             self.workdir / "checkpoints" / name,
             job_id=self.job_id,
-            model=model,
-            optimizer=optimizer,
+            model=self.model,
+            optimizer=self.optimizer,
             epoch=self.progress.epoch,
             step=self.progress.step,
             metrics=self.metrics,
             spec=self.spec.model_dump(mode="json"),
-            classes=classes,
+            classes=self.data.classes,
             runtime_s=self.runtime_s,
-            loader_state=loader.state_dict() if loader is not None else None,
+            loader_state=self.loader.state_dict() if mid_epoch else None,
+            extra={
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "trackers": {name: tracker.state_dict() for name, tracker in self.trackers.items()},
+                "batch_in_epoch": self.batch_in_epoch if mid_epoch else 0,
+                "data": self.data.metadata,
+            },
         )
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.uploader.submit_file(path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri))
@@ -346,7 +401,8 @@ class _Run:
             self.metrics["train_loss"] = latest
         elapsed = max(now - self.started, 1e-9)
         done = self.progress.step - self.start_step
-        self.progress.samples_per_s = done * self.spec.batch_size / elapsed if done else None
+        samples_per_step = self.spec.batch_size * self.spec.grad_accumulation_steps
+        self.progress.samples_per_s = done * samples_per_step / elapsed if done else None
         self.progress.eta_s = (self.progress.total_steps - self.progress.step) * elapsed / done if done else None
         self.progress.runtime_s = self.runtime_s
         self.progress.updated_at = time.time()
@@ -366,9 +422,10 @@ def run_training(
     """Train ``spec`` (resuming from the job's newest checkpoint) and upload its artifacts.
 
     Artifacts go under ``<prefix>/<job_id>/``: ``tensorboard/`` (every epoch, every
-    ``tensorboard_upload_interval_s`` seconds, and at the end — also when training fails) and
-    ``checkpoints/step-<step>.pt`` every ``spec.checkpoint`` interval, plus ``final.pt``. Uploads
-    run in the background; the function returns only once every artifact is in S3.
+    ``tensorboard_upload_interval_s`` seconds, and at the end — also when training fails),
+    ``checkpoints/step-<step>.pt`` every ``spec.checkpoint`` interval, ``best.pt`` when
+    ``checkpoint.best_metric`` improves, and ``final.pt``. Uploads run in the background; the
+    function returns only once every artifact is in S3.
 
     Raises:
         TrainingStopped: cancelled, time limit, worker shutdown (a checkpoint was saved) or lease
@@ -384,28 +441,48 @@ def run_training(
         run.uploader.close()
 
 
+def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
+    """Data, model (with initial weights), loss, optimizer, schedule and trackers for ``run``."""
+    run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets")
+    if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
+        raise JobFailure(
+            f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}"
+        )
+    model = build_model(spec.model, input_shape=data.input_shape, num_outputs=data.num_outputs)
+    if spec.model.weights_uri is not None:
+        path = storage.download_file(spec.model.weights_uri, run.workdir / "initial-weights.pt")
+        load_initial_weights(model, path, spec.model.weights_uri)
+    run.model = model.to(device)
+    _check_input_size(run.model, spec, device)
+    run.optimizer = build_optimizer(spec, run.model.parameters())
+    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device)
+    steps_per_epoch = math.ceil(len(run.loader) / spec.grad_accumulation_steps)
+    run.progress.steps_per_epoch = steps_per_epoch
+    run.progress.total_steps = spec.epochs * steps_per_epoch
+    run.scheduler = build_scheduler(spec, run.optimizer, total_steps=run.progress.total_steps, steps_per_epoch=steps_per_epoch)
+    if spec.checkpoint.best_metric is not None:
+        run.trackers["best"] = MetricTracker(spec.checkpoint.best_metric)
+    if spec.early_stopping is not None:
+        run.trackers["early_stopping"] = MetricTracker(spec.early_stopping.metric, spec.early_stopping.min_delta)
+
+
 def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks) -> TrainResult:
     job_id = run.job_id
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
-    data = load_image_folder(spec.dataset, storage, settings.data_cache_dir / "datasets", spec.seed)
-    num_classes = spec.model.num_classes or len(data.classes)
-    if num_classes != len(data.classes):
-        raise JobFailure(
-            f"model.num_classes is {num_classes} but {spec.dataset.uri} has {len(data.classes)} classes: {data.classes}"
-        )
-    model = build_model(spec.model, num_classes=num_classes, in_channels=spec.dataset.channels).to(device)
-    _check_input_size(model, spec, device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.loss.label_smoothing)
-    opt = spec.optimizer
-    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    train_loader, sampler, val_loader = _loaders(data, spec, device)
-    resumed_from = run.resume(model, optimizer, train_loader, data.classes, device)
-    run.progress.steps_per_epoch = len(train_loader)
-    run.progress.total_steps = spec.epochs * len(train_loader)
+    try:
+        _prepare(run, spec, storage, settings, device)
+        loss_fn = build_loss(spec, run.data.num_outputs).to(device)
+    except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
+        raise JobFailure(str(exc)) from exc
+    data, model, optimizer, loader = run.data, run.model, run.optimizer, run.loader
+    resumed_from = run.resume(device)
     callbacks.on_start(
         device=describe_device(device),
-        dataset=DatasetInfo(classes=data.classes, num_train=len(data.train), num_val=len(data.val)),
+        dataset=DatasetInfo(
+            task=data.task, classes=data.classes, num_train=len(data.train), num_val=len(data.val),
+            features=data.metadata.get("features"),
+        ),
         tensorboard_uri=run.tb_uri + "/",
         resumed_from=resumed_from,
     )
@@ -414,47 +491,50 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     # purge_step: TensorBoard drops events at or after it from an earlier attempt's files, so a
     # resumed job shows each step once (one run per job, however many attempts).
     writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else None)
+    accumulate = spec.grad_accumulation_steps
     try:
         losses = _ScalarBuffer()
+        micro_losses: list[torch.Tensor] = []
         model.train()
         for epoch in range(run.progress.epoch, spec.epochs):
-            sampler.set_epoch(epoch)
-            for images, labels in train_loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if run.progress.step == 0:
-                    writer.add_image("inputs", make_grid(images[:64].cpu(), nrow=8, normalize=True), 0)
-                logits = model(images)
-                loss = loss_fn(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            run.sampler.set_epoch(epoch)
+            data.set_epoch(epoch)
+            batches = len(loader)
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if run.progress.step == 0 and run.batch_in_epoch == 0 and inputs.dim() == 4:
+                    writer.add_image("inputs", make_grid(inputs[:64].cpu(), nrow=8, normalize=True), 0)
+                group_start = (run.batch_in_epoch // accumulate) * accumulate
+                group_size = min(accumulate, batches - group_start)  # the epoch's last group may be short
+                run.batch_in_epoch += 1
+                loss = loss_fn(model(inputs), targets)
+                (loss / group_size if group_size > 1 else loss).backward()
+                micro_losses.append(loss.detach())
+                if run.batch_in_epoch - group_start < group_size:
+                    continue  # accumulate more micro-batches before stepping
+                if spec.grad_clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
                 optimizer.step()
+                if run.scheduler is not None:
+                    run.scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
                 run.progress.step += 1
-                losses.add(run.progress.step, loss)
+                losses.add(run.progress.step, torch.stack(micro_losses).mean() if len(micro_losses) > 1 else micro_losses[0])
+                micro_losses = []
                 reason = run.stop_reason()
-                every = spec.checkpoint.every_steps
                 if reason is not None:
-                    _stop(run, reason, writer, losses, model, optimizer, data.classes, train_loader)
+                    _stop(run, reason, writer, losses)
+                every = spec.checkpoint.every_steps
                 if every and run.progress.step % every == 0:
                     run.report(writer, losses, force=True)
-                    run.checkpoint(writer, model, optimizer, data.classes, f"step-{run.progress.step:09d}.pt", train_loader)
+                    run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
                 run.report(writer, losses)
-            run.progress.epoch = epoch + 1
-            val_loss, val_accuracy = evaluate(model, val_loader, loss_fn, device)
-            run.metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
-            run.progress.val_loss, run.progress.val_accuracy = val_loss, val_accuracy
-            step = run.progress.step
-            writer.add_scalar("val/loss", val_loss, step)
-            writer.add_scalar("val/accuracy", val_accuracy, step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            writer.add_scalar("train/epoch", epoch + 1, step)
-            run.report(writer, losses, force=True)
-            logger.info("job %s: epoch %d/%d val_loss %.4f val_accuracy %.4f", job_id, epoch + 1, spec.epochs, val_loss, val_accuracy)
-            if (epoch + 1) % spec.checkpoint.every_epochs == 0 and epoch + 1 < spec.epochs:
-                run.checkpoint(writer, model, optimizer, data.classes, f"step-{step:09d}.pt")
-            else:
-                run.upload_tensorboard(writer)
+            run.progress.epoch, run.batch_in_epoch = epoch + 1, 0
+            stop_early = _end_epoch(run, writer, losses, loss_fn, device)
+            if stop_early:
+                break
         writer.close()
-        final_uri = run.checkpoint(writer, model, optimizer, data.classes, FINAL_CHECKPOINT)
+        final_uri = run.checkpoint(writer, FINAL_CHECKPOINT)
         run.uploader.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
         writer.close()
@@ -471,7 +551,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         raise
     return TrainResult(
         final_checkpoint=final_uri,
-        epochs=spec.epochs,
+        epochs=run.progress.epoch,
         steps=run.progress.step,
         val_loss=run.metrics.get("val_loss", float("nan")),
         val_accuracy=run.metrics.get("val_accuracy", float("nan")),
@@ -479,22 +559,41 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     )
 
 
-def _stop(
-    run: _Run,
-    reason: StopReason,
-    writer: SummaryWriter,
-    losses: _ScalarBuffer,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    classes: list[str],
-    loader: StatefulDataLoader,
-) -> None:
+def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn: nn.Module, device: torch.device) -> bool:
+    """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early."""
+    spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
+    metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task)
+    run.record_validation(metrics)
+    for name, value in metrics.items():
+        writer.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
+    writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
+    writer.add_scalar("train/epoch", epoch, step)
+    stop_early = False
+    if "early_stopping" in run.trackers:
+        tracker = run.trackers["early_stopping"]
+        tracker.update(metrics)
+        stop_early = tracker.stale_epochs >= spec.early_stopping.patience and epoch < spec.epochs
+        run.progress.early_stopped = stop_early
+    run.report(writer, losses, force=True)
+    logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if "best" in run.trackers and run.trackers["best"].update(metrics):
+        run.checkpoint(writer, BEST_CHECKPOINT)
+    if epoch % spec.checkpoint.every_epochs == 0 and epoch < spec.epochs and not stop_early:
+        run.checkpoint(writer, f"step-{step:09d}.pt")
+    else:
+        run.upload_tensorboard(writer)
+    if stop_early:
+        logger.info("job %s: early stopping after epoch %d: %s stopped improving", run.job_id, epoch, spec.early_stopping.metric)
+    return stop_early
+
+
+def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarBuffer) -> None:
     """End the run at this step boundary: checkpoint and upload (unless the lease is lost), raise."""
     logger.warning("job %s: stopping at step %d: %s", run.job_id, run.progress.step, reason.value)
     uri = None
     if reason.saves_checkpoint:
         run.report(writer, losses, force=True)
         writer.close()
-        uri = run.checkpoint(writer, model, optimizer, classes, f"step-{run.progress.step:09d}.pt", loader)
+        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
         run.uploader.drain()
     raise TrainingStopped(reason, run.progress.step, run.runtime_s, uri)

@@ -1,11 +1,15 @@
-"""Networks a spec can name: trainq's ``small_cnn`` and torchvision classification architectures."""
+"""Networks a spec can name: ``small_cnn``, ``mlp`` and torchvision classification architectures,
+and loading initial weights (``model.weights_uri``)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from shared.exceptions import JobFailure
 from shared.spec import ModelSpec
 
 
@@ -44,15 +48,64 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(spec: ModelSpec, *, num_classes: int, in_channels: int) -> nn.Module:
+class MLP(nn.Module):
+    """Linear → ReLU (→ Dropout) per hidden layer, then a linear output layer.
+
+    Input ``(batch, in_features)``, output ``(batch, out_features)``: logits for
+    classification, predictions for regression.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden_sizes: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, out_features))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, in_features)`` → ``(batch, out_features)``."""
+        return self.layers(x)
+
+
+def build_model(spec: ModelSpec, *, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """Build the network named by ``spec.arch`` with random weights.
 
+    Args:
+        input_shape: one input's shape: ``(channels, H, W)`` for images, ``(features,)`` for mlp.
+        num_outputs: classes, or 1 for regression.
+
     torchvision architectures come from ``torchvision.models.get_model(arch, weights=None,
-    num_classes=num_classes)``; they take ``(batch, 3, H, W)`` input (the spec enforces 3 channels).
+    num_classes=num_outputs)`` and take ``(batch, 3, H, W)`` (the spec enforces 3 channels).
+    """
+    if spec.arch == "mlp":
+        return MLP(input_shape[0], num_outputs, list(spec.hidden_sizes), spec.dropout)
+    if spec.arch == "small_cnn":
+        return SmallCNN(input_shape[0], num_outputs)
+    return torchvision.models.get_model(spec.arch, weights=None, num_classes=num_outputs)
+
+
+def load_initial_weights(model: nn.Module, path: Path, uri: str) -> None:
+    """Load ``path`` (a trainq checkpoint, or a bare ``state_dict``) into ``model``, strictly.
+
+    Loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary pickle is refused.
 
     Raises:
-        ValueError: ``spec.arch`` is not a torchvision model (the spec's list and torchvision drifted).
+        JobFailure: the file is not a state dict, or its tensors do not fit the model (naming
+            ``uri`` and the first mismatches).
     """
-    if spec.arch == "small_cnn":
-        return SmallCNN(in_channels, num_classes)
-    return torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise JobFailure(f"model.weights_uri {uri}: not a weights_only-loadable file: {exc}") from exc
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise JobFailure(f"model.weights_uri {uri}: expected a state_dict or a trainq checkpoint")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise JobFailure(f"model.weights_uri {uri} does not fit model.arch: {str(exc).splitlines()[0]} {str(exc)[:500]}") from exc
