@@ -1,11 +1,13 @@
-"""Real sample data that ships in a package (no downloads): scikit-learn's handwritten digits.
+"""Real sample data that ships in a package (no downloads): scikit-learn's digits and diabetes.
 
-Materialized as an image folder (``<root>/<digit>/<index>.png``), the layout trainq's
-``image_folder`` dataset reads, and uploaded to S3 for the demo and the tests.
+Digits are materialized as an image folder (``<root>/<digit>/<index>.png``), the layout of
+trainq's ``image_folder`` dataset; both sets can also be written as CSV tables for the ``csv``
+dataset. Used by the demo and the tests.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +37,23 @@ def write_digits(root: Path, *, limit: int | None = None) -> dict[str, int]:
         Image.fromarray(array, mode="L").save(folder / f"{index:04d}.png")
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def write_table(path: Path, name: str) -> tuple[list[str], str]:
+    """Write scikit-learn's ``diabetes`` (442 rows, 10 features, a numeric target: regression) or
+    ``digits`` (1,797 rows, 64 pixel features, a digit label: classification) as a CSV file.
+
+    Returns:
+        ``(feature column names, target column name)``.
+    """
+    from sklearn.datasets import load_diabetes, load_digits
+
+    bunch = {"diabetes": load_diabetes, "digits": load_digits}[name]()
+    features = [str(f) for f in bunch.feature_names]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*features, "target"])
+        for row, target in zip(bunch.data, bunch.target, strict=True):
+            writer.writerow([*(f"{value:.6g}" for value in row), int(target) if name == "digits" else f"{target:g}"])
+    return features, "target"

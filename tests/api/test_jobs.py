@@ -92,3 +92,30 @@ def test_huge_inputs_are_refused_briefly(api: httpx.Client):
     big = api.post("/jobs", content=b"{" + b" " * (2 * 1024 * 1024) + b"}", headers={"content-type": "application/json"})
     assert big.status_code == 413
     assert api.get("/jobs", params={"offset": 10**20}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("mutate", "loc", "message"),
+    [
+        (lambda s: s.update(dataset={"type": "csv", "uri": "s3://trainq/t.csv", "target": "y", "task": "regression"},
+                            model={"arch": "mlp"}, loss={"name": "cross_entropy"}), ["body", "loss"], "regression"),
+        (lambda s: s.update(dataset={"type": "csv", "uri": "s3://trainq/t.csv", "target": "y", "task": "regression"}),
+         ["body", "model"], "csv"),
+        (lambda s: s["dataset"].update(train_transforms=[{"name": "rotate"}]), ["body", "dataset", "train_transforms", 0], "rotate"),
+        (lambda s: s["dataset"].update(train_transforms=[{"name": "random_crop", "size": 0}]),
+         ["body", "dataset", "train_transforms", 0, "size"], "greater than or equal to 1"),
+        (lambda s: s.update(optimizer={"name": "sgd", "nesterov": True}), ["body", "optimizer"], "nesterov"),
+        (lambda s: s.update(optimizer={"name": "sgd", "lr": 0.1, "momentun": 0.9}), ["body", "optimizer", "momentun"], "Extra"),
+        (lambda s: s["model"].update(pretrained=True), ["body", "model"], "cannot be downloaded"),
+        (lambda s: s.update(checkpoint={"best_metric": "val_r2"}), ["body", "checkpoint"], "classification"),
+        (lambda s: s.update(lr_schedule={"name": "one_cycle"}), ["body", "lr_schedule", "max_lr"], "Field required"),
+        (lambda s: s.update(loss={"name": "cross_entropy", "class_weights": [1.0, 2.0]}), ["body", "loss"], "num_classes is 10"),
+    ],
+)
+def test_inconsistent_or_unknown_recipes_are_422_naming_the_field(api: httpx.Client, mutate, loc, message):
+    spec = example_spec()
+    mutate(spec)
+    response = api.post("/jobs", json=spec)
+    errors = {tuple(error["loc"]): error["msg"] for error in response.json()["detail"]}
+    assert response.status_code == 422 and tuple(loc) in errors, errors
+    assert message in errors[tuple(loc)]

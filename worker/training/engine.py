@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -44,6 +45,8 @@ from worker.training.recipe import MetricTracker, build_loss, build_optimizer, b
 from worker.training.uploads import BackgroundUploader
 
 logger = logging.getLogger(__name__)
+# torchdata 0.11's StatefulDataLoader calls a torch API deprecated in newer torch; harmless noise.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 FINAL_CHECKPOINT = "final.pt"
 BEST_CHECKPOINT = "best.pt"
