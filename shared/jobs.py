@@ -363,3 +363,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
+
+
+class DryRunReport(BaseModel):
+    """What ``POST /jobs?dry_run=true`` found: the data as listed in S3, the model, one batch."""
+
+    task: str
+    classes: list[str] = Field(description="Class names in label-index order (empty for regression).")
+    counts: dict[str, int] = Field(description="Training samples per class (classification) or rows (`rows`).")
+    input_shape: list[int] = Field(description="Shape of one input, e.g. [3, 224, 224] or [10].")
+    num_outputs: int
+    parameters: int = Field(description="Trainable parameters of the model.")
+    batch_shape: list[int] = Field(description="Shape of the batch that went forward and backward.")
+    loss: float = Field(description="Loss of that batch (random weights unless `model.weights_uri`).")
+    seconds: float = Field(description="Time the dry run took.")

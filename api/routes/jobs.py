@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from api.deps import CeleryDep, SettingsDep, StoreDep
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
-from shared.jobs import JobRecord, JobState
+from shared.jobs import DryRunReport, JobRecord, JobState
 from shared.queue import enqueue
 from shared.spec import JobSpec
 
@@ -27,7 +27,12 @@ class JobsPublic(BaseModel):
     offset: int
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRecord | DryRunReport,
+    responses={200: {"model": DryRunReport, "description": "Dry run: what was found; nothing queued."}},
+)
 def create_job(
     spec: JobSpec,
     store: StoreDep,
@@ -38,8 +43,16 @@ def create_job(
         str | None,
         Header(max_length=255, description="Retries with the same key (24 h) return the same job, never a second one."),
     ] = None,
-) -> JobRecord:
-    """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job."""
+    dry_run: Annotated[
+        bool, Query(description="Only check: list the data, build the model, run one batch on the CPU. Queues nothing.")
+    ] = False,
+) -> JobRecord | DryRunReport:
+    """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
+
+    With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
+    if dry_run:
+        response.status_code = status.HTTP_200_OK
+        return _dry_run(spec, settings)
     queue = spec.queue or settings.default_queue
     try:
         record, created = store.create(spec, queue, idempotency_key=idempotency_key)
@@ -57,6 +70,18 @@ def create_job(
         store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {exc}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"queue unavailable: {exc}") from exc
     return record
+
+
+def _dry_run(spec: JobSpec, settings) -> DryRunReport:
+    # Imported here: torch loads only in an API process that serves dry runs.
+    from shared.exceptions import JobFailure
+    from shared.storage import Storage
+    from worker.training.dryrun import dry_run
+
+    try:
+        return dry_run(spec, Storage(settings), settings.data_cache_dir / "dry-run")
+    except JobFailure as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
 
 @router.get("/{job_id}", response_model=JobRecord)

@@ -119,3 +119,31 @@ def test_inconsistent_or_unknown_recipes_are_422_naming_the_field(api: httpx.Cli
     errors = {tuple(error["loc"]): error["msg"] for error in response.json()["detail"]}
     assert response.status_code == 422 and tuple(loc) in errors, errors
     assert message in errors[tuple(loc)]
+
+
+def test_dry_run_reports_data_and_model_and_queues_nothing(api: httpx.Client):
+    before = api.get("/jobs").json()["count"]
+    response = api.post("/jobs", params={"dry_run": "true"}, json=example_spec())
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["task"] == "classification" and report["classes"] == [str(d) for d in range(10)]
+    assert sum(report["counts"].values()) == 1797 and report["counts"]["0"] == 178
+    assert report["input_shape"] == [1, 8, 8] and report["num_outputs"] == 10
+    assert report["batch_shape"] == [8, 1, 8, 8] and report["parameters"] > 10_000
+    assert 1.0 < report["loss"] < 4.0  # random init: about ln(10) = 2.3
+    assert api.get("/jobs").json()["count"] == before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["dataset"].update(uri="s3://trainq/datasets/nothing-here/"), "s3://trainq/datasets/nothing-here/ is empty"),
+        (lambda s: s["model"].update(num_classes=7), "model.num_classes is 7 but"),
+        (lambda s: s.update(model={"arch": "alexnet"}, dataset=s["dataset"] | {"channels": 3}), "cannot take 3x8x8 images"),
+    ],
+)
+def test_dry_run_names_what_would_fail(api: httpx.Client, mutate, message):
+    spec = example_spec()
+    mutate(spec)
+    response = api.post("/jobs", params={"dry_run": "true"}, json=spec)
+    assert response.status_code == 422 and message in response.json()["detail"]
