@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "trainq",
         description="Worker-local directory where datasets are downloaded and jobs keep scratch files.",
     )
+    data_root: Path | None = Field(
+        None,
+        description="Worker-local folder that `local://<path>` dataset URIs are read from; unset refuses them.",
+    )
     progress_interval_s: float = Field(
         2.0, gt=0, description="Seconds between progress writes to the job record while training."
     )

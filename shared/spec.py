@@ -61,6 +61,19 @@ S3Uri = Annotated[
 ]
 
 
+LOCAL_URI_PATTERN = r"^local://[^/.][^\\]*$"
+DataUri = Annotated[
+    str,
+    Field(
+        pattern=f"{S3_URI_PATTERN}|{LOCAL_URI_PATTERN}",
+        max_length=1024,
+        description="`s3://<bucket>/<prefix>/` on the endpoint in `S3_ENDPOINT_URL`, or `local://<path>` "
+        "relative to the worker's `DATA_ROOT` (never outside it).",
+        examples=["s3://trainq/datasets/digits/", "local://digits/"],
+    ),
+]
+
+
 class SpecModel(BaseModel):
     """Base of every spec section: unknown keys and NaN/Infinity are refused at every level.
 
@@ -166,14 +179,14 @@ class ImageFolderDataset(SpecModel):
     """
 
     type: Literal["image_folder"] = "image_folder"
-    uri: S3Uri = Field(description="Prefix holding the training images, one sub-folder per class.")
-    extra_uris: list[S3Uri] = Field(
+    uri: DataUri = Field(description="Prefix holding the training images, one sub-folder per class.")
+    extra_uris: list[DataUri] = Field(
         default_factory=list,
         max_length=64,
         description="More prefixes with the same layout, concatenated with `uri` (e.g. ants/ and bees/ "
         "kept apart). Classes are the union of their folders.",
     )
-    val_uri: S3Uri | None = Field(
+    val_uri: DataUri | None = Field(
         None,
         description="Prefix of a separate validation set with the same class folders. "
         "When set, `val_fraction` is ignored.",
@@ -191,7 +204,7 @@ class ImageFolderDataset(SpecModel):
         default_factory=list, max_length=32, description="Augmentations for training images, in order."
     )
     eval_transforms: list[Transform] = Field(
-        default_factory=list, max_length=32, description="Transforms for validation images, in order."
+        default_factory=list, max_length=32, description="Transforms for validation images, in order (the kinds of `train_transforms`)."
     )
     normalize: Normalize | None = Field(None, description="Per-channel normalization after scaling to [0, 1].")
 
@@ -226,13 +239,13 @@ class CsvDataset(SpecModel):
     """
 
     type: Literal["csv"]
-    uri: S3Uri = Field(description="The CSV object, e.g. `s3://bucket/tables/diabetes.csv`.")
+    uri: DataUri = Field(description="The CSV object, e.g. `s3://bucket/tables/diabetes.csv`.")
     target: str = Field(min_length=1, max_length=256, description="Column to predict.")
     features: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=1, max_length=10_000, description="Feature columns; default: every column but `target`."
     )
     task: Literal["classification", "regression"] = Field(description="What the target is.")
-    val_uri: S3Uri | None = Field(None, description="A separate validation CSV with the same columns.")
+    val_uri: DataUri | None = Field(None, description="A separate validation CSV with the same columns.")
     val_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="Rows held out for validation, chosen with `seed`.")
 
     @model_validator(mode="after")

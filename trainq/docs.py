@@ -79,24 +79,47 @@ def _limits(info: FieldInfo) -> str:
     return ", ".join(dict.fromkeys(parts))
 
 
-def _sections(model: type[BaseModel], path: str) -> list[tuple[str, type[BaseModel]]]:
-    found = [(path, model)]
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (through Annotated, unions and lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _tag(model: type[BaseModel]) -> str:
+    for name in ("type", "name"):
+        field = model.model_fields.get(name)
+        if field is not None and get_origin(field.annotation) is Literal:
+            return f"{name}: {json.dumps(get_args(field.annotation)[0])}"
+    return ""
+
+
+def _sections(model: type[BaseModel], path: str, seen: set | None = None) -> list[tuple[str, str, type[BaseModel]]]:
+    """``(path, tag, model)`` for ``model`` and every model below it, each model once."""
+    seen = set() if seen is None else seen
+    found = []
     for name, info in model.model_fields.items():
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            found += _sections(info.annotation, f"{path}.{name}" if path else name)
+        members = [member for member in _models_in(info.annotation) if member not in seen]
+        child = f"{path}.{name}" if path else name
+        if get_origin(info.annotation) is list or any(get_origin(a) is list for a in get_args(info.annotation)):
+            child += "[]"
+        for member in members:
+            seen.add(member)
+            found.append((child, _tag(member) if len(members) > 1 else "", member))
+            found += _sections(member, child, seen)
     return found
 
 
 def spec_reference() -> str:
     """Markdown tables of every :class:`JobSpec` section: field, type, default, limits, meaning."""
     out = []
-    for path, model in _sections(JobSpec, ""):
-        title = f"`{path}`" if path else "top level"
+    for path, tag, model in [("", "", JobSpec), *_sections(JobSpec, "")]:
+        title = (f"`{path}`" + (f" with `{tag}`" if tag else "")) if path else "top level"
         doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ").replace("``", "`")
         out += [f"#### {title}", "", doc, "", "| field | type | default | limits | meaning |", "|---|---|---|---|---|"]
         for name, info in model.model_fields.items():
             description = (info.description or "").replace("\n", " ")
-            if not description and isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            if not description and _models_in(info.annotation):
                 description = f"See `{path + '.' if path else ''}{name}` below."
             if name == "arch":
                 description += " Choices: " + ", ".join(f"`{a}`" for a in info.annotation.__args__) + "."

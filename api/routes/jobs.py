@@ -79,7 +79,7 @@ def _dry_run(spec: JobSpec, settings) -> DryRunReport:
     from worker.training.dryrun import dry_run
 
     try:
-        return dry_run(spec, Storage(settings), settings.data_cache_dir / "dry-run")
+        return dry_run(spec, Storage(settings), settings.data_cache_dir / "dry-run", settings.data_root)
     except JobFailure as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 

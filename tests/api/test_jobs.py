@@ -139,6 +139,7 @@ def test_dry_run_reports_data_and_model_and_queues_nothing(api: httpx.Client):
     [
         (lambda s: s["dataset"].update(uri="s3://trainq/datasets/nothing-here/"), "s3://trainq/datasets/nothing-here/ is empty"),
         (lambda s: s["model"].update(num_classes=7), "model.num_classes is 7 but"),
+        (lambda s: s.update(batch_size=5000), "batch_size 5000 is larger than the 1438 training samples"),
         (lambda s: s.update(model={"arch": "alexnet"}, dataset=s["dataset"] | {"channels": 3}), "cannot take 3x8x8 images"),
     ],
 )
@@ -147,3 +148,16 @@ def test_dry_run_names_what_would_fail(api: httpx.Client, mutate, message):
     mutate(spec)
     response = api.post("/jobs", params={"dry_run": "true"}, json=spec)
     assert response.status_code == 422 and message in response.json()["detail"]
+
+
+def test_dry_run_of_a_csv_regression(api: httpx.Client, storage, tmp_path):
+    from trainq.sample_data import write_table
+
+    write_table(tmp_path / "diabetes.csv", "diabetes")
+    uri = storage.upload_file(tmp_path / "diabetes.csv", "s3://trainq/tables/dry-diabetes.csv")
+    spec = {"dataset": {"type": "csv", "uri": uri, "target": "target", "task": "regression"}, "model": {"arch": "mlp"}}
+    report = api.post("/jobs", params={"dry_run": "true"}, json=spec).raise_for_status().json()
+    assert report["task"] == "regression" and report["classes"] == []
+    assert report["counts"] == {"rows": 442 - round(442 * 0.2)} and report["input_shape"] == [10]
+    missing = api.post("/jobs", params={"dry_run": "true"}, json=spec | {"dataset": spec["dataset"] | {"target": "y"}})
+    assert missing.status_code == 422 and "no column 'y' (dataset.target)" in missing.json()["detail"]

@@ -122,3 +122,25 @@ def test_one_class_is_refused(tmp_path: Path, storage: Storage):
     storage.upload_dir(make_folder(tmp_path / "src", {"only": 4}), "s3://trainq/tests/one-class/")
     with pytest.raises(DatasetError, match=r"1 class folder\(s\) \['only'\]; classification needs at least 2"):
         load_image_folder(ImageFolderDataset(uri="s3://trainq/tests/one-class/", image_size=8), storage, tmp_path / "c", seed=0)
+
+
+def test_local_datasets_are_read_under_data_root_only(tmp_path: Path, storage: Storage):
+    from shared.spec import JobSpec
+    from worker.training.data import load_data
+
+    root = tmp_path / "data-root"
+    make_folder(root / "shapes", {"round": 3, "square": 3})
+    spec = JobSpec.model_validate({"dataset": {"uri": "local://shapes", "image_size": 8, "val_fraction": 0.34}})
+    data = load_data(spec, storage, tmp_path / "cache", data_root=root)
+    assert data.classes == ["round", "square"] and len(data.train) == 4 and len(data.val) == 2
+    assert not (root / "shapes" / ".verified").exists()  # nothing written into the user's folder
+    (tmp_path / "secret").mkdir()
+    for uri, message in [
+        ("local://shapes/../../secret", "points outside DATA_ROOT"),
+        ("local://missing", "does not exist under DATA_ROOT"),
+    ]:
+        outside = JobSpec.model_validate({"dataset": {"uri": uri, "image_size": 8}})
+        with pytest.raises(DatasetError, match=message):
+            load_data(outside, storage, tmp_path / "cache", data_root=root)
+    with pytest.raises(DatasetError, match="no DATA_ROOT"):
+        load_data(spec, storage, tmp_path / "cache", data_root=None)

@@ -60,16 +60,54 @@ class TrainingData:
             self.train.epoch = epoch
 
 
-def load_data(spec: JobSpec, storage: Storage, cache_dir: Path) -> TrainingData:
-    """Download and build the job's datasets.
+LOCAL_SCHEME = "local://"
+
+
+def resolve_local(uri: str, data_root: Path | None) -> Path:
+    """The path of a ``local://<path>`` URI inside ``data_root``.
+
+    Raises:
+        DatasetError: no ``DATA_ROOT`` is configured, the path leaves it (``..``, a symlink
+            out), or nothing is there.
+    """
+    if data_root is None:
+        raise DatasetError(f"{uri}: this worker has no DATA_ROOT, so local datasets are refused")
+    root = data_root.resolve()
+    path = (root / uri[len(LOCAL_SCHEME):]).resolve()
+    if not path.is_relative_to(root):
+        raise DatasetError(f"{uri} points outside DATA_ROOT")
+    if not path.exists():
+        raise DatasetError(f"{uri} does not exist under DATA_ROOT")
+    return path
+
+
+def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
+    """A local folder holding ``uri``'s files: the download cache for S3, the folder itself for local."""
+    if uri.startswith(LOCAL_SCHEME):
+        path = resolve_local(uri, data_root)
+        if not path.is_dir():
+            raise DatasetError(f"{uri} is not a folder")
+        return path
+    return storage.download_prefix(uri, cache_dir)
+
+
+def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
+    """A local copy (or the local file itself) of the object ``uri``."""
+    if uri.startswith(LOCAL_SCHEME):
+        return resolve_local(uri, data_root)
+    return storage.download_cached(uri, cache_dir)
+
+
+def load_data(spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None) -> TrainingData:
+    """Download (or find under ``data_root``) and build the job's datasets.
 
     Raises:
         DatasetError: a prefix or file is missing or empty, a class has no image, an image or
             a row cannot be read, or the validation set does not match the training set.
     """
     if isinstance(spec.dataset, CsvDataset):
-        return load_csv(spec.dataset, storage, cache_dir, spec.seed)
-    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed)
+        return load_csv(spec.dataset, storage, cache_dir, spec.seed, data_root)
+    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed, data_root)
 
 
 # -- image folders -----------------------------------------------------------------------------
@@ -121,8 +159,9 @@ class _VisibleImageFolder(ImageFolder):
         Raises:
             DatasetError: naming up to ``max_listed`` unreadable files and how many there are.
         """
-        marker = self.root_path / ".verified"
-        if marker.exists():
+        # Remembered only in our own download cache, never written into a user's local folder.
+        marker = self.root_path / ".verified" if (self.root_path / ".complete").exists() else None
+        if marker is not None and marker.exists():
             return
         with ThreadPoolExecutor(max_workers=8) as pool:
             problems = [p for p in pool.map(_decode_problem, (path for path, _ in self.samples)) if p]
@@ -133,7 +172,8 @@ class _VisibleImageFolder(ImageFolder):
             )
             more = f" and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
             raise DatasetError(f"{len(problems)} unreadable image(s) in {self.source_uri}/: {listed}{more}")
-        marker.touch()
+        if marker is not None:
+            marker.touch()
 
 
 def visible_class_folders(root: Path) -> list[str]:
@@ -212,8 +252,10 @@ class SeededTransform(Dataset):
             return self.transform(image), label
 
 
-def _image_folders(uris: list[str], storage: Storage, cache_dir: Path, mode: str) -> tuple[Dataset, list[str]]:
-    roots = [(uri, storage.download_prefix(uri, cache_dir)) for uri in uris]
+def _image_folders(
+    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None
+) -> tuple[Dataset, list[str]]:
+    roots = [(uri, fetch_folder(uri, storage, cache_dir, data_root)) for uri in uris]
     classes = sorted({name for _, root in roots for name in visible_class_folders(root)})
     if not classes:
         raise DatasetError(f"no class folders under {', '.join(uris)} (expected <class_name>/<image> files)")
@@ -224,7 +266,9 @@ def _image_folders(uris: list[str], storage: Storage, cache_dir: Path, mode: str
     return (folders[0] if len(folders) == 1 else ConcatDataset(folders)), classes
 
 
-def load_image_folder(spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int) -> TrainingData:
+def load_image_folder(
+    spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int, data_root: Path | None = None
+) -> TrainingData:
     """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
 
     Without ``val_uri``, a seeded random ``val_fraction`` of the images (at least one) is held
@@ -235,13 +279,13 @@ def load_image_folder(spec: ImageFolderDataset, storage: Storage, cache_dir: Pat
     """
     mode = "L" if spec.channels == 1 else "RGB"
     uris = [spec.uri, *spec.extra_uris]
-    full, classes = _image_folders(uris, storage, cache_dir, mode)
+    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root)
     if len(classes) < 2:
         raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
     train_transform = build_transform(spec.train_transforms, spec)
     eval_transform = build_transform(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode)
+        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root)
         if val_classes != classes:
             raise DatasetError(f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}")
         train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
@@ -318,17 +362,17 @@ def _targets(raw: list[str], spec: CsvDataset, classes: list[str], uri: str) -> 
     return torch.tensor([float(value) for value in raw], dtype=torch.float32).unsqueeze(1)
 
 
-def load_csv(spec: CsvDataset, storage: Storage, cache_dir: Path, seed: int) -> TrainingData:
+def load_csv(spec: CsvDataset, storage: Storage, cache_dir: Path, seed: int, data_root: Path | None = None) -> TrainingData:
     """Download and parse the CSV(s); standardize features with the training split's statistics.
 
     Raises:
         DatasetError: a missing file, column or class, a non-numeric feature or regression
             target (naming the line and column), or too few rows.
     """
-    names, rows, raw = _read_csv(storage.download_cached(spec.uri, cache_dir), spec.uri, spec, None)
+    names, rows, raw = _read_csv(fetch_file(spec.uri, storage, cache_dir, data_root), spec.uri, spec, None)
     features = torch.tensor(rows, dtype=torch.float32)
     if spec.val_uri is not None:
-        _, val_rows, val_raw = _read_csv(storage.download_cached(spec.val_uri, cache_dir), spec.val_uri, spec, names)
+        _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root), spec.val_uri, spec, names)
         train_x, train_raw = features, raw
         val_x = torch.tensor(val_rows, dtype=torch.float32)
     else:

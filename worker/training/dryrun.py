@@ -13,12 +13,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from shared.exceptions import DatasetError, JobFailure
 from shared.jobs import DryRunReport
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec
 from shared.storage import Storage, parse_s3_uri
-from worker.training.data import IMG_EXTENSIONS, build_transform, load_csv, to_mode
+from worker.training.data import IMG_EXTENSIONS, LOCAL_SCHEME, build_transform, load_data, to_mode
 from worker.training.engine import _check_input_size, seed_everything
 from worker.training.models import build_model
 from worker.training.recipe import build_loss
@@ -55,6 +56,15 @@ def _listed_images(spec: ImageFolderDataset, storage: Storage) -> tuple[list[str
     return classes, per_class
 
 
+def _labels(data) -> list[tuple[int, int]]:
+    """(position, label) of every training sample, without decoding images."""
+    train = data.train
+    if hasattr(train, "tensors"):
+        return [(i, int(t)) for i, t in enumerate(train.tensors[1].flatten().tolist())] if data.classes else []
+    samples = train.base.samples if hasattr(train.base, "samples") else [s for d in train.base.datasets for s in d.samples]
+    return [(i, samples[index][1]) for i, index in enumerate(train.indices)]
+
+
 def _image_batch(spec: JobSpec, storage: Storage, per_class: dict[str, list[str]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = spec.dataset
     transform = build_transform(dataset.train_transforms, dataset)
@@ -75,27 +85,37 @@ def _image_batch(spec: JobSpec, storage: Storage, per_class: dict[str, list[str]
     return torch.stack(images), torch.tensor(labels)
 
 
-def dry_run(spec: JobSpec, storage: Storage, cache_dir: Path) -> DryRunReport:
+def dry_run(spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None) -> DryRunReport:
     """Check ``spec`` against its data and model without training; return what was found.
+
+    S3 image folders are only listed (and a batch of images fetched); CSV files and local
+    folders (``local://`` under ``data_root``) are read whole.
 
     Raises:
         JobFailure: (including :class:`shared.exceptions.DatasetError`) what would fail the job.
     """
     started = time.monotonic()
     seed_everything(spec.seed)
-    if isinstance(spec.dataset, CsvDataset):
-        data = load_csv(spec.dataset, storage, cache_dir, spec.seed)
+    dataset = spec.dataset
+    batch = max(2, min(DRY_RUN_BATCH, spec.batch_size))
+    uris = [dataset.uri, *getattr(dataset, "extra_uris", [])]
+    if isinstance(dataset, CsvDataset) or any(uri.startswith(LOCAL_SCHEME) for uri in uris):
+        data = load_data(spec, storage, cache_dir, data_root)
         classes, input_shape, num_outputs = data.classes, data.input_shape, data.num_outputs
-        targets = data.train.tensors[1]
-        counts = {name: int((targets == i).sum()) for i, name in enumerate(classes)} if classes else {"rows": len(data.train)}
-        count = min(len(data.train), max(2, min(DRY_RUN_BATCH, spec.batch_size)))
-        inputs, targets = data.train.tensors[0][:count], targets[:count]
+        inputs, targets = next(iter(DataLoader(data.train, batch_size=min(batch, len(data.train)))))
+        labels = [label for _, label in _labels(data)]
+        counts = dict(Counter(classes[i] for i in labels)) if classes else {"rows": len(data.train)}
+        num_train = len(data.train)
     else:
-        classes, per_class = _listed_images(spec.dataset, storage)
-        counts = {name: len(uris) for name, uris in per_class.items()}
-        input_shape = (spec.dataset.channels, spec.dataset.image_size, spec.dataset.image_size)
+        classes, per_class = _listed_images(dataset, storage)
+        counts = {name: len(found) for name, found in per_class.items()}
+        input_shape = (dataset.channels, dataset.image_size, dataset.image_size)
         num_outputs = len(classes)
         inputs, targets = _image_batch(spec, storage, per_class, classes)
+        total = sum(counts.values())
+        num_train = total if dataset.val_uri is not None else total - max(1, round(total * dataset.val_fraction))
+    if spec.batch_size > num_train:
+        raise JobFailure(f"batch_size {spec.batch_size} is larger than the {num_train} training samples of {dataset.uri}")
     if spec.model.num_classes is not None and classes and spec.model.num_classes != len(classes):
         raise JobFailure(f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {len(classes)} classes: {classes}")
     model = build_model(spec.model, input_shape=input_shape, num_outputs=num_outputs)
@@ -110,7 +130,7 @@ def dry_run(spec: JobSpec, storage: Storage, cache_dir: Path) -> DryRunReport:
     return DryRunReport(
         task=spec.task,
         classes=classes,
-        counts=dict(Counter(counts)),
+        counts=counts,
         input_shape=list(input_shape),
         num_outputs=num_outputs,
         parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -446,11 +446,13 @@ def run_training(
 
 def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
     """Data, model (with initial weights), loss, optimizer, schedule and trackers for ``run``."""
-    run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets")
+    run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
             f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}"
         )
+    if spec.batch_size > len(data.train):
+        raise JobFailure(f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}")
     model = build_model(spec.model, input_shape=data.input_shape, num_outputs=data.num_outputs)
     if spec.model.weights_uri is not None:
         path = storage.download_file(spec.model.weights_uri, run.workdir / "initial-weights.pt")
