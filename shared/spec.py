@@ -88,11 +88,14 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 
 
+Side = Annotated[int, Strict(), Field(ge=1, le=4096)]
+
+
 class Resize(SpecModel):
     """``v2.Resize(size)``: the shorter side to ``size`` px (or exactly ``[h, w]``)."""
 
     name: Literal["resize"]
-    size: Int | tuple[Int, Int] = Field(ge=1, le=4096)
+    size: Side | tuple[Side, Side] = Field(description="Pixels: one side, or `[height, width]`.")
 
 
 class CenterCrop(SpecModel):
@@ -247,6 +250,13 @@ class CsvDataset(SpecModel):
     task: Literal["classification", "regression"] = Field(description="What the target is.")
     val_uri: DataUri | None = Field(None, description="A separate validation CSV with the same columns.")
     val_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="Rows held out for validation, chosen with `seed`.")
+
+    @field_validator("uri", "val_uri")
+    @classmethod
+    def _names_an_object(cls, uri: str | None) -> str | None:
+        if uri is not None and (uri.endswith("/") or uri.count("/") < 3):
+            raise ValueError("must name a CSV file, e.g. s3://bucket/tables/data.csv, not a prefix")
+        return uri
 
     @model_validator(mode="after")
     def _target_is_not_a_feature(self) -> CsvDataset:
@@ -490,8 +500,10 @@ class JobSpec(SpecModel):
         None, min_length=1, max_length=128, description="A label for people; not unique.", examples=["digits-cnn"]
     )
     dataset: Dataset
-    model: ModelSpec = ModelSpec()
-    loss: Loss = Field(CrossEntropyLoss(), description="Default: `cross_entropy` for classification, `mse` for regression.")
+    model: ModelSpec = Field(ModelSpec(), validate_default=True, description="Default: `small_cnn` for images, `mlp` for csv.")
+    loss: Loss = Field(
+        CrossEntropyLoss(), validate_default=True, description="Default: `cross_entropy` for classification, `mse` for regression."
+    )
     optimizer: Optimizer = AdamOptimizer()
     lr_schedule: LRSchedule | None = Field(None, description="How the lr changes; stepped after every optimizer step.")
     epochs: Int = Field(10, ge=1, le=100_000, description="Passes over the training set.")
@@ -507,7 +519,7 @@ class JobSpec(SpecModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` uses CUDA when the worker has it, else the CPU; `cuda` fails on a CPU worker."
     )
-    checkpoint: CheckpointSpec = CheckpointSpec()
+    checkpoint: CheckpointSpec = Field(CheckpointSpec(), validate_default=True)
     early_stopping: EarlyStopping | None = None
     max_runtime_s: Float | None = Field(
         None,
@@ -528,11 +540,18 @@ class JobSpec(SpecModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_loss_for_task(cls, data: object) -> object:
-        # The seed's rule: CrossEntropyLoss for classification, MSELoss for regression.
-        if isinstance(data, dict) and "loss" not in data and isinstance(data.get("dataset"), dict):
-            if data["dataset"].get("task") == "regression":
-                return {**data, "loss": {"name": "mse"}}
+    def _defaults_for_dataset(cls, data: object) -> object:
+        # Defaults that follow the data: an MLP for tables, and the seed's rule for the loss
+        # (CrossEntropyLoss for classification, MSELoss for regression).
+        if not isinstance(data, dict) or not isinstance(data.get("dataset"), dict):
+            return data
+        dataset, data = data["dataset"], dict(data)
+        if dataset.get("type") == "csv":
+            model = data.get("model", {})
+            if isinstance(model, dict) and "arch" not in model:
+                data["model"] = {**model, "arch": "mlp"}
+        if "loss" not in data and dataset.get("task") == "regression":
+            data["loss"] = {"name": "mse"}
         return data
 
     @field_validator("model")
@@ -606,6 +625,9 @@ _UNION_TAGS = frozenset(
 )
 
 
+_TYPE_TAG_PREFIXES = ("constrained-", "tuple[", "list[", "function-", "literal[")
+
+
 def json_path(loc: tuple | list, data: object) -> list:
     """The JSON path of a validation error: pydantic's ``loc`` without the union tags it inserts.
 
@@ -618,7 +640,7 @@ def json_path(loc: tuple | list, data: object) -> list:
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and part < len(current):
             current = current[part]
-        elif isinstance(part, str) and part in _UNION_TAGS:
+        elif isinstance(part, str) and (part in _UNION_TAGS or part.startswith(_TYPE_TAG_PREFIXES)):
             continue
         else:
             current = None

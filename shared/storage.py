@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ParamValidationError
 
 from shared.exceptions import DatasetError
 from shared.settings import Settings
@@ -113,9 +113,11 @@ class Storage:
                     objects.append(ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"')))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"NoSuchBucket", "AccessDenied", "403", "404"}:
+            if code in {"NoSuchBucket", "AccessDenied", "InvalidBucketName", "403", "404"}:
                 raise DatasetError(f"cannot list {uri}: {code}") from exc
             raise
+        except ParamValidationError as exc:
+            raise DatasetError(f"{uri} is not a valid S3 prefix: {exc}") from exc
         return objects
 
     def download_prefix(self, uri: str, cache_dir: Path) -> Path:
@@ -181,6 +183,8 @@ class Storage:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             raise DatasetError(f"{uri} does not exist or cannot be read ({code})") from exc
+        except ParamValidationError as exc:
+            raise DatasetError(f"{uri} is not a valid S3 object name: {exc}") from exc
         digest = hashlib.sha256(f"{uri}\n{etag}".encode()).hexdigest()[:24]
         path = cache_dir / digest / (key.rsplit("/", 1)[-1] or "object")
         if not path.exists():

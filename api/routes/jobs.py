@@ -78,10 +78,17 @@ def _dry_run(spec: JobSpec, settings) -> DryRunReport:
     from shared.storage import Storage
     from worker.training.dryrun import dry_run
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         return dry_run(spec, Storage(settings), settings.data_cache_dir / "dry-run", settings.data_root)
     except JobFailure as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    except (BotoCoreError, ClientError) as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"S3 unavailable: {exc}") from exc
+    except Exception as exc:  # torch refusing the spec's model or data in a way we did not foresee
+        logger.exception("dry run failed")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"dry run failed: {type(exc).__name__}: {exc}") from exc
 
 
 @router.get("/{job_id}", response_model=JobRecord)
