@@ -10,7 +10,7 @@ start-up (and a test checks in CI) that every architecture named here exists in 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
@@ -617,14 +617,18 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
-#: Names pydantic puts into an error's ``loc`` to say which member of a union it tried.
+#: Names pydantic puts into an error's ``loc`` to say which member of a union it tried: the
+#: ``type``/``name`` of every dataset, transform, loss, optimizer and schedule.
 _UNION_TAGS = frozenset(
-    {"image_folder", "csv", "adam", "adamw", "sgd", "cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1",
-     "huber", "step", "cosine", "one_cycle", "warmup", "resize", "center_crop", "random_crop", "random_resized_crop",
-     "horizontal_flip", "color_jitter", "int", "tuple[int,int]"}
-)
-
-
+    get_args(model.model_fields[field].annotation)[0]
+    for model in (
+        ImageFolderDataset, CsvDataset, Resize, CenterCrop, RandomCrop, RandomResizedCrop, HorizontalFlip,
+        ColorJitter, CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, L1Loss, SmoothL1Loss, HuberLoss, AdamOptimizer,
+        AdamWOptimizer, SGDOptimizer, StepSchedule, CosineSchedule, OneCycleSchedule, WarmupSchedule,
+    )
+    for field in ("type", "name")
+    if field in model.model_fields
+) | {"int", "float", "str", "bool"}
 _TYPE_TAG_PREFIXES = ("constrained-", "tuple[", "list[", "function-", "literal[")
 
 

@@ -18,3 +18,10 @@ def test_readme_example_is_the_example_file():
     block = re.search(r"A full example.*?```json\n(.*?)```", README.read_text(), re.S).group(1)
     assert json.loads(block) == example_spec()
     assert (REPO / "examples" / "digits.json").read_text() == block
+
+
+def test_every_example_spec_is_valid():
+    from shared.spec import JobSpec
+
+    for path in sorted((REPO / "examples").glob("*.json")):
+        JobSpec.model_validate_json(path.read_text())

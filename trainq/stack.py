@@ -237,6 +237,18 @@ class LocalStack:
             Storage(self.settings).upload_dir(Path(tmp), uri)
         return counts
 
+    def seed_tables(self, prefix: str = "s3://trainq/tables/") -> list[str]:
+        """Upload scikit-learn's diabetes (regression) and digits (classification) as CSV files."""
+        from trainq.sample_data import write_table
+
+        storage, uris = Storage(self.settings), []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("diabetes", "digits"):
+                path = Path(tmp) / f"{name}.csv"
+                write_table(path, name)
+                uris.append(storage.upload_file(path, f"{prefix.rstrip('/')}/{name}.csv"))
+        return uris
+
     def describe(self) -> str:
         """Where everything is, as lines of text for a terminal."""
         env = self.env
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="API port on 127.0.0.1 (default 8000)")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     parser.add_argument("--workdir", type=Path, default=Path(".trainq"), help="logs and data (default .trainq/)")
-    parser.add_argument("--no-seed", action="store_true", help=f"do not upload the digits data set to {DEMO_DATASET_URI}")
+    parser.add_argument("--no-seed", action="store_true", help="do not upload the sample data sets (digits, diabetes)")
     args = parser.parse_args(argv)
     stack = LocalStack(args.workdir.resolve() / str(args.port), api_port=args.port, workers=args.workers)
     # A shell starts background jobs with SIGINT ignored; `kill -INT` must still stop the stack.
@@ -277,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_seed:
             counts = stack.seed_digits()
             print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
+            print(f"uploaded tables {', '.join(stack.seed_tables())}")
         print(stack.describe())
         print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/digits.json")
+        print(f"  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/diabetes.json")
         print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first).", flush=True)
         while True:
             exited = [name for name, process in stack.processes.items() if process.poll() is not None]
