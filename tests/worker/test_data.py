@@ -144,3 +144,13 @@ def test_local_datasets_are_read_under_data_root_only(tmp_path: Path, storage: S
             load_data(outside, storage, tmp_path / "cache", data_root=root)
     with pytest.raises(DatasetError, match="no DATA_ROOT"):
         load_data(spec, storage, tmp_path / "cache", data_root=None)
+
+
+def test_dog_empty_and_bird_text_only_are_both_named(tmp_path: Path, storage: Storage):
+    # The case 2: cat/ with images, dog/ empty, bird/ holding only .txt.
+    uri = "s3://trainq/tests/cat-dog-bird/"
+    storage.upload_dir(make_folder(tmp_path / "src", {"cat": 3}), uri)
+    storage.client.put_object(Bucket="trainq", Key="tests/cat-dog-bird/dog/", Body=b"")
+    storage.client.put_object(Bucket="trainq", Key="tests/cat-dog-bird/bird/readme.txt", Body=b"tweet")
+    with pytest.raises(DatasetError, match=rf"{uri}: Found no valid file for the classes bird, dog\."):
+        load_image_folder(ImageFolderDataset(uri=uri, image_size=8), storage, tmp_path / "cache", seed=0)
