@@ -494,8 +494,9 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     logger.info("job %s: training on %s from step %d of %d", job_id, device, run.progress.step, run.progress.total_steps)
 
     # purge_step: TensorBoard drops events at or after it from an earlier attempt's files, so a
-    # resumed job shows each step once (one run per job, however many attempts).
-    writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else None)
+    # resumed job shows each step once (one run per job, however many attempts). An attempt that
+    # starts from scratch purges everything an earlier one may have uploaded before it died.
+    writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
     accumulate = spec.grad_accumulation_steps
     try:
         losses = _ScalarBuffer()
