@@ -127,7 +127,10 @@ def test_killed_worker_resumes_exactly_once_bit_identical(faults: FaultStack, re
     victim = faults.start_worker()
     job_id = faults.submit(resumable_spec())
     if kill_point == "before_first_checkpoint":
-        faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 1)
+        # Hold every checkpoint upload back, and kill once this attempt's TensorBoard events are
+        # in S3: the next attempt starts from scratch and must hide them (each step shown once).
+        faults.proxy.slow_marker = f"/jobs/{job_id}/checkpoints/".encode()
+        faults.wait_until(job_id, lambda r: faults.storage.list_objects(f"s3://trainq/jobs/{job_id}/tensorboard/"))
     elif kill_point in ("mid_epoch", "sigterm"):
         faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 50 and len(r["artifacts"]["checkpoints"]) >= 2)
     else:
