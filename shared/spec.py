@@ -293,6 +293,8 @@ class ModelSpec(SpecModel):
     num_classes: Int | None = Field(
         None, ge=2, le=100_000, description="Output classes; defaults to the dataset's class count."
     )
+    # Input channels follow `dataset.channels`: a torchvision model's first convolution is rebuilt
+    # for 1-channel (grayscale) input.
     hidden_sizes: list[Annotated[int, Strict(), Field(ge=1, le=65_536)]] = Field(
         [128, 64], max_length=16, description="`mlp` only: widths of the hidden layers."
     )
@@ -567,10 +569,6 @@ class JobSpec(SpecModel):
             if dataset.task == "regression" and model.num_classes is not None:
                 raise ValueError("model.num_classes is for classification; this dataset's task is regression")
             return model
-        if model.arch == "small_cnn":
-            return model
-        if dataset.channels != 3:
-            raise ValueError(f"model.arch {model.arch!r} takes 3-channel input: set dataset.channels to 3")
         if model.arch.startswith("vit_") and dataset.image_size != 224:
             raise ValueError(f"model.arch {model.arch!r} takes 224x224 images: set dataset.image_size to 224")
         return model

@@ -31,7 +31,7 @@ def test_healthz_and_openapi(api: httpx.Client):
         (lambda s: s.pop("dataset"), ["body", "dataset"]),
         (lambda s: s.update(epochs=True), ["body", "epochs"]),
         (lambda s: s.update(epochs="3"), ["body", "epochs"]),
-        (lambda s: s["model"].update(arch="resnet18"), ["body", "model"]),  # needs dataset.channels 3
+        (lambda s: s["model"].update(arch="vit_b_16"), ["body", "model"]),  # needs dataset.image_size 224
         (lambda s: s["checkpoint"].update(every_steps=10**26), ["body", "checkpoint", "every_steps"]),
     ],
 )

@@ -64,8 +64,8 @@ def test_unknown_keys_are_refused_at_every_level(section, loc):
     assert error_locs(spec) == [loc]
 
 
-def test_torchvision_arch_needs_three_channels():
+def test_vit_needs_224_pixel_images():
     spec = example_spec()
-    spec["model"]["arch"] = "resnet18"
-    with pytest.raises(ValidationError, match="dataset.channels"):
+    spec["model"]["arch"] = "vit_b_16"
+    with pytest.raises(ValidationError, match="set dataset.image_size to 224"):
         JobSpec.model_validate(spec)

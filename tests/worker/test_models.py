@@ -55,3 +55,10 @@ def test_an_input_size_the_model_cannot_take_fails_before_training_naming_the_fi
     with pytest.raises(JobFailure, match=r"model.arch 'alexnet' cannot take 3x8x8 images \(dataset.image_size=8\)"):
         _check_input_size(model, spec, torch.device("cpu"))
     assert model.training and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
+def test_torchvision_models_take_grayscale_input(arch: str):
+    model = build_model(ModelSpec(arch=arch), input_shape=(1, 64, 64), num_outputs=4).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 64, 64)).shape == (2, 4)

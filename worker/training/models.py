@@ -86,7 +86,25 @@ def build_model(spec: ModelSpec, *, input_shape: tuple[int, ...], num_outputs: i
         return MLP(input_shape[0], num_outputs, list(spec.hidden_sizes), spec.dropout)
     if spec.arch == "small_cnn":
         return SmallCNN(input_shape[0], num_outputs)
-    return torchvision.models.get_model(spec.arch, weights=None, num_classes=num_outputs)
+    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_outputs)
+    if input_shape[0] != 3:
+        _set_input_channels(model, input_shape[0])
+    return model
+
+
+def _set_input_channels(model: nn.Module, channels: int) -> None:
+    """Replace the first ``Conv2d`` (the stem of every torchvision classifier, ViT's patch
+    projection included) by one with ``channels`` inputs and otherwise the same settings."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, name, nn.Conv2d(
+                    channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups if child.groups == 1 else channels, child.bias is not None,
+                    child.padding_mode,
+                ))
+                return
+    raise ValueError(f"{type(model).__name__} has no Conv2d to take {channels}-channel input")
 
 
 def load_initial_weights(model: nn.Module, path: Path, uri: str) -> None:
