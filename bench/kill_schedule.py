@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=20)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="trainq-kill-schedule-"))
-    with LocalStack(tmp / "stack", workers=0, env=FAST_FAILURE_ENV) as stack:
+    with LocalStack(tmp / "stack", workers=0, env=FAST_FAILURE_ENV, isolated=True) as stack:
         s3 = urlparse(stack.env["S3_ENDPOINT_URL"])
         faults = FaultStack(stack, FaultyProxy(s3.hostname, s3.port))
         stack.seed_digits(DIGITS_URI)

@@ -3,7 +3,6 @@ worker process) shared by the tests that need it. Nothing is mocked."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,18 +20,12 @@ FINAL_STATES = {state.value for state in FINAL}
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """The running stack; its environment (REDIS_URL, S3_ENDPOINT_URL, S3_ENDPOINT, AWS keys)
-    is also set in this process so boto3 and TensorBoard's S3 reader find the bucket."""
-    workdir = tmp_path_factory.mktemp("stack")
-    with LocalStack(workdir) as running:
-        saved = dict(os.environ)
-        os.environ.update({k: v for k, v in running.env.items() if k not in saved or k.startswith(("S3_", "AWS_", "REDIS_"))})
+    """The running stack. Its addresses live in ``stack.env`` / ``stack.settings`` only: they are
+    not put into this process's environment, where every later LocalStack (the fault-injection
+    stack, the fuzzing stack) would take them for servers to share instead of starting its own."""
+    with LocalStack(tmp_path_factory.mktemp("stack"), isolated=True) as running:
         running.seed_digits(DIGITS_URI)
-        try:
-            yield running
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -88,8 +88,9 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    stack = LocalStack(tmp_path_factory.mktemp("fault-stack"), workers=0, env=FAST_FAILURE_ENV)
+    stack = LocalStack(tmp_path_factory.mktemp("fault-stack"), workers=0, env=FAST_FAILURE_ENV, isolated=True)
     with stack:
+        assert {"redis", "s3"} <= set(stack.processes), "the fault stack must not share servers with another stack"
         s3 = urlparse(stack.env["S3_ENDPOINT_URL"])
         proxy = FaultyProxy(s3.hostname, s3.port)
         stack.seed_digits(DIGITS_URI)

