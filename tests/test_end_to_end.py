@@ -20,7 +20,7 @@ import torch
 from shared.spec import JobSpec
 from shared.storage import Storage
 from tests.conftest import wait_for_job
-from tests.fixtures import fast_digits_spec, with_dataset
+from tests.fixtures import REPO, fast_digits_spec, with_dataset
 from worker.training.checkpoint import load_checkpoint
 from worker.training.data import load_data
 from worker.training.engine import evaluate
@@ -133,3 +133,17 @@ def test_empty_class_folder_fails_naming_it(api: httpx.Client, storage: Storage)
     job = wait_for_job(api, response.json()["id"], timeout_s=60)
     assert job["state"] == "failed"
     assert "s3://trainq/datasets/no-cats/" in job["error"] and "cat" in job["error"]
+
+
+def test_the_diabetes_example_regresses_through_the_service(api: httpx.Client, stack):
+    # examples/diabetes.json as a user sends it: CSV, MLP, MSE, cosine with warmup,
+    # best.pt saved at every improvement, early stopping armed.
+    stack.seed_tables()
+    spec = json.loads((REPO / "examples" / "diabetes.json").read_text())
+    job = wait_for_job(api, api.post("/jobs", json=spec).raise_for_status().json()["id"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["dataset"]["task"] == "regression" and job["dataset"]["features"][:3] == ["age", "sex", "bmi"]
+    metrics = job["progress"]["val_metrics"]
+    assert set(metrics) == {"val_loss", "val_mae", "val_rmse", "val_r2"} and metrics["val_r2"] > 0.2
+    assert job["artifacts"]["best_checkpoint"].endswith("/checkpoints/best.pt")
+    assert job["progress"]["val_accuracy"] is None

@@ -28,7 +28,8 @@ FINAL_STATES = {state.value for state in FINAL}
 
 def watch(client: httpx.Client, job_id: str, poll_s: float = 0.5) -> dict:
     """Poll ``GET /jobs/{id}`` with a progress bar (steps) until the job ends; return its record."""
-    with tqdm(total=None, unit="step", desc="training", dynamic_ncols=True) as bar:
+    # disable=None: a bar on a terminal, nothing when the output is a file or a pipe.
+    with tqdm(total=None, unit="step", desc="training", dynamic_ncols=True, disable=None) as bar:
         while True:
             record = client.get(f"/jobs/{job_id}").raise_for_status().json()
             progress = record["progress"]
@@ -87,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         for obj in storage.list_objects(job_prefix):
             storage.download_file(f"s3://{storage.bucket}/{obj.key}", local / obj.key.split(f"{job_id}/", 1)[1])
         print(f"5/5 copied the artifacts to {local}/")
-        print("\nWatch the curves:")
-        print(f"  tensorboard --logdir {local}/tensorboard")
-        print("or, with `make up` running, straight from the bucket (see README, 'TensorBoard'):")
-        print(f"  S3_ENDPOINT=<endpoint> tensorboard --logdir {artifacts['tensorboard']}")
+        print("\nWatch the curves (the demo's stack is gone; this copy stays):")
+        print(f"  .venv/bin/tensorboard --logdir {local}/tensorboard")
+        print("Jobs you run under `make up` can be watched straight from the bucket: see README, 'TensorBoard'.")
         print(f"\ndemo took {elapsed:.0f} s")
         if progress["val_accuracy"] < args.min_accuracy:
             print(f"val_accuracy {progress['val_accuracy']:.4f} is below {args.min_accuracy}", file=sys.stderr)

@@ -272,8 +272,8 @@ class LocalStack:
                 f"S3 endpoint  {env['S3_ENDPOINT_URL']}   bucket: {env['S3_BUCKET']}",
                 f"logs         {self.logs}/",
                 "",
-                "To use the bucket from another shell (aws CLI, boto3, TensorBoard):",
-                f"  export S3_ENDPOINT_URL={env['S3_ENDPOINT_URL']} S3_ENDPOINT={env['S3_ENDPOINT_URL']}"
+                "To use the stack from another shell (another worker: `celery -A worker worker`; aws CLI; TensorBoard):",
+                f"  export REDIS_URL={env['REDIS_URL']} S3_ENDPOINT_URL={env['S3_ENDPOINT_URL']} S3_ENDPOINT={env['S3_ENDPOINT_URL']}"
                 f" AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}"
                 f" AWS_DEFAULT_REGION={env['AWS_DEFAULT_REGION']}",
             ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -143,7 +142,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         return finish(JobState.FAILED, reason="job error", error=str(exc))
     except Exception as exc:
         logger.exception("job %s: attempt %d hit an infrastructure error", job_id, attempt)
-        detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
+        detail = f"{type(exc).__name__}: {exc}"  # the traceback is in the worker's log
         return _requeue(store, celery, job_id, detail, attempt, settings.max_attempts)
     else:
         callbacks.artifacts.final_checkpoint = result.final_checkpoint

@@ -41,7 +41,9 @@ def create_job(
     response: Response,
     idempotency_key: Annotated[
         str | None,
-        Header(max_length=255, description="Retries with the same key (24 h) return the same job, never a second one."),
+        Header(
+            min_length=1, max_length=255, description="Retries with the same key (24 h) return the same job, never a second one."
+        ),
     ] = None,
     dry_run: Annotated[
         bool, Query(description="Only check: list the data, build the model, run one batch on the CPU. Queues nothing.")

@@ -50,6 +50,8 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 FINAL_CHECKPOINT = "final.pt"
 BEST_CHECKPOINT = "best.pt"
+#: Seconds a stopping run (cancel, time limit, shutdown) waits for its last checkpoint's upload.
+STOP_UPLOAD_WAIT_S = 60.0
 _STEP_CHECKPOINT = re.compile(r"step-(\d+)\.pt$")
 
 
@@ -287,6 +289,7 @@ class _Run:
         self.progress = Progress(epochs=spec.epochs)
         self.metrics: dict[str, float] = {}
         self.batch_in_epoch = 0  # micro-batches of the current epoch already trained on
+        self.saves = 0  # checkpoints written by this attempt
         self.runtime_before_s = 0.0  # training seconds of earlier attempts
         self.started = time.monotonic()
         self.start_step = 0
@@ -366,8 +369,10 @@ class _Run:
         drops only what came after). ``mid_epoch`` also saves the DataLoader's position.
         """
         self.upload_tensorboard(writer)
+        # A local file per save: `best.pt` may be saved again while its last upload still waits.
+        self.saves += 1
         path = save_checkpoint(
-            self.workdir / "checkpoints" / name,
+            self.workdir / "checkpoints" / f"{self.saves:06d}-{name}",
             job_id=self.job_id,
             model=self.model,
             optimizer=self.optimizer,
@@ -388,6 +393,24 @@ class _Run:
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.uploader.submit_file(path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri))
         return uri
+
+    def drain(self, *, stoppable: bool = True, max_wait_s: float | None = None) -> bool:
+        """Wait for every upload; True once all are in S3.
+
+        With ``stoppable``, a cancel, shutdown or lost lease while S3 is slow or down ends the
+        wait with :class:`TrainingStopped` (a later attempt resumes from the newest complete
+        checkpoint). With ``max_wait_s``, give up waiting after that many seconds (False).
+        """
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        while not self.uploader.drain(timeout_s=self.settings.cancel_poll_interval_s):
+            reason = self.callbacks.stop_requested() if stoppable else None
+            if reason is not None:
+                logger.warning("job %s: %s while uploads were pending; not waiting for them", self.job_id, reason.value)
+                raise TrainingStopped(reason, self.progress.step, self.runtime_s, None)
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("job %s: uploads still pending after %.0f s; not waiting longer", self.job_id, max_wait_s)
+                return False
+        return True
 
     def upload_tensorboard(self, writer: SummaryWriter) -> None:
         writer.flush()
@@ -541,7 +564,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
                 break
         writer.close()
         final_uri = run.checkpoint(writer, FINAL_CHECKPOINT)
-        run.uploader.drain()  # the job is not done until its artifacts are in S3
+        run.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
         writer.close()
         raise
@@ -551,7 +574,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         writer.close()
         try:
             run.upload_tensorboard(writer)
-            run.uploader.drain()
+            run.drain()
         except Exception:
             logger.exception("job %s: TensorBoard upload after failure failed", job_id)
         raise
@@ -601,5 +624,7 @@ def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarB
         run.report(writer, losses, force=True)
         writer.close()
         uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
-        run.uploader.drain()
+        # Give the checkpoint and events a minute to land; an S3 outage must not hold a cancel.
+        if not run.drain(stoppable=False, max_wait_s=STOP_UPLOAD_WAIT_S):
+            uri = None
     raise TrainingStopped(reason, run.progress.step, run.runtime_s, uri)

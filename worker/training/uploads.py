@@ -92,24 +92,35 @@ class BackgroundUploader:
             self._queue.append(upload)
             self._cond.notify_all()
 
-    def drain(self) -> None:
-        """Block until every submitted upload is done.
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Block until every submitted upload is done, or ``timeout_s`` seconds pass.
+
+        Returns:
+            True when everything is uploaded; False on timeout.
 
         Raises:
             UploadError: an upload failed past the deadline.
         """
         with self._cond:
-            self._cond.wait_for(lambda: (not self._queue and not self._busy) or self.error is not None)
+            done = self._cond.wait_for(lambda: (not self._queue and not self._busy) or self.error is not None, timeout_s)
             if self.error is not None:
                 raise UploadError(str(self.error)) from self.error
+            return bool(done)
 
-    def close(self) -> None:
-        """Stop the thread after the uploads already submitted; remove scratch files."""
+    def close(self, join_timeout_s: float = 5.0) -> None:
+        """Drop uploads not yet started and stop the thread; remove scratch files.
+
+        Call :meth:`drain` first to keep them. An upload in flight is given ``join_timeout_s``
+        seconds; after that the (daemon) thread is left to finish or fail on its own.
+        """
         with self._cond:
             self._closed = True
+            while self._queue:
+                self._remove(self._queue.popleft())
             self._cond.notify_all()
-        self._thread.join()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._thread.join(join_timeout_s)
+        if not self._thread.is_alive():
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _run(self) -> None:
         while True:
@@ -135,6 +146,8 @@ class BackgroundUploader:
                     self._cond.notify_all()
 
     def _upload_with_retry(self, path: Path, uri: str) -> None:
+        if not path.is_file():  # our bug, not an outage: retrying would only hide it
+            raise UploadError(f"upload of {uri}: local file {path} is missing")
         first_failure: float | None = None
         backoff = 0.5
         while True:
