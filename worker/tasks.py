@@ -107,7 +107,8 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         return store.get(job_id).state
     attempt = record.attempts
     lease = JobLease(store.redis, job_id, settings.lease_ttl_s, owner=worker_name)
-    lease.acquire() or logger.warning("job %s: a stale lease exists; it expires within %g s", job_id, settings.lease_ttl_s)
+    if not lease.acquire():  # cannot happen while reapers only requeue jobs with no lease
+        logger.warning("job %s: another lease exists; this attempt will stop at its first heartbeat", job_id)
     monitor = JobMonitor(store, lease, job_id, settings.cancel_poll_interval_s, settings.lease_ttl_s)
     monitor.start()
     logger.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
