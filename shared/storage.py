@@ -36,7 +36,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return match["bucket"], match["key"]
 
 
-def _folder(uri: str) -> tuple[str, str]:
+def folder_prefix(uri: str) -> tuple[str, str]:
     """``(bucket, prefix)`` of ``uri`` read as a folder: the prefix is empty or ends with ``/``."""
     bucket, prefix = parse_s3_uri(uri)
     if prefix and not prefix.endswith("/"):
@@ -104,7 +104,7 @@ class Storage:
         A prefix without a trailing slash is treated as a folder (``s3://b/data`` lists
         ``data/...``, not ``database/...``).
         """
-        bucket, prefix = _folder(uri)
+        bucket, prefix = folder_prefix(uri)
         paginator = self.client.get_paginator("list_objects_v2")
         objects: list[ObjectInfo] = []
         try:
@@ -130,7 +130,7 @@ class Storage:
         Raises:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
         """
-        bucket, prefix = _folder(uri)
+        bucket, prefix = folder_prefix(uri)
         listed = self.list_objects(uri)
         objects = [obj for obj in listed if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])]
         if not objects:
@@ -212,7 +212,7 @@ class Storage:
 
     def upload_dir(self, local_dir: Path, uri: str) -> list[str]:
         """Upload every file under ``local_dir`` to ``uri/<relative path>``; return the URIs."""
-        bucket, prefix = _folder(uri)
+        bucket, prefix = folder_prefix(uri)
         paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
         keys = [prefix + path.relative_to(local_dir).as_posix() for path in paths]
         with create_transfer_manager(self.client, self.transfer_config) as manager:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from shared.exceptions import DatasetError, JobFailure
 from shared.jobs import DryRunReport
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec
-from shared.storage import Storage, parse_s3_uri
+from shared.storage import Storage, folder_prefix
 from worker.training.data import IMG_EXTENSIONS, LOCAL_SCHEME, build_transform, load_data, to_mode
 from worker.training.engine import _check_input_size, seed_everything
 from worker.training.models import build_model
@@ -33,8 +33,7 @@ def _listed_images(spec: ImageFolderDataset, storage: Storage) -> tuple[list[str
     per_class: dict[str, list[str]] = {}
     empty: set[str] = set()
     for uri in [spec.uri, *spec.extra_uris]:
-        bucket, prefix = parse_s3_uri(uri)
-        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        bucket, prefix = folder_prefix(uri)
         objects = storage.list_objects(uri)
         if not objects:
             raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
