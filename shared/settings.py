@@ -35,6 +35,24 @@ class Settings(BaseSettings):
         "jobs", description="Key prefix under which each job writes `<prefix>/<job_id>/...`."
     )
     default_queue: str = Field("default", description="Celery queue a job goes to when its spec names none.")
+    # -- who may submit, and how much ----------------------------------------------------------
+    auth_required: bool = Field(
+        False,
+        description="Require a bearer token on every route but `/healthz` (401 without one). Off: requests "
+        "without a token act as owner `local`, and only loopback clients are served.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="A bearer token that acts as the admin owner `admin`, for bootstrapping; at least 32 characters "
+        "(e.g. `openssl rand -hex 32`), a shorter one is ignored with a warning. Per-user tokens: "
+        "`python -m trainq.admin token create`.",
+    )
+    max_active_jobs_per_owner: int = Field(
+        100, ge=1, description="Jobs an owner may have queued, running or retrying at once; more is a 429."
+    )
+    submissions_per_minute: int = Field(
+        60, ge=1, description="`POST /jobs` calls (dry runs included) an owner may make in any 60 s; more is a 429."
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600,
         gt=0,

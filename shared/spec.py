@@ -10,6 +10,7 @@ start-up (and a test checks in CI) that every architecture named here exists in 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
@@ -74,14 +75,36 @@ DataUri = Annotated[
 ]
 
 
+#: C0 and C1 control characters and DEL (ESC, CR, LF, NUL, tab…): refused in every string of a spec.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(value: object) -> object:
+    is_list = isinstance(value, list | tuple)
+    for index, text in enumerate(value if is_list else (value,)):
+        if isinstance(text, str) and (found := CONTROL_CHARS.search(text)):
+            raise ValueError(
+                f"{f'item {index} ' if is_list else ''}contains the control character {found.group()!r} at position "
+                f"{found.start()}; URIs, names and columns must be printable"
+            )
+    return value
+
+
 class SpecModel(BaseModel):
     """Base of every spec section: unknown keys and NaN/Infinity are refused at every level.
 
     Numbers are strict: ``"epochs": "3"`` or ``true`` is a type error, not 3 or 1 (an int is
-    still accepted where a float is expected).
+    still accepted where a float is expected). Strings (URIs, names, columns) may not hold
+    control characters such as ESC, CR or LF: they end up in logs and terminals. A lone
+    surrogate (``"\\ud800"``) is not valid Unicode and is refused too (by pydantic).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        return _printable(value)
 
 
 Int = Annotated[int, Strict()]

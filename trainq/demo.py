@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="trainq-demo-"))
     print(f"1/5 starting the local stack (redis-server, moto S3, API, Celery worker); logs in {workdir}/logs", flush=True)
-    with LocalStack(workdir) as stack, httpx.Client(base_url=stack.api_url, timeout=30) as client:
+    # Auth is off on the loopback-only local stack unless AUTH_REQUIRED=true; then a token is made.
+    with LocalStack(workdir) as stack, httpx.Client(base_url=stack.api_url, timeout=30, headers=stack.auth_headers()) as client:
         counts = stack.seed_digits(spec["dataset"]["uri"])
         print(f"2/5 uploaded {sum(counts.values())} real digit images in {len(counts)} classes to {spec['dataset']['uri']}")
         response = client.post("/jobs", json=spec)
