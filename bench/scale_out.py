@@ -174,7 +174,7 @@ class FaultRun:
     seconds: float
 
 
-def run_faults(cluster: Cluster, jobs_per_queue: tuple[int, int] = (20, 10), epochs: int = 20, timeout_s: float = 240) -> FaultRun:
+def run_faults(cluster: Cluster, jobs_per_queue: tuple[int, int] = (20, 10), epochs: int = 20, timeout_s: float = 480) -> FaultRun:
     """Submit jobs to both queues (all of the first queue's before the second's), drain one worker
     while it trains (SIGTERM), kill -9 another while it trains, add a new one; wait for all jobs.
 

@@ -6,6 +6,8 @@ The scenario lives in bench/scale_out.py (which also measures throughput)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +63,16 @@ def test_healthcheck_follows_the_worker(run: FaultRun):
     assert run.health_busy[0], run.health_busy
     # After kill -9 and the lease's expiry, it is reported dead.
     assert not run.health_killed[0], run.health_killed
+
+
+def test_healthcheck_command_exit_status(run: FaultRun, cluster: Cluster):
+    """What the image's HEALTHCHECK and the Kubernetes probes run, against live and gone workers."""
+    def probe(name: str) -> int:
+        argv = [sys.executable, "-m", "trainq.healthcheck", "--node", cluster.node(name), "--timeout-s", "2"]
+        return subprocess.run(argv, env=cluster.stack.env, capture_output=True, timeout=60).returncode
+
+    assert probe(run.added) == 0
+    assert probe(run.drained) == 1
 
 
 def test_records_name_the_finishing_worker_and_the_new_worker_takes_jobs(run: FaultRun, cluster: Cluster):
