@@ -16,6 +16,11 @@ from tests.fixtures import DIGITS_URI
 from trainq.stack import LocalStack
 
 FINAL_STATES = {state.value for state in FINAL}
+#: The test stack's settings: a queue no worker consumes (jobs stay queued) and the tests' own prefix.
+STACK_ENV = {
+    "QUEUES": "default,test-nobody-listens",
+    "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/",
+}
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +28,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """The running stack. Its addresses live in ``stack.env`` / ``stack.settings`` only: they are
     not put into this process's environment, where every later LocalStack (the fault-injection
     stack, the fuzzing stack) would take them for servers to share instead of starting its own."""
-    with LocalStack(tmp_path_factory.mktemp("stack"), isolated=True) as running:
+    with LocalStack(tmp_path_factory.mktemp("stack"), env=STACK_ENV, isolated=True) as running:
         running.seed_digits(DIGITS_URI)
         yield running
 

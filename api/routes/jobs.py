@@ -6,12 +6,15 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from api.deps import CeleryDep, SettingsDep, StoreDep
+from shared.access import spec_access_problems
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
 from shared.jobs import DryRunReport, JobRecord, JobState
 from shared.queue import enqueue
+from shared.settings import Settings
 from shared.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ def create_job(
     """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
+    _check_access(spec, settings)
     if dry_run:
         response.status_code = status.HTTP_200_OK
         return _dry_run(spec, settings)
@@ -72,6 +76,14 @@ def create_job(
         store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {exc}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"queue unavailable: {exc}") from exc
     return record
+
+
+def _check_access(spec: JobSpec, settings: Settings) -> None:
+    """422, shaped as a validation error, for each queue or URI the settings do not allow."""
+    problems = spec_access_problems(spec, settings)
+    if problems:
+        errors = [{"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": p.value} for p in problems]
+        raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
 def _dry_run(spec: JobSpec, settings) -> DryRunReport:
