@@ -76,15 +76,19 @@ def allowed_data_prefixes(settings: Settings) -> list[str]:
 
 
 def check_uri_allowed(uri: str, settings: Settings) -> None:
-    """Raise ValueError unless a spec may read ``uri``: a ``local://`` URI, or an S3 URI under an
-    allowed prefix (:func:`allowed_data_prefixes`) whose key is a plain relative path.
+    """Raise ValueError unless a spec may read ``uri``: a ``local://`` URI with a plain relative
+    path, or an S3 URI under an allowed prefix (:func:`allowed_data_prefixes`) whose key is a
+    plain relative path (see :func:`shared.paths.key_problem`).
 
     The one place that decides which data a spec reaches (per-owner rules belong here too). A
     prefix is a folder: ``s3://b/data/`` allows ``s3://b/data``, ``s3://b/data/x.csv``, not
     ``s3://b/database/``. Another job's artifacts (``s3://<bucket>/<S3_PREFIX>/<job_id>/…``) are
     readable only when an allowed prefix covers them.
     """
-    if uri.startswith("local://"):
+    if uri.startswith("local://"):  # confined by DATA_ROOT on the worker; only its form is checked here
+        problem = key_problem(uri[len("local://"):].removesuffix("/"))
+        if problem is not None:
+            raise ValueError(f"the path of {printable(uri)} {problem}")
         return
     parts = _split(uri)
     if parts is None:

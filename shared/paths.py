@@ -181,12 +181,16 @@ def check_tree_inside(folder: Path, root: Path, *, source: str) -> None:
                 if entry.name.startswith("."):
                     continue
                 name = f"{relative}{entry.name}"
-                real = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
-                if not _within(real, real_root) or not os.path.exists(real):
-                    raise _not_found(f"{source.rstrip('/')}/{name}")
-                if os.path.isdir(real):
-                    if entry.is_symlink() and _within(real_dir, real):
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if not _within(real, real_root) or not os.path.exists(real):
+                        raise _not_found(f"{source.rstrip('/')}/{name}")
+                    is_dir = os.path.isdir(real)
+                    if is_dir and _within(real_dir, real):
                         raise DatasetError(f"{printable(source.rstrip('/'))}/{printable(name)}: a symlink loop")
+                else:  # listed, so it exists, and its folder is real: no system call
+                    real, is_dir = entry.path, entry.is_dir(follow_symlinks=False)
+                if is_dir:
                     pending.append((real, f"{name}/"))
 
 

@@ -169,24 +169,36 @@ class Storage:
             raise DatasetError(f"{uri} is not a valid S3 prefix: {exc}") from exc
         return objects
 
+    def list_dataset(self, uri: str) -> tuple[str, list[tuple[ObjectInfo, str]], set[str]]:
+        """List a dataset prefix as :meth:`download_prefix` would download it, writing nothing.
+
+        Returns:
+            ``(bucket, objects, folders)``: each visible object with its local path relative to
+            the download folder (``/``-separated), and the local folders to create.
+
+        Raises:
+            DatasetError: as :meth:`download_prefix`, with the same words (a dry run uses this).
+        """
+        bucket, prefix = folder_prefix(uri)
+        objects, folders = _plan_download(self.list_objects(uri), bucket, prefix, uri)
+        if not objects:
+            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
+        return bucket, objects, folders
+
     def download_prefix(self, uri: str, cache_dir: Path) -> Path:
         """Download every object under ``uri`` into a local folder and return the folder.
 
         The folder is keyed by the objects' keys and ETags, so a second call for unchanged data
         downloads nothing. Hidden files (any path part starting with ``.``) are skipped. A folder
         is used only once complete (marked by a ``.complete`` file written last). Keys map to
-        paths inside the folder through :func:`shared.paths.cache_path` (long names shortened).
+        paths inside the folder through :func:`shared.paths.local_relative` (long names shortened).
 
         Raises:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed; a key
                 is not a plain relative path (``//``, ``..``…), or an object has the name of a
                 folder (``cat`` beside ``cat/1.png``) — naming the keys.
         """
-        bucket, prefix = folder_prefix(uri)
-        listed = self.list_objects(uri)
-        objects, folders = _plan_download(listed, bucket, prefix, uri)
-        if not objects:
-            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
+        bucket, objects, folders = self.list_dataset(uri)
         digest = hashlib.sha256(f"{bucket}\n".encode())
         for obj, _ in objects:
             digest.update(f"{obj.key}\t{obj.etag}\n".encode())
@@ -213,6 +225,7 @@ class Storage:
             os.replace(tmp, target)
         for folder in folders:
             (dest / folder).mkdir(parents=True, exist_ok=True)
+        _, prefix = folder_prefix(uri)
         write_names(dest, {relative: obj.key[len(prefix):] for obj, relative in objects if relative != obj.key[len(prefix):]})
         (dest / ".complete").write_text(uri + "\n")
         return dest

@@ -16,10 +16,10 @@ from tests.fixtures import DIGITS_URI
 from trainq.stack import LocalStack
 
 FINAL_STATES = {state.value for state in FINAL}
-#: The test stack's settings: a queue no worker consumes (jobs stay queued) and the tests' own prefix.
+#: The test stack's settings: a queue no worker consumes (jobs stay queued); the tests' own prefix and a bucket that does not exist.
 STACK_ENV = {
     "QUEUES": "default,test-nobody-listens",
-    "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/",
+    "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/,s3://no-such-bucket-xyz/",
 }
 
 

@@ -48,6 +48,7 @@ def test_the_default_allows_the_bucket_s_datasets_tables_and_weights_only():
         ("s3://trainq/datasets/../jobs/x/final.pt", "has a '.' or '..' segment"),
         ("s3://trainq/datasets//etc/", "has an empty segment"),
         ("s3://trainq/datasets/x\x1b[2J/", "control character"),
+        ("local://digits/../../etc/", "has a '.' or '..' segment"),  # DATA_ROOT confines it; refused at submit too
     ]:
         with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")) as info:
             check_uri_allowed(uri, settings)
