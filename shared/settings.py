@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _queues_are_safe(self) -> Settings:
+    def _queues_and_prefixes_are_safe(self) -> Settings:
         from shared.access import check_queue_name, check_s3_prefix  # imports this module
 
         for queue in self.queues:
