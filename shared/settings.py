@@ -6,11 +6,13 @@ Job specs (what to train) live in :mod:`shared.spec`; this module only says wher
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -93,6 +95,42 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an artifact upload keeps retrying through an S3 outage before the attempt fails.",
     )
+    queues: Annotated[list[str], NoDecode] = Field(
+        ["default"],
+        description=(
+            "Queues a spec's `queue` may name (comma-separated, or a JSON list); `DEFAULT_QUEUE` must be "
+            "one of them. Set the same list on the API and the workers."
+        ),
+    )
+    data_uris_allowed: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description=(
+            "S3 prefixes a spec may read data and weights from (comma-separated, or a JSON list), e.g. "
+            "`s3://trainq/datasets/,s3://team-data/`. Unset: `datasets/`, `tables/` and `weights/` of `S3_BUCKET`."
+        ),
+    )
+
+    @field_validator("queues", "data_uris_allowed", mode="before")
+    @classmethod
+    def _split_list(cls, value: object, info: ValidationInfo) -> object:
+        # Environment variables hold `a,b` or `["a", "b"]`. An empty DATA_URIS_ALLOWED means its default.
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else [item.strip() for item in text.split(",") if item.strip()]
+            return None if not items and info.field_name == "data_uris_allowed" else items
+        return value
+
+    @model_validator(mode="after")
+    def _queues_and_prefixes_are_safe(self) -> Settings:
+        from shared.access import check_queue_name, check_s3_prefix  # imports this module
+
+        for queue in self.queues:
+            check_queue_name(queue)
+        if self.default_queue not in self.queues:
+            raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")
+        for prefix in self.data_uris_allowed or []:
+            check_s3_prefix(prefix)
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -25,12 +25,15 @@ from trainq.stack import LocalStack
 
 FINAL_STATES = {state.value for state in FINAL}
 ADMIN_TOKEN = "tq_admin_" + secrets.token_hex(24)
-#: The session stack's environment: auth on, quotas out of the way.
+#: The session stack's environment: auth on, quotas out of the way, a queue no worker consumes
+#: (jobs stay queued), the tests' own prefix and a bucket that does not exist.
 STACK_ENV = {
     "AUTH_REQUIRED": "true",
     "ADMIN_TOKEN": ADMIN_TOKEN,
     "MAX_ACTIVE_JOBS_PER_OWNER": "100000",
     "SUBMISSIONS_PER_MINUTE": "100000",
+    "QUEUES": "default,test-nobody-listens",
+    "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/,s3://no-such-bucket-xyz/",
 }
 
 

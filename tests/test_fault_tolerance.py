@@ -34,6 +34,7 @@ FAST_FAILURE_ENV = {
     "CANCEL_POLL_INTERVAL_S": "0.2",
     "TENSORBOARD_UPLOAD_INTERVAL_S": "1",
     "UPLOAD_DEADLINE_S": "120",
+    "QUEUES": "default,nobody-listens",
 }
 
 

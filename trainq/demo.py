@@ -19,6 +19,7 @@ import httpx
 from tqdm import tqdm
 
 from shared.jobs import FINAL_STATES as FINAL
+from shared.paths import cache_path
 from shared.storage import Storage
 from trainq.stack import LocalStack
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(stack.settings)
         job_prefix = storage.job_uri(job_id)
         for obj in storage.list_objects(job_prefix):
-            storage.download_file(f"s3://{storage.bucket}/{obj.key}", local / obj.key.split(f"{job_id}/", 1)[1])
+            uri = f"s3://{storage.bucket}/{obj.key}"
+            storage.download_file(uri, cache_path(local, obj.key.split(f"{job_id}/", 1)[1], source=uri))
         print(f"5/5 copied the artifacts to {local}/")
         print("\nWatch the curves (the demo's stack is gone; this copy stays):")
         print(f"  .venv/bin/tensorboard --logdir {local}/tensorboard")

@@ -12,15 +12,18 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
+from shared.access import spec_access_problems
 from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.jobs import DryRunReport, JobRecord, JobState, JobStore, JobSummary
 from shared.queue import enqueue
 from shared.quotas import count_submission
 from shared.sanitize import public_message
+from shared.settings import Settings
 from shared.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ def create_job(
         count_submission(store.redis, principal.owner, settings.submissions_per_minute)
     except QuotaExceededError as exc:
         raise _too_many(exc) from exc
+    _check_access(spec, settings)
     if dry_run:
         response.status_code = status.HTTP_200_OK
         return _dry_run(spec, settings)
@@ -99,6 +103,14 @@ def _too_many(exc: QuotaExceededError) -> HTTPException:
     return HTTPException(
         status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))}
     )
+
+
+def _check_access(spec: JobSpec, settings: Settings) -> None:
+    """422, shaped as a validation error, for each queue or URI the settings do not allow."""
+    problems = spec_access_problems(spec, settings)
+    if problems:
+        errors = [{"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": p.value} for p in problems]
+        raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
 def _dry_run(spec: JobSpec, settings) -> DryRunReport:

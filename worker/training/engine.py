@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
 
+from shared.access import check_spec_access
 from shared.exceptions import JobFailure
 from shared.jobs import DatasetInfo, Progress
 from shared.settings import Settings
@@ -469,6 +470,7 @@ def run_training(
 
 def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
     """Data, model (with initial weights), loss, optimizer, schedule and trackers for ``run``."""
+    check_spec_access(spec, settings)  # the queue and every URI, again: settings may have changed since submit
     run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
