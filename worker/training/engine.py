@@ -39,6 +39,7 @@ from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
 from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.cpu import training_threads
 from worker.training.data import TrainingData, load_data
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
@@ -498,6 +499,9 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     job_id = run.job_id
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
+    threads = training_threads(spec.num_workers, settings.torch_threads)
+    torch.set_num_threads(threads)
+    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
     try:
         _prepare(run, spec, storage, settings, device)
         loss_fn = build_loss(spec, run.data.num_outputs).to(device)
