@@ -218,19 +218,22 @@ class _ScalarBuffer:
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
+        self.wall_times: list[float] = []
 
     def add(self, step: int, value: torch.Tensor) -> None:
+        """Keep ``value`` (a 0-dim tensor, on any device) for ``step``, stamped with the wall time now."""
         self.steps.append(step)
         self.values.append(value.detach())
+        self.wall_times.append(time.time())  # the step's own time, not the later drain's
 
     def drain(self, writer: SummaryWriter, tag: str) -> float | None:
         """Write buffered points to ``writer`` under ``tag``; return the newest value."""
         if not self.values:
             return None
         values = torch.stack(self.values).float().cpu().tolist()  # sync point
-        for step, value in zip(self.steps, values, strict=True):
-            writer.add_scalar(tag, value, step)
-        self.steps, self.values = [], []
+        for step, value, wall_time in zip(self.steps, values, self.wall_times, strict=True):
+            writer.add_scalar(tag, value, step, walltime=wall_time)
+        self.steps, self.values, self.wall_times = [], [], []
         return values[-1]
 
 
