@@ -175,7 +175,8 @@ class LocalStack:
         """Start the API under uvicorn and wait for ``/healthz``."""
         process = self._spawn(
             "api",
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port),
+             "--workers", self.env.get("API_WORKERS", "1"), "--no-access-log"],
         )
         url = f"{self.api_url}/healthz"
         _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
