@@ -56,15 +56,16 @@ def first_step_wall_time(storage: Storage, tensorboard_uri: str) -> float:
         return next(event.wall_time for event in events.Scalars("train/loss") if event.step == 1)
 
 
-def run_plain_script(data: Path, epochs: int, threads: int | None = None) -> tuple[float, dict]:
+def run_plain_script(data: Path, epochs: int, threads: int | None = None, extra: list[str] | None = None) -> tuple[float, dict]:
     """Run the baseline script in a fresh interpreter; return (wall seconds incl. imports, its JSON).
 
-    ``threads`` sets ``OMP_NUM_THREADS`` (a tuned script); None leaves torch's default.
+    ``threads`` sets ``OMP_NUM_THREADS`` (a tuned script); None leaves torch's default. ``extra``
+    replaces the ``--epochs`` argument with the script's own arguments.
     """
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     started = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "bench.plain_script", str(data), "--epochs", str(epochs)],
+        [sys.executable, "-m", "bench.plain_script", str(data), *(extra or ["--epochs", str(epochs)])],
         capture_output=True, text=True, check=True, env=env,
     )
     return time.perf_counter() - started, json.loads(out.stdout.strip().splitlines()[-1])
