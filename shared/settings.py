@@ -95,6 +95,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an artifact upload keeps retrying through an S3 outage before the attempt fails.",
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Intra-op CPU threads of a training job; 0 chooses the CPUs the worker may use "
+        "(affinity, cgroup quota) minus the spec's `num_workers`, at least 1.",
+    )
     queues: Annotated[list[str], NoDecode] = Field(
         ["default"],
         description=(

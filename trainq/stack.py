@@ -180,7 +180,8 @@ class LocalStack:
         ``healthy`` is False: a test's API without a reachable Redis answers 503)."""
         process = self._spawn(
             "api",
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port),
+             "--workers", self.env.get("API_WORKERS", "1"), "--no-access-log"],
         )
         url = f"{self.api_url}/healthz"
         ready = (lambda: httpx.get(url, timeout=1).status_code == 200) if healthy else (lambda: httpx.get(url, timeout=1).status_code > 0)

@@ -40,6 +40,7 @@ from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
 from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.cpu import training_threads
 from worker.training.data import TrainingData, load_data
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
@@ -218,19 +219,22 @@ class _ScalarBuffer:
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
+        self.wall_times: list[float] = []
 
     def add(self, step: int, value: torch.Tensor) -> None:
+        """Keep ``value`` (a 0-dim tensor, on any device) for ``step``, stamped with the wall time now."""
         self.steps.append(step)
         self.values.append(value.detach())
+        self.wall_times.append(time.time())  # the step's own time, not the later drain's
 
     def drain(self, writer: SummaryWriter, tag: str) -> float | None:
         """Write buffered points to ``writer`` under ``tag``; return the newest value."""
         if not self.values:
             return None
         values = torch.stack(self.values).float().cpu().tolist()  # sync point
-        for step, value in zip(self.steps, values, strict=True):
-            writer.add_scalar(tag, value, step)
-        self.steps, self.values = [], []
+        for step, value, wall_time in zip(self.steps, values, self.wall_times, strict=True):
+            writer.add_scalar(tag, value, step, walltime=wall_time)
+        self.steps, self.values, self.wall_times = [], [], []
         return values[-1]
 
 
@@ -500,6 +504,9 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     job_id = run.job_id
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
+    threads = training_threads(spec.num_workers, settings.torch_threads)
+    torch.set_num_threads(threads)
+    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
     try:
         _prepare(run, spec, storage, settings, device)
         loss_fn = build_loss(spec, run.data.num_outputs).to(device)
