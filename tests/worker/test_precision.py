@@ -5,7 +5,6 @@ checkpoint the plain model and resume bit-identically. CUDA-only paths (fp16, NC
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from pathlib import Path
 

@@ -131,6 +131,8 @@ def launch(
     """
     from worker.training.engine import StopReason, TrainingStopped
 
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # an earlier job's cached blocks in this process would shrink rank 0's GPU
     context = torch.multiprocessing.get_context("spawn")
     events = context.Queue()
     stop = context.Value("i", 0)  # 0: go on; k: the k-th StopReason
