@@ -181,16 +181,19 @@ class LocalStack:
         url = f"{self.api_url}/healthz"
         _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
 
-    def start_worker(self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_worker(
+        self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None, queue: str | None = None
+    ) -> subprocess.Popen:
         """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
 
-        ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
+        ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint);
+        ``queue`` is the queue it consumes (default: the stack's).
         """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         process = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", self.queue,
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", queue or self.queue,
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
             env=env,
         )

@@ -69,17 +69,19 @@ def settings(stack, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     )
 
 
+def spec_body(uri: str, processes: int) -> dict:
+    return {
+        "dataset": {"type": "csv", "uri": uri, "target": "target", "task": "classification"},
+        "model": {"arch": "mlp", "hidden_sizes": [32]},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "epochs": EPOCHS,
+        "batch_size": 32,  # global: 16 a process with 2
+        "resources": {"gpus": processes},
+    }
+
+
 def spec(uri: str, processes: int) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "dataset": {"type": "csv", "uri": uri, "target": "target", "task": "classification"},
-            "model": {"arch": "mlp", "hidden_sizes": [32]},
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-            "epochs": EPOCHS,
-            "batch_size": 32,  # global: 16 a process with 2
-            "resources": {"gpus": processes},
-        }
-    )
+    return JobSpec.model_validate(spec_body(uri, processes))
 
 
 def final(storage: Storage, job_id: str, tmp: Path) -> dict:
@@ -148,3 +150,16 @@ def test_a_job_asking_for_more_gpus_fails_through_the_service(api: httpx.Client)
     record = wait_for_job(api, job["id"])
     assert record["state"] == "failed", record
     assert record["error"] == "resources.gpus is 2 but this worker has no CUDA device"
+
+
+def test_a_two_process_job_runs_under_a_celery_worker(stack, api: httpx.Client, digits_table: str):
+    # The worker's solo pool runs the task in its main process, which spawns the ranks.
+    stack.start_worker("ddp-worker", env={"ALLOW_CPU_DDP": "true"}, queue="ddp")
+    try:
+        job = api.post("/jobs", json=spec_body(digits_table, 2) | {"epochs": 1, "queue": "ddp"}).raise_for_status().json()
+        record = wait_for_job(api, job["id"])
+    finally:
+        stack.stop_process("ddp-worker")
+    assert record["state"] == "succeeded", record["error"]
+    assert record["device"] == "2 × cpu" and record["progress"]["step"] == 45
+    assert record["artifacts"]["final_checkpoint"].endswith(f"/{job['id']}/checkpoints/final.pt")
