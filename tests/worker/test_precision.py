@@ -223,20 +223,23 @@ def test_a_compiled_model_checkpoints_its_plain_state_dict(
     assert checkpoint["metrics"]["val_accuracy"] > 0.8
 
 
-def test_bf16_channels_last_image_job_resumes_bit_identically(storage: Storage, settings: Settings, tmp_path: Path):
+def test_bf16_channels_last_persistent_workers_image_job_resumes_bit_identically(storage: Storage, settings: Settings, tmp_path: Path):
     uri = "s3://trainq/datasets/digits-300/"
     with tempfile.TemporaryDirectory() as tmp:
         write_digits(Path(tmp), limit=300)
         storage.upload_dir(Path(tmp), uri)
+    performance = {"precision": "bf16", "channels_last": True, "persistent_workers": True, "prefetch_factor": 2}
     spec = JobSpec.model_validate(
         with_dataset(
-            fast_digits_spec(epochs=1, batch_size=32, num_workers=0, performance={"precision": "bf16", "channels_last": True}),
+            fast_digits_spec(epochs=2, batch_size=32, num_workers=1, performance=performance),
             uri=uri,
+            image_size=10,
+            train_transforms=[{"name": "random_crop", "size": 8, "padding": 1}, {"name": "horizontal_flip"}],
         )
     )
     run_training("prec-nhwc-reference", spec, storage, settings, Recorder())
-    with pytest.raises(TrainingStopped):
-        run_training("prec-nhwc-resumed", spec, storage, settings, Recorder(stop_at_step=4))
+    with pytest.raises(TrainingStopped):  # 8 steps an epoch: in the second epoch
+        run_training("prec-nhwc-resumed", spec, storage, settings, Recorder(stop_at_step=11))
     run_training("prec-nhwc-resumed", spec, storage, settings, Recorder())
     want, got = final(storage, "prec-nhwc-reference", tmp_path), final(storage, "prec-nhwc-resumed", tmp_path)
     for name, tensor in want["model"].items():
