@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="Intra-op CPU threads of a training job; 0 chooses the CPUs the worker may use "
         "(affinity, cgroup quota) minus the spec's `num_workers`, at least 1.",
     )
+    allow_cpu_ddp: bool = Field(
+        False,
+        description="Run a spec's `resources.gpus: N` (N > 1) on a worker without CUDA as N CPU processes "
+        "(the gloo backend): for tests and development. Off, such a job fails at start.",
+    )
     queues: Annotated[list[str], NoDecode] = Field(
         ["default"],
         description=(

@@ -194,13 +194,15 @@ class LocalStack:
         wait: bool = True,
         env: dict[str, str] | None = None,
         queues: list[str] | None = None,
+        queue: str | None = None,
         own_cache: bool = False,
     ) -> subprocess.Popen:
         """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
 
         ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
-        ``queues`` (default: the stack's queue) are the queues it consumes. ``own_cache`` gives
-        it its own ``DATA_CACHE_DIR`` (``<workdir>/cache-<name>``), as a worker on another node has.
+        ``queues`` (or one ``queue``; default: the stack's queue) are the queues it consumes.
+        ``own_cache`` gives it its own ``DATA_CACHE_DIR`` (``<workdir>/cache-<name>``), as a worker
+        on another node has.
         """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
@@ -208,7 +210,7 @@ class LocalStack:
             env = {"DATA_CACHE_DIR": str(self.workdir / f"cache-{name}"), **(env or {})}
         process = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues or [self.queue]),
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues or [queue or self.queue]),
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
             env=env,
         )

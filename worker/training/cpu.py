@@ -45,16 +45,18 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def training_threads(num_workers: int, configured: int = 0) -> int:
-    """Intra-op threads for a job with ``num_workers`` DataLoader processes.
+def training_threads(num_workers: int, configured: int = 0, processes: int = 1) -> int:
+    """Intra-op threads of each training process of a job with ``num_workers`` DataLoader
+    processes per training process.
 
     Args:
         num_workers: the spec's ``num_workers``; each such process is given a core of its own.
         configured: the ``TORCH_THREADS`` setting; 0 means choose.
+        processes: training processes sharing the CPUs (``resources.gpus`` of a multi-GPU job).
 
     Returns:
-        ``configured`` when positive, else ``max(1, usable_cpus() - num_workers)``.
+        ``configured`` when positive, else ``max(1, (usable_cpus() - processes * num_workers) // processes)``.
     """
     if configured > 0:
         return configured
-    return max(1, usable_cpus() - num_workers)
+    return max(1, (usable_cpus() - processes * num_workers) // processes)

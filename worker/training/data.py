@@ -249,7 +249,18 @@ class SeededTransform(Dataset):
 
     def __init__(self, base: Dataset, indices: list[int], transform: v2.Compose, seed: int) -> None:
         self.base, self.indices, self.transform, self.seed = base, indices, transform, seed
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers keep their copy of this dataset from
+        # one epoch to the next, and must still see the epoch set in the training process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations ``__getitem__`` draws (shared with DataLoader workers)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def __len__(self) -> int:
         return len(self.indices)

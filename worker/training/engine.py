@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -39,9 +40,11 @@ from shared.jobs import DatasetInfo, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
-from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from worker.training.cpu import training_threads
 from worker.training.data import TrainingData, load_data
+from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
+from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
@@ -164,23 +167,32 @@ def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, task: str = "classification"
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    task: str = "classification",
+    fast: FastPath | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` over ``loader``, in eval mode.
 
     Classification: ``val_loss`` (mean per sample), ``val_accuracy`` and, with more than 5
     classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
-    and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot).
+    and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot). ``fast``: the run's
+    precision and memory format (default: fp32, as stored).
     """
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct, top5, |err|, err²
     targets_all = []
     count = 0
+    fast = fast or FastPath(device)
     for inputs, targets in loader:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        outputs = model(inputs)
-        total_loss += loss_fn(outputs, targets).double() * targets.shape[0]
+        inputs, targets = fast.to_device(inputs, targets)
+        with fast.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        total_loss += loss.double() * targets.shape[0]
         if task == "classification":
             sums[0] += (outputs.argmax(dim=1) == targets).sum()
             if outputs.shape[1] > 5:
@@ -265,28 +277,45 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
             model.train()
 
 
-def _loaders(data: TrainingData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+class _NullWriter:
+    """Stands in for the ``SummaryWriter`` on ranks other than 0: only rank 0 writes events."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _loaders(
+    data: TrainingData, spec: JobSpec, device: torch.device, group: ProcessGroup = SINGLE_PROCESS
+) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+    performance = spec.performance
     common: dict[str, Any] = dict(
-        batch_size=spec.batch_size,
+        batch_size=spec.batch_size // group.world_size,  # batch_size is the global batch
         num_workers=spec.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda",  # with non_blocking copies: transfers overlap compute
         worker_init_fn=_seed_dataloader_worker,
     )
-    # The shuffle is a function of (seed, epoch) — DistributedSampler's rule, and the one DDP
-    # will need — so a resumed run replays exactly the order an uninterrupted one would. The
-    # loader has its own generator so iterating it never draws from the global torch RNG.
-    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=spec.seed)
+    if spec.num_workers:
+        common.update(persistent_workers=performance.persistent_workers, prefetch_factor=performance.prefetch_factor)
+    # The shuffle is a function of (seed, epoch) — DistributedSampler's rule — so a resumed run
+    # replays exactly the order an uninterrupted one would, and rank r of N takes positions
+    # r, r + N, … of it (the union of the ranks' batches is the one-process batch). The loader
+    # has its own generator so iterating it never draws from the global torch RNG.
+    sampler = DistributedSampler(data.train, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=spec.seed)
     train = StatefulDataLoader(data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), **common)
     val = DataLoader(data.val, shuffle=False, **common)
     return train, sampler, val
 
 
 class _Run:
-    """State and helpers of one attempt at a job; :func:`run_training` drives it."""
+    """State and helpers of one attempt at a job (in one process of it); :func:`run_rank` drives it."""
 
-    def __init__(self, job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks):
+    def __init__(
+        self, job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks,
+        group: ProcessGroup = SINGLE_PROCESS,
+    ):
         self.job_id, self.spec, self.storage, self.settings, self.callbacks = job_id, spec, storage, settings, callbacks
-        self.workdir = settings.data_cache_dir / "jobs" / job_id
+        self.group = group
+        self.workdir = settings.data_cache_dir / "jobs" / (job_id if group.is_main else f"{job_id}.rank{group.rank}")
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.tb_dir = self.workdir / "tensorboard"
         self.tb_uri = storage.job_uri(job_id, "tensorboard")
@@ -303,7 +332,9 @@ class _Run:
         self.max_runtime_s = min(limits)
         # Set up by _train once the data and model exist.
         self.data: TrainingData | None = None
-        self.model: nn.Module | None = None
+        self.model: nn.Module | None = None  # the plain module: checkpoints, validation
+        self.train_model: nn.Module | None = None  # what the loop calls: DDP- and/or compile-wrapped
+        self.fast: FastPath | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.loader: StatefulDataLoader | None = None
@@ -317,10 +348,17 @@ class _Run:
         return self.runtime_before_s + time.monotonic() - self.started
 
     def stop_reason(self) -> StopReason | None:
-        reason = self.callbacks.stop_requested()
-        if reason is None and self.runtime_s >= self.max_runtime_s:
-            reason = StopReason.TIME_LIMIT
-        return reason
+        """Rank 0's answer (cancel, shutdown, lost lease, time limit), the same on every rank."""
+        reason = None
+        if self.group.is_main:
+            reason = self.callbacks.stop_requested()
+            if reason is None and self.runtime_s >= self.max_runtime_s:
+                reason = StopReason.TIME_LIMIT
+        if not self.group.distributed:
+            return reason
+        reasons = list(StopReason)
+        code = self.group.share_int(0 if reason is None else reasons.index(reason) + 1)
+        return reasons[code - 1] if code else None
 
     def resume(self, device: torch.device) -> str | None:
         """Restore the newest loadable checkpoint of this job, if any; return its URI."""
@@ -338,15 +376,24 @@ class _Run:
                     f"cannot resume: {self.spec.dataset.uri} now has classes {self.data.classes}, "
                     f"checkpoint {uri} was trained on {checkpoint['classes']}"
                 )
+            saved_world = checkpoint.get("world_size", 1)
+            if saved_world != self.group.world_size:
+                raise JobFailure(
+                    f"cannot resume: checkpoint {uri} was written by {saved_world} training process(es) "
+                    f"(resources.gpus); this run has {self.group.world_size}"
+                )
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.fast.load_state_dict(checkpoint.get("scaler"))
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(checkpoint["scheduler"])
             for name, tracker in self.trackers.items():
                 tracker.load_state_dict(checkpoint["trackers"][name])
-            if checkpoint["loader"] is not None:
-                self.loader.load_state_dict(checkpoint["loader"])
-            restore_rng_state(checkpoint["rng"])
+            # Rank 0's loader position and RNG states are the checkpoint's own; the others' are kept beside.
+            own = checkpoint if self.group.is_main else checkpoint["rank_states"][self.group.rank - 1]
+            if own["loader"] is not None:
+                self.loader.load_state_dict(own["loader"])
+            restore_rng_state(own["rng"])
             self.progress.epoch, self.progress.step = checkpoint["epoch"], checkpoint["step"]
             self.batch_in_epoch = checkpoint["batch_in_epoch"]
             self.start_step = checkpoint["step"]
@@ -366,13 +413,21 @@ class _Run:
         self.metrics.update(metrics)
         self._show_metrics()
 
-    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str:
+    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str | None:
         """Save a checkpoint locally and queue its upload; return the URI it will have.
 
         The TensorBoard events up to this step are queued first: uploads run in order, so once
         a checkpoint is in S3, so are the events a resume from it relies on (its ``purge_step``
         drops only what came after). ``mid_epoch`` also saves the DataLoader's position.
+        With several processes every rank calls this: rank 0 gathers the others' RNG states and
+        loader positions into its checkpoint and writes it; the others return None.
         """
+        rank_states = None
+        if self.group.distributed:
+            own = {"loader": self.loader.state_dict() if mid_epoch else None, "rng": capture_rng_state()}
+            rank_states = self.group.gather(own)
+            if not self.group.is_main:
+                return None
         self.upload_tensorboard(writer)
         # A local file per save: `best.pt` may be saved again while its last upload still waits.
         self.saves += 1
@@ -393,6 +448,9 @@ class _Run:
                 "trackers": {name: tracker.state_dict() for name, tracker in self.trackers.items()},
                 "batch_in_epoch": self.batch_in_epoch if mid_epoch else 0,
                 "data": self.data.metadata,
+                "scaler": self.fast.state_dict(),
+                "world_size": self.group.world_size,
+                "rank_states": rank_states[1:] if rank_states else [],
             },
         )
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
@@ -406,6 +464,8 @@ class _Run:
         wait with :class:`TrainingStopped` (a later attempt resumes from the newest complete
         checkpoint). With ``max_wait_s``, give up waiting after that many seconds (False).
         """
+        if not self.group.is_main:
+            return True  # only rank 0 uploads
         deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
         while not self.uploader.drain(timeout_s=self.settings.cancel_poll_interval_s):
             reason = self.callbacks.stop_requested() if stoppable else None
@@ -418,11 +478,15 @@ class _Run:
         return True
 
     def upload_tensorboard(self, writer: SummaryWriter) -> None:
+        if not self.group.is_main:
+            return
         writer.flush()
         self.uploader.submit_snapshot(self.tb_dir, self.tb_uri, key="tensorboard")
         self.last_tb_upload = time.monotonic()
 
     def report(self, writer: SummaryWriter, losses: _ScalarBuffer, *, force: bool = False) -> None:
+        if not self.group.is_main:
+            return
         now = time.monotonic()
         if not force and now - self.last_progress < self.settings.progress_interval_s:
             return
@@ -462,10 +526,44 @@ def run_training(
         TrainingStopped: cancelled, time limit, worker shutdown (a checkpoint was saved) or lease
             lost (nothing written).
         JobFailure: a fault of the job (its data, e.g. :class:`shared.exceptions.DatasetError`,
-            or its spec). Anything else is an infrastructure or programming error.
+            or its spec, e.g. more ``resources.gpus`` than the worker has). Anything else is an
+            infrastructure or programming error.
+
+    With ``resources.gpus`` > 1 the job trains in that many processes, one per GPU
+    (:mod:`worker.training.distributed`); this function then supervises them.
     """
     callbacks = callbacks or TrainingCallbacks()
-    run = _Run(job_id, spec, storage, settings, callbacks)
+    if spec.resources.gpus > 1:
+        return launch(job_id, spec, settings, callbacks, spec.resources.gpus, _distributed_backend(spec, settings))
+    return run_rank(job_id, spec, storage, settings, callbacks)
+
+
+def _distributed_backend(spec: JobSpec, settings: Settings) -> str:
+    """``nccl`` for a job on several GPUs, ``gloo`` for CPU processes where the worker allows them.
+
+    Raises:
+        JobFailure: the worker has fewer GPUs than ``resources.gpus`` (and no CPU processes are allowed).
+    """
+    gpus = spec.resources.gpus
+    device = resolve_device(spec.device)
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if gpus > available:
+            raise JobFailure(f"resources.gpus is {gpus} but this worker has {available} CUDA device(s)")
+        return "nccl"
+    if not settings.allow_cpu_ddp:
+        where = "spec.device is 'cpu'" if spec.device == "cpu" else "this worker has no CUDA device"
+        raise JobFailure(f"resources.gpus is {gpus} but {where}")
+    return "gloo"
+
+
+def run_rank(
+    job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks,
+    group: ProcessGroup = SINGLE_PROCESS,
+) -> TrainResult:
+    """One process's part of :func:`run_training` (all of it in a one-process job): rank
+    ``group.rank`` of ``group.world_size``, in a process group already initialized."""
+    run = _Run(job_id, spec, storage, settings, callbacks, group)
     try:
         return _train(run, spec, storage, settings, callbacks)
     finally:
@@ -473,9 +571,13 @@ def run_training(
 
 
 def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
-    """Data, model (with initial weights), loss, optimizer, schedule and trackers for ``run``."""
+    """Data, model (with initial weights), fast path, loss, optimizer, schedule and trackers for ``run``."""
     check_spec_access(spec, settings)  # the queue and every URI, again: settings may have changed since submit
+    if not run.group.is_main:
+        run.group.barrier()  # rank 0 downloads and verifies the data first; the others find it cached
     run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
+    if run.group.is_main:
+        run.group.barrier()
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
             f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}"
@@ -486,10 +588,11 @@ def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, dev
     if spec.model.weights_uri is not None:
         path = storage.download_file(spec.model.weights_uri, run.workdir / "initial-weights.pt")
         load_initial_weights(model, path, spec.model.weights_uri)
-    run.model = model.to(device)
+    run.fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
+    run.model = prepare_model(model.to(device), run.fast)
     _check_input_size(run.model, spec, device)
     run.optimizer = build_optimizer(spec, run.model.parameters())
-    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device)
+    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device, run.group)
     steps_per_epoch = math.ceil(len(run.loader) / spec.grad_accumulation_steps)
     run.progress.steps_per_epoch = steps_per_epoch
     run.progress.total_steps = spec.epochs * steps_per_epoch
@@ -501,10 +604,13 @@ def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, dev
 
 
 def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks) -> TrainResult:
-    job_id = run.job_id
+    job_id, group = run.job_id, run.group
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
-    threads = training_threads(spec.num_workers, settings.torch_threads)
+    if device.type == "cuda" and group.distributed:
+        device = torch.device("cuda", group.rank)
+    configure_backends(spec.performance, device)
+    threads = training_threads(spec.num_workers, settings.torch_threads, processes=group.world_size)
     torch.set_num_threads(threads)
     logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
     try:
@@ -512,23 +618,33 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         loss_fn = build_loss(spec, run.data.num_outputs).to(device)
     except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
         raise JobFailure(str(exc)) from exc
-    data, model, optimizer, loader = run.data, run.model, run.optimizer, run.loader
+    if group.rank:
+        seed_everything(spec.seed + group.rank)  # own dropout masks per rank (the model is rank 0's)
+    data, model, optimizer, loader, fast = run.data, run.model, run.optimizer, run.loader, run.fast
     resumed_from = run.resume(device)
-    callbacks.on_start(
-        device=describe_device(device),
-        dataset=DatasetInfo(
-            task=data.task, classes=data.classes, num_train=len(data.train), num_val=len(data.val),
-            features=data.metadata.get("features"),
-        ),
-        tensorboard_uri=run.tb_uri + "/",
-        resumed_from=resumed_from,
+    train_model = training_module(model, spec.performance, device, group.distributed)
+    if group.is_main:
+        callbacks.on_start(
+            device=describe_device(device) if not group.distributed else f"{group.world_size} × {describe_device(device)}",
+            dataset=DatasetInfo(
+                task=data.task, classes=data.classes, num_train=len(data.train), num_val=len(data.val),
+                features=data.metadata.get("features"),
+            ),
+            tensorboard_uri=run.tb_uri + "/",
+            resumed_from=resumed_from,
+        )
+    logger.info(
+        "job %s: training on %s in %s%s from step %d of %d", job_id, device, fast.precision,
+        ", channels_last" if fast.channels_last else "", run.progress.step, run.progress.total_steps,
     )
-    logger.info("job %s: training on %s from step %d of %d", job_id, device, run.progress.step, run.progress.total_steps)
 
     # purge_step: TensorBoard drops events at or after it from an earlier attempt's files, so a
     # resumed job shows each step once (one run per job, however many attempts). An attempt that
     # starts from scratch purges everything an earlier one may have uploaded before it died.
-    writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
+    writer = (
+        SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
+        if group.is_main else _NullWriter()
+    )
     accumulate = spec.grad_accumulation_steps
     try:
         losses = _ScalarBuffer()
@@ -539,20 +655,24 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             data.set_epoch(epoch)
             batches = len(loader)
             for inputs, targets in loader:
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                inputs, targets = fast.to_device(inputs, targets)
                 if run.progress.step == 0 and run.batch_in_epoch == 0 and inputs.dim() == 4:
                     writer.add_image("inputs", make_grid(inputs[:64].cpu(), nrow=8, normalize=True), 0)
                 group_start = (run.batch_in_epoch // accumulate) * accumulate
                 group_size = min(accumulate, batches - group_start)  # the epoch's last group may be short
                 run.batch_in_epoch += 1
-                loss = loss_fn(model(inputs), targets)
-                (loss / group_size if group_size > 1 else loss).backward()
+                stepping = run.batch_in_epoch - group_start >= group_size
+                with _gradient_sync(train_model, stepping):
+                    with fast.autocast():
+                        loss = loss_fn(train_model(inputs), targets)
+                    fast.backward(loss / group_size if group_size > 1 else loss)
                 micro_losses.append(loss.detach())
-                if run.batch_in_epoch - group_start < group_size:
+                if not stepping:
                     continue  # accumulate more micro-batches before stepping
                 if spec.grad_clip_norm is not None:
+                    fast.unscale(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
-                optimizer.step()
+                fast.step(optimizer)
                 if run.scheduler is not None:
                     run.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -597,10 +717,24 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     )
 
 
+def _gradient_sync(train_model: nn.Module, stepping: bool) -> AbstractContextManager:
+    """Context for a micro-batch's forward and backward: DDP's ``no_sync`` when the micro-batch
+    does not end its accumulation group (its gradients are all-reduced with the last one's)."""
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if stepping or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return ddp.no_sync()
+
+
 def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn: nn.Module, device: torch.device) -> bool:
-    """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early."""
+    """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early.
+
+    With several processes rank 0 validates and shares the metrics, so every rank takes the same
+    decisions (best checkpoint, early stop) and joins the same checkpoints.
+    """
     spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
-    metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task)
+    metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task, run.fast) if run.group.is_main else None
+    metrics = run.group.share(metrics)
     run.record_validation(metrics)
     for name, value in metrics.items():
         writer.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
@@ -613,7 +747,8 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
         stop_early = tracker.stale_epochs >= spec.early_stopping.patience and epoch < spec.epochs
         run.progress.early_stopped = stop_early
     run.report(writer, losses, force=True)
-    logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if run.group.is_main:
+        logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "best" in run.trackers and run.trackers["best"].update(metrics):
         run.checkpoint(writer, BEST_CHECKPOINT)
     if epoch % spec.checkpoint.every_epochs == 0 and epoch < spec.epochs and not stop_early:
