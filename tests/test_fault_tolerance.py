@@ -221,7 +221,7 @@ def test_time_limit_saves_a_checkpoint_and_fails(faults: FaultStack):
     record = wait_for_job(faults.api, job_id, timeout_s=60)
     faults.stack.stop_process(worker)
     assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "time limit"
-    assert record["error"].startswith("time limit: trained 3.")
+    assert record["error"].startswith("time limit: ran 3.")
     assert 3 <= record["progress"]["runtime_s"] < 6
     step = record["progress"]["step"]
     assert step < 50 * 45 and record["artifacts"]["checkpoints"][-1].endswith(f"step-{step:09d}.pt")
