@@ -104,6 +104,7 @@ class LocalStack:
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env.update(env or {})
         self.redis_port: int | None = None
+        self.workers: set[str] = set()  # names of the Celery worker processes started
         self._restarts: dict[str, list[float]] = {}  # worker name -> monotonic times it was restarted
 
     @property
@@ -188,6 +189,7 @@ class LocalStack:
         """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
+        self.workers.add(name)
         process = self._spawn(
             name,
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", self.queue,
@@ -234,7 +236,7 @@ class LocalStack:
             if process.poll() is None:
                 continue
             log = self.logs / f"{name}.log"
-            if not name.startswith("worker"):
+            if name not in self.workers:
                 raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of {log}:\n{_tail(log, 15)}")
             now = time.monotonic()
             recent = [t for t in self._restarts.get(name, []) if now - t < window_s]
