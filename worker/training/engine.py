@@ -274,7 +274,7 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
             model.train()
 
 
-def _smallest_input_size(model: nn.Module, channels: int, failed: int, device: torch.device, largest: int = 1024) -> int | None:
+def _smallest_input_size(model: nn.Module, channels: int, failed: int, device: torch.device, largest: int = 512) -> int | None:
     """The smallest square side above ``failed`` (up to ``largest`` px) that ``model`` takes.
 
     Only for the error message: doubles the side until a forward pass of one image works, then
@@ -703,7 +703,8 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         writer.close()
         raise
     except BaseException as exc:
-        mark_stage(exc, f"step {run.progress.step + 1} (epoch {run.progress.epoch + 1})")  # unless an inner stage did
+        step = run.progress.step + 1  # the step being taken (unless an inner stage was named)
+        mark_stage(exc, f"step {step} (epoch {run.epoch_of(step)})")
         # The events written so far are still worth having; but never hide the training error
         # behind an upload error.
         writer.close()
