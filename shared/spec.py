@@ -592,6 +592,13 @@ class JobSpec(SpecModel):
             raise ValueError(f"model.arch {model.arch!r} takes 224x224 images: set dataset.image_size to 224")
         return model
 
+    @field_validator("drop_last", mode="before")
+    @classmethod
+    def _drop_last_choice(cls, value: object) -> object:
+        if not (value == "auto" or isinstance(value, bool)):  # one error, not one per union member
+            raise ValueError('drop_last must be "auto", true or false')
+        return value
+
     @field_validator("batch_size")
     @classmethod
     def _batch_fits_model(cls, batch_size: int, info: ValidationInfo) -> int:
