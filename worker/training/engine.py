@@ -39,12 +39,12 @@ from shared.jobs import DatasetInfo, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
+from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from worker.training.data import TrainingData, load_data
 from worker.training.models import build_model, download_weights, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
-from worker.faults import Fault, classify, in_stage, mark_stage
 
 logger = logging.getLogger(__name__)
 # torchdata 0.11's StatefulDataLoader calls a torch API deprecated in newer torch; harmless noise.
