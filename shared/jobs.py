@@ -86,7 +86,10 @@ class Progress(BaseModel):
     step: int = Field(0, description="Optimizer steps taken.")
     steps_per_epoch: int = 0
     total_steps: int = 0
-    train_loss: float | None = Field(None, description="Loss of the latest optimizer step (mean over its micro-batches).")
+    train_loss: float | None = Field(
+        None, description="Loss of the latest optimizer step (mean over its micro-batches): noisy, see train_epoch_loss."
+    )
+    train_epoch_loss: float | None = Field(None, description="Mean training loss over the optimizer steps of the latest epoch.")
     val_loss: float | None = Field(None, description="Mean validation loss after the latest epoch.")
     val_accuracy: float | None = Field(None, description="Validation accuracy after the latest epoch, 0..1.")
     val_metrics: dict[str, float] = Field(
@@ -97,7 +100,11 @@ class Progress(BaseModel):
     early_stopped: bool = Field(False, description="Training ended early: the early-stopping metric stopped improving.")
     samples_per_s: float | None = Field(None, description="Training throughput of the current attempt.")
     eta_s: float | None = Field(None, description="Estimated seconds left, from the throughput so far.")
-    runtime_s: float = Field(0.0, description="Seconds spent training, summed over attempts (the time limit's clock).")
+    runtime_s: float = Field(
+        0.0,
+        description="Seconds the job has run on workers (data download and checks, model build, training, validation, "
+        "uploads), summed over attempts: the clock of max_runtime_s.",
+    )
     updated_at: float | None = None
 
 

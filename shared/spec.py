@@ -51,6 +51,15 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
     "wide_resnet50_2",
 )
 
+#: Architectures with BatchNorm layers, which cannot train on a batch of 1 sample (``small_cnn``
+#: and torchvision's; ``tests/worker`` checks this list against the built models).
+BATCHNORM_ARCHS: frozenset[str] = frozenset(
+    {"small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
+     "densenet169", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s",
+     "mnasnet0_5", "mnasnet1_0", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_y_400mf",
+     "shufflenet_v2_x1_0"}
+)
+
 S3Uri = Annotated[
     str,
     Field(
@@ -277,7 +286,9 @@ class CsvDataset(SpecModel):
     @field_validator("uri", "val_uri")
     @classmethod
     def _names_an_object(cls, uri: str | None) -> str | None:
-        if uri is not None and (uri.endswith("/") or uri.count("/") < 3):
+        # s3://bucket/key needs a key; local://file.csv may sit at the top of DATA_ROOT.
+        too_short = uri is not None and uri.startswith("s3://") and uri.count("/") < 3
+        if uri is not None and (uri.endswith("/") or too_short):
             raise ValueError("must name a CSV file, e.g. s3://bucket/tables/data.csv, not a prefix")
         return uri
 
@@ -605,6 +616,12 @@ class JobSpec(SpecModel):
         description="Samples per forward pass (micro-batch), over all of the job's GPUs: each of "
         "`resources.gpus` processes takes batch_size / gpus.",
     )
+    drop_last: Literal["auto"] | Annotated[bool, Strict()] = Field(
+        "auto",
+        description="Drop each epoch's last training batch when it is smaller than `batch_size`. `auto` drops it "
+        "only when it would hold 1 sample and the model has BatchNorm (which cannot train on one sample); "
+        "`false` with such a batch fails the job before training.",
+    )
     grad_accumulation_steps: Int = Field(
         1, ge=1, le=4096, description="Micro-batches per optimizer step (effective batch = batch_size × this)."
     )
@@ -623,8 +640,10 @@ class JobSpec(SpecModel):
     max_runtime_s: Float | None = Field(
         None,
         gt=0,
-        description="Training time limit in seconds, summed over attempts. At the limit the job saves a "
-        "checkpoint and fails with reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
+        description="Time limit in seconds on the job's run on workers, summed over attempts: every phase counts "
+        "(data download and checks, model build, training, validation, uploads), time queued does not, nor an "
+        "attempt's time after its last checkpoint if its worker died. At the limit the job saves a checkpoint and "
+        "fails with reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
     )
     queue: str | None = Field(
         None,
@@ -669,6 +688,23 @@ class JobSpec(SpecModel):
         if model.arch.startswith("vit_") and dataset.image_size != 224:
             raise ValueError(f"model.arch {model.arch!r} takes 224x224 images: set dataset.image_size to 224")
         return model
+
+    @field_validator("drop_last", mode="before")
+    @classmethod
+    def _drop_last_choice(cls, value: object) -> object:
+        if not (value == "auto" or isinstance(value, bool)):  # one error, not one per union member
+            raise ValueError('drop_last must be "auto", true or false')
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_fits_model(cls, batch_size: int, info: ValidationInfo) -> int:
+        model = info.data.get("model")
+        if batch_size == 1 and model is not None and model.arch in BATCHNORM_ARCHS:
+            raise ValueError(
+                f"batch_size 1 cannot train model.arch {model.arch!r}: its BatchNorm layers need at least 2 samples per batch"
+            )
+        return batch_size
 
     @field_validator("loss")
     @classmethod

@@ -76,6 +76,21 @@ def test_final_checkpoint_loads_weights_only_and_reproduces_val_accuracy(digits_
     assert checkpoint["metrics"]["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
 
 
+def test_load_for_inference_rebuilds_model_and_preprocessing_of_an_image_checkpoint(digits_job: dict, storage: Storage, tmp_path: Path):
+    from worker.training.inference import load_for_inference
+
+    model, preprocess, classes = load_for_inference(storage.download_file(digits_job["artifacts"]["final_checkpoint"], tmp_path / "f.pt"))
+    assert classes == digits_job["dataset"]["classes"] and not model.training
+    data = load_data(JobSpec.model_validate(digits_job["spec"]), storage, tmp_path / "cache")
+    paths = [data.val.base.samples[index] for index in data.val.indices]  # (raw PNG file, label)
+    inputs = torch.stack([preprocess(path) for path, _ in paths])
+    assert torch.equal(inputs, torch.stack([data.val[i][0] for i in range(len(paths))]))  # the job's own eval path
+    with torch.no_grad():
+        predicted = model(inputs).argmax(1)
+    accuracy = (predicted == torch.tensor([label for _, label in paths])).sum().item() / len(paths)
+    assert accuracy == pytest.approx(digits_job["progress"]["val_accuracy"], abs=1e-9)
+
+
 _READ_EVENTS = """
 import json, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -135,15 +150,38 @@ def test_empty_class_folder_fails_naming_it(api: httpx.Client, storage: Storage)
     assert "s3://trainq/datasets/no-cats/" in job["error"] and "cat" in job["error"]
 
 
-def test_the_diabetes_example_regresses_through_the_service(api: httpx.Client, stack):
-    # examples/diabetes.json as a user sends it: CSV, MLP, MSE, cosine with warmup,
-    # best.pt saved at every improvement, early stopping armed.
+def ordinary_least_squares_r2(spec: JobSpec, storage: Storage, cache: Path) -> float:
+    """Val R² of a linear fit (with intercept, by least squares) on the job's own split and features."""
+    data = load_data(spec, storage, cache)
+    (x, y), (val_x, val_y) = data.train.tensors, data.val.tensors
+    ones = torch.ones(len(x), 1), torch.ones(len(val_x), 1)
+    weights = torch.linalg.lstsq(torch.cat([x, ones[0]], 1).double(), y.double()).solution
+    residual = torch.cat([val_x, ones[1]], 1).double() @ weights - val_y.double()
+    return 1.0 - float((residual**2).sum() / ((val_y.double() - val_y.double().mean()) ** 2).sum())
+
+
+def test_the_diabetes_example_regresses_through_the_service_and_beats_linear_regression(
+    api: httpx.Client, stack, storage: Storage, tmp_path: Path
+):
+    # examples/diabetes.json as a user sends it: CSV, MLP, MSE, cosine with warmup, best.pt.
     stack.seed_tables()
     spec = json.loads((REPO / "examples" / "diabetes.json").read_text())
     job = wait_for_job(api, api.post("/jobs", json=spec).raise_for_status().json()["id"])
     assert job["state"] == "succeeded", job["error"]
     assert job["dataset"]["task"] == "regression" and job["dataset"]["features"][:3] == ["age", "sex", "bmi"]
     metrics = job["progress"]["val_metrics"]
-    assert set(metrics) == {"val_loss", "val_mae", "val_rmse", "val_r2"} and metrics["val_r2"] > 0.2
+    assert set(metrics) == {"val_loss", "val_mae", "val_rmse", "val_r2"}
+    baseline = ordinary_least_squares_r2(JobSpec.model_validate(spec), storage, tmp_path)
+    assert 0.45 < baseline < metrics["val_r2"]  # 0.482 < 0.488: an example must not lose to a linear fit
     assert job["artifacts"]["best_checkpoint"].endswith("/checkpoints/best.pt")
     assert job["progress"]["val_accuracy"] is None
+    assert job["progress"]["train_epoch_loss"] > 0
+    log = (stack.logs / "worker1.log").read_text()
+    assert f"job {job['id']}: succeeded: val_loss " in log and "val_accuracy nan" not in log
+    events = read_tensorboard(job["artifacts"]["tensorboard"].rstrip("/"), stack.env)["scalars"]
+    steps = job["progress"]["total_steps"]
+    # train/lr: the lr each step used. Step 1 of the warmup uses lr/100 (the scheduler steps after it).
+    assert [step for step, _ in events["train/lr"]] == list(range(1, steps + 1))
+    assert events["train/lr"][0][1] == pytest.approx(0.1 / 100) and events["train/lr"][20][1] == pytest.approx(0.1, rel=1e-3)
+    epoch_loss = events["train/epoch_loss"]
+    assert len(epoch_loss) == 60 and epoch_loss[-1][1] == pytest.approx(job["progress"]["train_epoch_loss"], rel=1e-6)

@@ -222,7 +222,7 @@ def test_time_limit_saves_a_checkpoint_and_fails(faults: FaultStack):
     record = wait_for_job(faults.api, job_id, timeout_s=60)
     faults.stack.stop_process(worker)
     assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "time limit"
-    assert record["error"].startswith("time limit: trained 3.")
+    assert record["error"].startswith("time limit: ran 3.")
     assert 3 <= record["progress"]["runtime_s"] < 6
     step = record["progress"]["step"]
     assert step < 50 * 45 and record["artifacts"]["checkpoints"][-1].endswith(f"step-{step:09d}.pt")
@@ -273,3 +273,45 @@ def test_idempotency_key_returns_the_same_job(faults: FaultStack):
     assert listed.count(first.json()["id"]) == 1
     client = redis.Redis.from_url(faults.stack.env["REDIS_URL"])
     assert len([k for k in client.scan_iter("trainq:idempotency:*")]) == 1
+
+
+def test_a_job_that_keeps_killing_its_workers_fails_after_the_second_loss(faults: FaultStack):
+    # A poison pill (e.g. a spec that runs every worker out of memory: the OOM killer's SIGKILL)
+    # must not take down one worker per attempt: the second loss fails it as the job's fault.
+    job_id = faults.submit(resumable_spec(epochs=20))
+    for attempt in (1, 2):
+        victim = faults.start_worker()
+        faults.wait_until(job_id, lambda r, attempt=attempt: r["state"] == "running" and r["attempts"] == attempt)
+        faults.kill(victim)
+    reaper = faults.start_worker()  # reapers run in workers: this one finds the dead attempt
+    record = wait_for_job(faults.api, job_id, timeout_s=60)
+    faults.stack.stop_process(reaper)
+    assert record["state"] == "failed" and record["attempts"] == 2
+    assert [t["state"] for t in record["transitions"]] == ["queued", "running", "retrying", "running", "failed"]
+    assert record["error"].startswith("worker lost twice while running this job (out of memory?")
+    assert record["transitions"][-1]["reason"] == "worker lost twice"
+
+
+def test_an_unexpected_error_fails_once_naming_its_stage_and_no_worker_path(faults: FaultStack, tmp_path: Path):
+    # A worker whose cache cannot hold folders: an internal error, not worth 3 attempts.
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    worker = faults.start_worker(DATA_CACHE_DIR=str(blocker))
+    record = wait_for_job(faults.api, faults.submit(resumable_spec(epochs=1)), timeout_s=60)
+    faults.stack.stop_process(worker)
+    assert record["state"] == "failed" and record["attempts"] == 1, record["error"]
+    assert record["transitions"][-1]["reason"] == "internal error"
+    assert record["error"].startswith("internal error in download: ") and record["error"].endswith("(traceback in the worker log)")
+    assert str(tmp_path) not in record["error"] and "<worker cache>/datasets/" in record["error"]
+
+
+def test_the_local_stack_restarts_a_worker_that_exits(faults: FaultStack, capsys):
+    name = faults.start_worker()
+    process = faults.stack.processes[name]
+    process.kill()
+    process.wait()
+    assert faults.stack.restart_exited_workers() == [name]
+    assert f"{name} exited with code -9; restarting it" in capsys.readouterr().out
+    record = wait_for_job(faults.api, faults.submit(resumable_spec(epochs=1)), timeout_s=120)
+    faults.stack.stop_process(name)
+    assert record["state"] == "succeeded" and record["worker"].startswith(f"{name}@")

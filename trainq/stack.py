@@ -108,6 +108,8 @@ class LocalStack:
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env.update(env or {})
         self.redis_port: int | None = None
+        self.workers: set[str] = set()  # names of the Celery worker processes started
+        self._restarts: dict[str, list[float]] = {}  # worker name -> monotonic times it was restarted
 
     @property
     def api_url(self) -> str:
@@ -208,6 +210,7 @@ class LocalStack:
         offset = log.stat().st_size if log.exists() else 0
         if own_cache:
             env = {"DATA_CACHE_DIR": str(self.workdir / f"cache-{name}"), **(env or {})}
+        self.workers.add(name)
         process = self._spawn(
             name,
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues or [queue or self.queue]),
@@ -237,6 +240,37 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def restart_exited_workers(self, *, max_restarts: int = 3, window_s: float = 60.0) -> list[str]:
+        """Start again every Celery worker process that has exited (killed, crashed); return their names.
+
+        A job the dead worker was running is requeued by the reaper of any live worker, as on
+        a real cluster. Each restart is printed.
+
+        Raises:
+            RuntimeError: a worker exited more than ``max_restarts`` times within ``window_s``
+                seconds (it crashes at start: see its log), or another service (Redis, S3, the API)
+                exited: the stack cannot go on without it.
+        """
+        restarted = []
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            log = self.logs / f"{name}.log"
+            if name not in self.workers:
+                raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of {log}:\n{_tail(log, 15)}")
+            now = time.monotonic()
+            recent = [t for t in self._restarts.get(name, []) if now - t < window_s]
+            if len(recent) >= max_restarts:
+                raise RuntimeError(
+                    f"{name} exited {len(recent) + 1} times within {window_s:.0f} s (code {process.returncode}); "
+                    f"last lines of {log}:\n{_tail(log, 15)}"
+                )
+            self._restarts[name] = recent + [now]
+            print(f"{name} exited with code {process.returncode}; restarting it (log {log})", flush=True)
+            self.start_worker(name, wait=False)
+            restarted.append(name)
+        return restarted
 
     def stop_process(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 10.0) -> int | None:
         """Send ``sig`` to process ``name`` and wait for it (SIGKILL after ``timeout_s``); return its exit code."""
@@ -352,12 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/digits.json")
         print(f"  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/diabetes.json")
-        print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first).", flush=True)
+        print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first). A worker that exits is restarted.", flush=True)
         while True:
-            exited = [name for name, process in stack.processes.items() if process.poll() is not None]
-            if exited:
-                log = stack.logs / f"{exited[0]}.log"
-                print(f"error: {exited[0]} exited; last lines of {log}:\n{_tail(log, 15)}", file=sys.stderr)
+            try:
+                stack.restart_exited_workers()
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
                 return 1
             time.sleep(1)
     except KeyboardInterrupt:

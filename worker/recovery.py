@@ -4,6 +4,10 @@ The :class:`Reaper` runs in every worker. A ``running`` job whose lease has expi
 was killed, lost power, or hung) is moved to ``retrying`` and enqueued again; the next attempt
 resumes from the job's newest checkpoint. The state change is a Redis transaction, so when
 several reapers see the same dead job, exactly one requeues it.
+
+A job whose worker is lost a second time fails instead (a "poison pill"): a job that keeps
+killing its workers, most often by running them out of memory (the kernel's OOM killer sends
+SIGKILL, which nothing can catch), would otherwise take down one worker per attempt.
 """
 
 from __future__ import annotations
@@ -16,12 +20,24 @@ import redis
 from celery import Celery
 
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
-from shared.jobs import JobState, JobStore
+from shared.jobs import JobRecord, JobState, JobStore
 from shared.lease import JobLease
 from shared.queue import enqueue
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: Reason prefix of a requeue after a lost worker (counted to spot a poison pill).
+WORKER_LOST = "worker lost"
+#: A job whose worker is lost this many times fails as a job fault.
+MAX_WORKER_LOSSES = 2
+
+
+def worker_losses(record: JobRecord) -> int:
+    """How many earlier attempts of the job ended with their worker lost (requeued by a reaper)."""
+    return sum(
+        1 for t in record.transitions if t.state is JobState.RETRYING and (t.reason or "").startswith(WORKER_LOST)
+    )
 
 
 def requeue(
@@ -79,16 +95,29 @@ class Reaper(threading.Thread):
             # A worker takes the lease right after entering `running`; give it the TTL to do so.
             if record.state is not JobState.RUNNING or time.time() - record.transitions[-1].at < self.settings.lease_ttl_s:
                 continue
-            reason = f"worker {record.worker} lost: no heartbeat for {self.settings.lease_ttl_s:g} s"
+            reason = f"{WORKER_LOST}: {record.worker} sent no heartbeat for {self.settings.lease_ttl_s:g} s"
             try:
                 if record.cancel_requested_at is not None:
                     self.store.transition(job_id, JobState.CANCELLED, reason=f"cancelled ({reason})", expect_attempt=record.attempts)
+                elif worker_losses(record) + 1 >= MAX_WORKER_LOSSES:
+                    self._fail_poison_pill(record, reason)
                 else:
                     requeue(self.store, self.celery, job_id, reason=reason, attempt=record.attempts, max_attempts=self.settings.max_attempts)
                 reaped.append(job_id)
             except InvalidTransitionError:
                 continue  # another reaper, or the worker itself, got there first
         return reaped
+
+    def _fail_poison_pill(self, record: JobRecord, reason: str) -> None:
+        losses = worker_losses(record) + 1
+        times = "twice" if losses == 2 else f"{losses} times"
+        error = (
+            f"worker lost {times} while running this job (out of memory? the worker process was killed without "
+            "a word, as the kernel's OOM killer does: lower batch_size, dataset.image_size or num_workers, or pick "
+            f"a smaller model.arch); last: {reason}"
+        )
+        self.store.transition(record.id, JobState.FAILED, reason=f"worker lost {times}", expect_attempt=record.attempts, error=error)
+        logger.error("job %s: failed: %s", record.id, error)
 
     def stop(self) -> None:
         """End the thread after the current scan."""

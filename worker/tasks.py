@@ -5,9 +5,10 @@ time: a delivery starts the job only by moving it from ``queued``/``retrying`` t
 Redis transaction; any other delivery (Redis re-delivering after ``visibility_timeout``, a
 duplicate) is counted and skipped. Every later state change is fenced by the attempt number.
 
-A failing job never crashes the worker. Job faults (bad data or spec) fail it at once;
-infrastructure faults (S3 or Redis unreachable, …) send it back to the queue up to
-``MAX_ATTEMPTS``; a cancel or time limit ends it after a checkpoint.
+A failing job never crashes the worker. Only faults known to be transient (S3 or Redis
+unreachable or throttled) send it back to the queue, up to ``MAX_ATTEMPTS``; job faults (bad data,
+spec or weights) and unexpected errors fail it at once (:mod:`worker.faults` decides); a cancel or
+time limit ends it after a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from typing import TypeVar
 
 import redis
 from celery import Celery
-from pydantic import ValidationError
 
-from shared.exceptions import InvalidTransitionError, JobFailure, JobNotFoundError
+from shared.exceptions import InvalidTransitionError, JobNotFoundError
 from shared.jobs import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, JobStore, Progress
 from shared.lease import JobLease
 from shared.queue import TRAIN_TASK
-from shared.sanitize import public_message
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
 from shared.storage import Storage
 from worker.celery_app import app
+from worker.faults import Fault, job_error
 from worker.heartbeat import JobMonitor
 from worker.recovery import requeue
 from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
@@ -133,22 +133,27 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             return finish(JobState.CANCELLED, reason=f"cancelled by request at step {stop.step}")
         if stop.reason is StopReason.TIME_LIMIT:
             limit = min(settings.max_runtime_s, spec.max_runtime_s or settings.max_runtime_s)
-            message = f"time limit: trained {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
+            message = f"time limit: ran {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
             return finish(JobState.FAILED, reason="time limit", error=message)
         if stop.reason is StopReason.SHUTDOWN:
             return _requeue(store, celery, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
         logger.error("job %s: %s; leaving the job to its new owner", job_id, stop)
         return store.get(job_id).state
-    except (JobFailure, ValidationError) as exc:
-        logger.warning("job %s: failed: %s", job_id, exc)
-        return finish(JobState.FAILED, reason="job error", error=str(exc))
     except Exception as exc:
-        logger.exception("job %s: attempt %d hit an infrastructure error", job_id, attempt)
-        detail = public_message(exc)  # no endpoint URL or host:port; the traceback is in the worker's log
-        return _requeue(store, celery, job_id, detail, attempt, settings.max_attempts)
+        # Retry or fail: decided in one place (worker.faults); only known-transient faults retry.
+        kind, message = job_error(exc, settings.data_cache_dir, settings.data_root)
+        if kind is Fault.TRANSIENT:
+            logger.warning("job %s: attempt %d: %s", job_id, attempt, message, exc_info=True)
+            return _requeue(store, celery, job_id, message, attempt, settings.max_attempts)
+        if kind is Fault.JOB:
+            logger.warning("job %s: failed: %s", job_id, message)
+            return finish(JobState.FAILED, reason="job error", error=message)
+        logger.exception("job %s: attempt %d: internal error", job_id, attempt)
+        return finish(JobState.FAILED, reason="internal error", error=message)
     else:
         callbacks.artifacts.final_checkpoint = result.final_checkpoint
-        logger.info("job %s: succeeded, val_accuracy %.4f", job_id, result.val_accuracy)
+        summary = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if name.startswith("val_"))
+        logger.info("job %s: succeeded: %s", job_id, summary or "no validation metrics")
         return finish(JobState.SUCCEEDED, artifacts=callbacks.artifacts, error=None)  # clear a retry's reason
     finally:
         monitor.stop()

@@ -110,6 +110,8 @@ def test_huge_inputs_are_refused_briefly(api: httpx.Client):
         (lambda s: s.update(checkpoint={"best_metric": "val_r2"}), ["body", "checkpoint"], "classification"),
         (lambda s: s.update(lr_schedule={"name": "one_cycle"}), ["body", "lr_schedule", "max_lr"], "Field required"),
         (lambda s: s.update(loss={"name": "cross_entropy", "class_weights": [1.0, 2.0]}), ["body", "loss"], "num_classes is 10"),
+        (lambda s: s.update(batch_size=1), ["body", "batch_size"], "its BatchNorm layers need at least 2 samples per batch"),
+        (lambda s: s.update(drop_last="yes"), ["body", "drop_last"], 'drop_last must be "auto", true or false'),
     ],
 )
 def test_inconsistent_or_unknown_recipes_are_422_naming_the_field(api: httpx.Client, mutate, loc, message):

@@ -69,3 +69,28 @@ def test_vit_needs_224_pixel_images():
     spec["model"]["arch"] = "vit_b_16"
     with pytest.raises(ValidationError, match="set dataset.image_size to 224"):
         JobSpec.model_validate(spec)
+
+
+def test_batch_size_1_is_refused_for_batchnorm_models_only():
+    spec = example_spec()  # small_cnn: BatchNorm
+    spec["batch_size"] = 1
+    assert error_locs(spec) == [("batch_size",)]
+    spec["model"]["arch"] = "vgg11"  # no BatchNorm
+    assert JobSpec.model_validate(spec).batch_size == 1
+    assert JobSpec.model_validate(example_spec()).drop_last == "auto"
+    for value in (True, False, "auto"):
+        assert JobSpec.model_validate(example_spec() | {"drop_last": value}).drop_last == value
+    assert set(error_locs(example_spec() | {"drop_last": 1})) == {("drop_last",)}  # strict: 1 is not true
+
+
+@pytest.mark.parametrize(
+    ("uri", "ok"),
+    [("local://diabetes.csv", True), ("local://tables/diabetes.csv", True), ("s3://trainq/t.csv", True),
+     ("local://tables/", False), ("s3://trainq", False), ("s3://trainq/", False)],
+)
+def test_a_csv_uri_names_a_file_even_at_the_top_of_data_root(uri: str, ok: bool):
+    spec = {"dataset": {"type": "csv", "uri": uri, "target": "y", "task": "regression"}}
+    if ok:
+        assert JobSpec.model_validate(spec).dataset.uri == uri
+    else:
+        assert ("dataset", "uri") in error_locs(spec)

@@ -231,3 +231,124 @@ def test_csv_errors_name_the_column_and_line_never_a_value(tmp_path: Path, stora
     with pytest.raises(DatasetError) as info:
         load_csv(spec, storage, tmp_path / "cache", seed=0)
     assert message in str(info.value) and "hunter2" not in str(info.value)
+
+
+# -- image modes: every mode Pillow opens reaches the model in [0, 1], or is refused by name --
+
+GRAY_SPEC = ImageFolderDataset(uri="s3://trainq/tests/modes/", image_size=4, channels=1)
+RGB_SPEC = ImageFolderDataset(uri="s3://trainq/tests/modes/", image_size=4, channels=3)
+
+
+def _model_input(image: Image.Image, spec: ImageFolderDataset) -> torch.Tensor:
+    """What the model sees: to_mode, then the job's transform (a 4x4 image is not resized)."""
+    from worker.training.data import build_transform, to_mode
+
+    return build_transform([], spec)(to_mode(image, "L" if spec.channels == 1 else "RGB")).as_subclass(torch.Tensor)
+
+
+def _palette(mode: str) -> Image.Image:
+    image = Image.new(mode, (4, 4), 1 if mode == "P" else (1, 80))
+    image.putpalette([0, 0, 0, 255, 102, 0] + [0] * 762)
+    return image
+
+
+# (image, expected value of every pixel of the model input, per channel: gray, then RGB)
+MODES = {
+    "1": (lambda: Image.new("1", (4, 4), 1), [1.0], [1.0, 1.0, 1.0]),
+    "L": (lambda: Image.new("L", (4, 4), 51), [0.2], [0.2, 0.2, 0.2]),
+    "LA": (lambda: Image.new("LA", (4, 4), (51, 10)), [0.2], [0.2, 0.2, 0.2]),
+    "P": (lambda: _palette("P"), [(255 * 299 + 102 * 587) / 1000 / 255], [1.0, 0.4, 0.0]),
+    "PA": (lambda: _palette("PA"), [(255 * 299 + 102 * 587) / 1000 / 255], [1.0, 0.4, 0.0]),
+    "RGB": (lambda: Image.new("RGB", (4, 4), (255, 102, 0)), [(255 * 299 + 102 * 587) / 1000 / 255], [1.0, 0.4, 0.0]),
+    "RGBA": (lambda: Image.new("RGBA", (4, 4), (255, 102, 0, 7)), [(255 * 299 + 102 * 587) / 1000 / 255], [1.0, 0.4, 0.0]),
+    "CMYK": (lambda: Image.new("CMYK", (4, 4), (0, 153, 255, 0)), [(255 * 299 + 102 * 587) / 1000 / 255], [1.0, 0.4, 0.0]),
+    "YCbCr": (lambda: Image.new("YCbCr", (4, 4), (51, 128, 128)), [0.2], [0.2, 0.2, 0.2]),
+    "HSV": (lambda: Image.new("HSV", (4, 4), (0, 0, 51)), [0.2], [0.2, 0.2, 0.2]),
+    "LAB": (lambda: Image.new("LAB", (4, 4), (255, 128, 128)), [1.0], [1.0, 1.0, 1.0]),
+    "I;16": (lambda: Image.new("I;16", (4, 4), 13107), [0.2], [0.2, 0.2, 0.2]),
+    "I;16B": (lambda: Image.new("I;16B", (4, 4), 13107), [0.2], [0.2, 0.2, 0.2]),
+    "I": (lambda: Image.new("I", (4, 4), 65535), [1.0], [1.0, 1.0, 1.0]),
+    "F": (lambda: Image.new("F", (4, 4), 0.25), [0.25], [0.25, 0.25, 0.25]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_reaches_the_model_scaled_to_0_1(mode: str):
+    make, gray, rgb = MODES[mode]
+    image = make()
+    assert image.mode == mode
+    for spec, expected in ((GRAY_SPEC, gray), (RGB_SPEC, rgb)):
+        tensor = _model_input(image, spec)
+        assert tensor.shape == (spec.channels, 4, 4) and tensor.dtype == torch.float32
+        want = torch.tensor(expected).view(-1, 1, 1).expand_as(tensor)
+        assert torch.allclose(tensor, want, atol=2.5 / 255), f"{mode} → {spec.channels} channel(s): {tensor[:, 0, 0]}"
+
+
+def test_a_16_bit_gradient_is_scaled_not_clipped():
+    # The issue's case: a 0..65535 gradient read through an 8-bit conversion was 94% white.
+    import numpy as np
+
+    gradient = Image.fromarray((np.arange(4096, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16))
+    assert gradient.mode == "I;16"
+    tensor = _model_input(gradient.resize((4, 4), Image.NEAREST), GRAY_SPEC)
+    values = _model_input(gradient, ImageFolderDataset(uri="s3://trainq/t/", image_size=64, channels=1))
+    assert values.min() == 0 and values.max() == pytest.approx(65520 / 65535) and values.mean() == pytest.approx(0.5, abs=0.01)
+    assert (tensor == 1.0).float().mean() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "message"),
+    [
+        ("F", 3.5, r"mode 'F' pixel values span 3.5..3.5; expected 0..1"),
+        ("F", -0.5, r"mode 'F' pixel values span -0.5..-0.5; expected 0..1"),
+        ("I", 70000, r"mode 'I' pixel values span 70000..70000; expected 0..65535"),
+        ("I", -1, r"mode 'I' pixel values span -1..-1; expected 0..65535"),
+    ],
+)
+def test_values_that_cannot_be_scaled_are_refused_naming_file_and_mode(tmp_path: Path, mode: str, value: float, message: str):
+    from worker.training.data import load_data
+    from shared.spec import JobSpec
+
+    root = tmp_path / "root"
+    make_folder(root / "set", {"a": 2, "b": 2}, size=4)
+    Image.new(mode, (4, 4), value).save(root / "set" / "b" / "odd.tif")
+    spec = JobSpec.model_validate({"dataset": {"uri": "local://set", "image_size": 4}})
+    with pytest.raises(DatasetError, match=rf"local://set/b/odd.tif \(ImageModeError: {message}"):
+        load_data(spec, None, tmp_path / "cache", data_root=root)
+
+
+# -- CSV rows ------------------------------------------------------------------------------------
+
+
+def _csv(tmp_path: Path, text: str) -> tuple[Path, "JobSpec"]:
+    from shared.spec import JobSpec
+
+    (tmp_path / "root").mkdir(exist_ok=True)
+    (tmp_path / "root" / "t.csv").write_text(text)
+    spec = JobSpec.model_validate({"dataset": {"type": "csv", "uri": "local://t.csv", "target": "y", "task": "classification"}})
+    return tmp_path / "root", spec
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("5,6,a,secret", r"local://t.csv line 4 has 4 field\(s\); the header has 3"),  # extras used to shift silently
+        ("5,6", r"local://t.csv line 4 has 2 field\(s\); the header has 3"),  # the target was None: TypeError, retried
+        ("5,6,", r"local://t.csv line 4: column 'y' \(dataset.target\) is empty"),
+    ],
+)
+def test_a_csv_row_that_does_not_fit_the_header_fails_naming_the_line(tmp_path: Path, row: str, message: str):
+    from worker.training.data import load_data
+
+    root, spec = _csv(tmp_path, f"x1,x2,y\n1,2,a\n3,4,b\n{row}\n7,8,a\n9,10,b\n")
+    with pytest.raises(DatasetError, match=message) as info:
+        load_data(spec, None, tmp_path / "cache", data_root=root)
+    assert "secret" not in str(info.value)  # cell values are never echoed
+
+
+def test_a_csv_at_the_top_of_data_root_is_read(tmp_path: Path):
+    from worker.training.data import load_data
+
+    root, spec = _csv(tmp_path, "x1,x2,y\n1,2,a\n3,4,b\n5,6,a\n7,8,b\n9,10,a\n")
+    data = load_data(spec, None, tmp_path / "cache", data_root=root)
+    assert data.classes == ["a", "b"] and len(data.train) + len(data.val) == 5

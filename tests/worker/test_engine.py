@@ -82,6 +82,23 @@ def test_csv_regression_with_mse_learns_diabetes(storage: Storage, settings: Set
     assert checkpoint["data"]["features"] == ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
     assert len(checkpoint["data"]["feature_mean"]) == 10 and checkpoint["classes"] == []
 
+    # The public helper rebuilds model and preprocessing from the checkpoint; raw CSV rows in.
+    import csv
+
+    from worker.training.inference import load_for_inference
+
+    model, preprocess, classes = load_for_inference(tmp_path / "csv-regression.pt")
+    data = load_data(spec, storage, tmp_path / "data")
+    with open(storage.download_file(tables["diabetes"], tmp_path / "raw.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    val_rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(spec.seed)).tolist()[: len(data.val)]]
+    inputs = torch.stack([preprocess(row) for row in val_rows])
+    assert classes == [] and torch.allclose(inputs, data.val.tensors[0], atol=1e-5)
+    with torch.no_grad():
+        predicted = model(inputs)
+    mse = ((predicted - data.val.tensors[1]) ** 2).mean().item()
+    assert mse == pytest.approx(metrics["val_loss"], rel=1e-4)
+
 
 def test_csv_classification_with_adamw_and_one_cycle(storage: Storage, settings: Settings, tables: dict[str, str]):
     spec = JobSpec.model_validate(

@@ -104,3 +104,13 @@ def test_metric_tracker_direction_and_patience():
     restored = MetricTracker("val_loss")
     restored.load_state_dict(loss.state_dict())
     assert (restored.best, restored.stale_epochs) == (0.5, 1) and not math.isnan(restored.best)
+
+
+def test_metric_tracker_ignores_non_finite_values():
+    loss = MetricTracker("val_loss")
+    assert loss.update({"val_loss": 1.0})
+    for bad in (float("nan"), float("inf"), float("-inf")):  # -inf would be a perfect loss
+        assert not loss.update({"val_loss": bad})
+    assert loss.best == 1.0 and loss.stale_epochs == 3
+    first = MetricTracker("val_r2")
+    assert not first.update({"val_r2": float("nan")}) and first.best is None

@@ -13,12 +13,14 @@ one would.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
@@ -30,6 +32,7 @@ from shared.exceptions import DatasetError
 from shared.paths import check_tree_inside, printable, read_names, resolve_inside
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
 from shared.storage import Storage
+from worker.faults import in_stage
 
 
 @dataclass
@@ -76,6 +79,7 @@ def resolve_local(uri: str, data_root: Path | None) -> Path:
     return resolve_inside(data_root, uri[len(LOCAL_SCHEME):], source=uri)
 
 
+@in_stage("download")
 def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
     """A local folder holding ``uri``'s files: the download cache for S3, the folder itself for local.
 
@@ -91,6 +95,7 @@ def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | 
     return storage.download_prefix(uri, cache_dir)
 
 
+@in_stage("download")
 def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
     """A local copy (or the local file itself) of the object ``uri``."""
     if uri.startswith(LOCAL_SCHEME):
@@ -101,6 +106,7 @@ def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | No
     return storage.download_cached(uri, cache_dir)
 
 
+@in_stage("read data")
 def load_data(spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None) -> TrainingData:
     """Download (or find under ``data_root``) and build the job's datasets.
 
@@ -155,6 +161,7 @@ class _VisibleImageFolder(ImageFolder):
         relative = Path(path).relative_to(self.root_path).as_posix()
         return printable(self.original_names.get(relative, relative))
 
+    @in_stage("decode")
     def verify(self, max_listed: int = 10) -> None:
         """Decode every image once; fail listing the unreadable ones (never train on gray pixels).
 
@@ -169,7 +176,8 @@ class _VisibleImageFolder(ImageFolder):
         if marker is not None and marker.exists():
             return
         with ThreadPoolExecutor(max_workers=8) as pool:
-            problems = [p for p in pool.map(_decode_problem, (path for path, _ in self.samples)) if p]
+            check = functools.partial(_decode_problem, mode=self.mode)
+            problems = [p for p in pool.map(check, (path for path, _ in self.samples)) if p]
         if problems:
             listed = "; ".join(
                 f"{self.source_uri}/{self.relative(path)} ({_without_path(error, path)})"
@@ -191,21 +199,57 @@ def visible_class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
-def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL image (RGB, L, 1-bit, P with transparency, RGBA, CMYK…) to ``mode``.
+class ImageModeError(ValueError):
+    """An image whose pixel mode or values cannot be scaled to [0, 1]; the message names the mode."""
 
-    A palette image with a transparent colour goes through RGBA first, as PIL recommends, so
-    its colours are not mangled.
+
+#: Pillow modes of one channel with more than 8 bits, and the value that maps to 1.0: 16-bit
+#: unsigned (any byte order) and 32-bit signed ``I``. ``I`` holds what 16-bit PNGs and TIFFs
+#: opened as in older Pillow versions, so it is read as 16-bit: values must lie in 0..65535.
+HIGH_BIT_MODES: dict[str, float] = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image | torch.Tensor:
+    """``image`` in ``mode`` (``"L"`` or ``"RGB"``), ready for :func:`build_transform`, which
+    scales it to [0, 1].
+
+    8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV…) are converted by Pillow and
+    returned as a PIL image: alpha is dropped, a palette (with or without transparency) is looked
+    up, CMYK/YCbCr/LAB/HSV become RGB, and grayscale is Pillow's ITU-R 601-2 luma. Modes with more
+    bits become a float tensor ``(channels, H, W)`` already in [0, 1]: 16-bit (``I;16``, ``I;16B``,
+    and ``I``) divided by 65535, 32-bit float ``F`` taken as is.
+
+    Raises:
+        ImageModeError: ``I`` with values outside 0..65535, ``F`` with values outside [0, 1]
+            (or NaN), or a mode Pillow cannot convert (e.g. premultiplied ``La``); the message
+            names the mode (the caller names the file).
     """
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert(mode)
+    channels = 1 if mode == "L" else 3
+    if image.mode in HIGH_BIT_MODES or image.mode == "F":
+        pixels = np.asarray(image)
+        values = pixels.astype(np.float32) / HIGH_BIT_MODES.get(image.mode, 1.0)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (0.0 <= low and high <= 1.0):  # also catches NaN
+            raise ImageModeError(
+                f"mode {image.mode!r} pixel values span {float(pixels.min()):g}..{float(pixels.max()):g}; "
+                f"expected {'0..65535' if image.mode == 'I' else '0..1'}: rescale the file to 8 or 16 bits"
+            )
+        return torch.from_numpy(values).unsqueeze(0).expand(channels, -1, -1).contiguous()
+    if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
+        image = image.convert("RGBA")  # as Pillow recommends, so the palette is not mangled
+    elif image.mode in ("LAB",) and mode == "L":
+        image = image.convert("RGB")  # Pillow has no LAB → L
+    try:
+        return image.convert(mode)
+    except ValueError as exc:
+        raise ImageModeError(f"mode {image.mode!r} cannot be converted to {mode} ({exc})") from exc
 
 
-def _decode_problem(path: str) -> tuple[str, str] | None:
+def _decode_problem(path: str, mode: str = "RGB") -> tuple[str, str] | None:
     try:
         with Image.open(path) as image:
             image.load()  # a full decode: catches truncated files, not just bad headers
+            to_mode(image, mode)  # and a mode or value range that cannot be scaled to [0, 1]
     except Exception as exc:
         return path, f"{type(exc).__name__}: {exc}"
     return None
@@ -354,7 +398,13 @@ def _read_csv(path: Path, uri: str, spec: CsvDataset, features: list[str] | None
         if missing:
             raise DatasetError(f"{uri}: no column(s) {missing} (dataset.features); columns are {header}")
         rows, targets = [], []
-        for line, record in enumerate(reader, start=2):
+        for record in reader:
+            line = reader.line_num  # the physical line (a quoted cell may span several)
+            if None in record or None in record.values():  # csv.DictReader's extra / missing fields
+                fields = len(header) + len(record.get(None) or []) - sum(value is None for value in record.values())
+                raise DatasetError(f"{uri} line {line} has {fields} field(s); the header has {len(header)}")
+            if record[spec.target] == "":
+                raise DatasetError(f"{uri} line {line}: column {spec.target!r} (dataset.target) is empty")
             try:
                 values = [float(record[name]) for name in names]
             except (TypeError, ValueError):

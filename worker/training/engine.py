@@ -13,6 +13,7 @@ with weights bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ import shutil
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,13 @@ from shared.jobs import DatasetInfo, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage
+from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from worker.training.cpu import training_threads
 from worker.training.data import TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
-from worker.training.models import build_model, load_initial_weights
+from worker.training.models import build_model, download_weights, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
 
@@ -113,6 +115,7 @@ class TrainResult:
     val_loss: float
     val_accuracy: float
     runtime_s: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's (val_*, train_*)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,6 +168,7 @@ def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
     return [f"s3://{storage.bucket}/{key}" for _, key in sorted(ranked, reverse=True)]
 
 
+@in_stage("validation")
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -239,15 +243,23 @@ class _ScalarBuffer:
         self.values.append(value.detach())
         self.wall_times.append(time.time())  # the step's own time, not the later drain's
 
-    def drain(self, writer: SummaryWriter, tag: str) -> float | None:
-        """Write buffered points to ``writer`` under ``tag``; return the newest value."""
+    def drain(self, writer: SummaryWriter, tag: str) -> list[tuple[int, float]]:
+        """Write buffered points to ``writer`` under ``tag`` (non-finite ones too: TensorBoard
+        shows the divergence); return them as ``(step, value)`` pairs, oldest first."""
         if not self.values:
-            return None
+            return []
         values = torch.stack(self.values).float().cpu().tolist()  # sync point
-        for step, value, wall_time in zip(self.steps, values, self.wall_times, strict=True):
+        points = list(zip(self.steps, values, strict=True))
+        for (step, value), wall_time in zip(points, self.wall_times, strict=True):
             writer.add_scalar(tag, value, step, walltime=wall_time)
         self.steps, self.values, self.wall_times = [], [], []
-        return values[-1]
+        return points
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    """True if every floating-point parameter and buffer of ``model`` is finite (one sync)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> None:
@@ -269,9 +281,11 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
         try:
             model(torch.zeros(2, channels, size, size, device=device))
         except Exception as exc:
+            smallest = _smallest_input_size(model, channels, size, device)
+            hint = f"; the smallest dataset.image_size it takes is {smallest}" if smallest else ""
             raise JobFailure(
                 f"model.arch {spec.model.arch!r} cannot take {channels}x{size}x{size} images "
-                f"(dataset.image_size={size}): {type(exc).__name__}: {exc}"
+                f"(dataset.image_size={size}){hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             ) from exc
         finally:
             model.train()
@@ -284,8 +298,79 @@ class _NullWriter:
         return lambda *args, **kwargs: None
 
 
+def _smallest_input_size(model: nn.Module, channels: int, failed: int, device: torch.device, largest: int = 512) -> int | None:
+    """The smallest square side above ``failed`` (up to ``largest`` px) that ``model`` takes.
+
+    Only for the error message: doubles the side until a forward pass of one image works, then
+    bisects (assumes that a model taking a size takes every larger one, true of strided CNNs).
+    Call in eval mode under ``no_grad``. None when even ``largest`` fails.
+    """
+
+    def takes(side: int) -> bool:
+        try:
+            model(torch.zeros(1, channels, side, side, device=device))
+        except Exception:
+            return False
+        return True
+
+    low, high = failed, None  # low never works; high works
+    side = failed
+    while side < largest:
+        side = min(2 * side, largest)
+        if takes(side):
+            high = side
+            break
+        low = side
+    if high is None:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if takes(middle) else (middle, high)
+    return high
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True if ``model`` has a BatchNorm layer (1d/2d/3d, SyncBatchNorm): in training mode it
+    needs more than one value per channel, so a batch of 1 sample fails or trains on noise."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def drop_last(spec: JobSpec, num_train: int, model: nn.Module | None, batch_size: int | None = None) -> bool:
+    """Whether the training loader drops each epoch's last, incomplete batch (``spec.drop_last``).
+
+    ``num_train`` and ``batch_size`` (default ``spec.batch_size``) are one process's share when a
+    job runs on several GPUs.
+
+    ``auto`` drops it only when it would hold exactly 1 sample and ``model`` has BatchNorm; the
+    choice is a function of the spec and the data, so a resumed run counts the same steps.
+
+    Raises:
+        JobFailure: a batch of 1 sample would reach BatchNorm: ``batch_size`` 1, or
+            ``drop_last: false`` with a last batch of 1.
+    """
+    batchnorm = model is not None and has_batchnorm(model)
+    if batchnorm and spec.batch_size == 1:
+        raise JobFailure(
+            f"batch_size 1 cannot train model.arch {spec.model.arch!r}: its BatchNorm layers need at least 2 samples per batch"
+        )
+    last = num_train % (batch_size or spec.batch_size)
+    if spec.drop_last == "auto":
+        return batchnorm and last == 1
+    if not spec.drop_last and batchnorm and last == 1:
+        raise JobFailure(
+            f"with {num_train} training samples and batch_size {spec.batch_size} the last batch of each epoch holds "
+            f"1 sample, which the BatchNorm layers of model.arch {spec.model.arch!r} cannot train on: "
+            'set drop_last to "auto" or true, or change batch_size'
+        )
+    return spec.drop_last
+
+
 def _loaders(
-    data: TrainingData, spec: JobSpec, device: torch.device, group: ProcessGroup = SINGLE_PROCESS
+    data: TrainingData,
+    spec: JobSpec,
+    device: torch.device,
+    group: ProcessGroup = SINGLE_PROCESS,
+    model: nn.Module | None = None,
 ) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
     performance = spec.performance
     common: dict[str, Any] = dict(
@@ -301,7 +386,11 @@ def _loaders(
     # r, r + N, … of it (the union of the ranks' batches is the one-process batch). The loader
     # has its own generator so iterating it never draws from the global torch RNG.
     sampler = DistributedSampler(data.train, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=spec.seed)
-    train = StatefulDataLoader(data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), **common)
+    # drop_last looks at this rank's share: its samples and its part of the global batch.
+    last_drop = drop_last(spec, len(sampler), model, batch_size=common["batch_size"])
+    train = StatefulDataLoader(
+        data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), drop_last=last_drop, **common
+    )
     val = DataLoader(data.val, shuffle=False, **common)
     return train, sampler, val
 
@@ -324,6 +413,8 @@ class _Run:
         self.metrics: dict[str, float] = {}
         self.batch_in_epoch = 0  # micro-batches of the current epoch already trained on
         self.saves = 0  # checkpoints written by this attempt
+        self.last_checkpoint: str | None = None  # newest checkpoint (saved or resumed from): finite weights
+        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0  # this epoch's drained train losses
         self.runtime_before_s = 0.0  # training seconds of earlier attempts
         self.started = time.monotonic()
         self.start_step = 0
@@ -360,13 +451,16 @@ class _Run:
         code = self.group.share_int(0 if reason is None else reasons.index(reason) + 1)
         return reasons[code - 1] if code else None
 
+    @in_stage("resume")
     def resume(self, device: torch.device) -> str | None:
         """Restore the newest loadable checkpoint of this job, if any; return its URI."""
         for uri in checkpoint_uris(self.storage, self.job_id):
             path = self.workdir / "resume.pt"
             try:
                 checkpoint = load_checkpoint(self.storage.download_file(uri, path), map_location=device)
-            except Exception:  # never expected (S3 writes are atomic), but an older one will do
+            except Exception as exc:  # never expected (S3 writes are atomic), but an older one will do
+                if classify(exc) is Fault.TRANSIENT:
+                    raise  # S3 unreachable: retry the job later rather than start it over
                 logger.exception("job %s: checkpoint %s unreadable; trying an older one", self.job_id, uri)
                 continue
             finally:
@@ -400,19 +494,25 @@ class _Run:
             self.metrics = dict(checkpoint["metrics"])
             self._show_metrics()
             self.runtime_before_s = checkpoint["runtime_s"]
+            self.epoch_loss_sum, self.epoch_loss_steps = checkpoint.get("epoch_loss", (0.0, 0))
+            self.last_checkpoint = uri
             logger.info("job %s: resuming from %s (epoch %d, step %d)", self.job_id, uri, checkpoint["epoch"], checkpoint["step"])
             return uri
         return None
 
     def _show_metrics(self) -> None:
-        self.progress.val_metrics = {k: v for k, v in self.metrics.items() if k.startswith("val_")}
-        self.progress.val_loss = self.metrics.get("val_loss")
-        self.progress.val_accuracy = self.metrics.get("val_accuracy")
+        # Non-finite values (an r2 of a constant target) are left out of the record: JSON has no NaN.
+        shown = {k: v for k, v in self.metrics.items() if math.isfinite(v)}
+        self.progress.val_metrics = {k: v for k, v in shown.items() if k.startswith("val_")}
+        self.progress.val_loss = shown.get("val_loss")
+        self.progress.val_accuracy = shown.get("val_accuracy")
+        self.progress.train_epoch_loss = shown.get("train_epoch_loss")
 
     def record_validation(self, metrics: dict[str, float]) -> None:
         self.metrics.update(metrics)
         self._show_metrics()
 
+    @in_stage("checkpoint")
     def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str | None:
         """Save a checkpoint locally and queue its upload; return the URI it will have.
 
@@ -429,6 +529,11 @@ class _Run:
             if not self.group.is_main:
                 return None
         self.upload_tensorboard(writer)
+        if not _weights_finite(self.model):
+            raise JobFailure(
+                f"the weights became nan or inf by step {self.progress.step}, epoch {self.epoch_of(self.progress.step)}; "
+                f"last finite checkpoint: {self.last_checkpoint or 'none'}"
+            )
         # A local file per save: `best.pt` may be saved again while its last upload still waits.
         self.saves += 1
         path = save_checkpoint(
@@ -451,12 +556,15 @@ class _Run:
                 "scaler": self.fast.state_dict(),
                 "world_size": self.group.world_size,
                 "rank_states": rank_states[1:] if rank_states else [],
+                "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_steps] if mid_epoch else [0.0, 0],
             },
         )
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
+        self.last_checkpoint = uri
         self.uploader.submit_file(path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri))
         return uri
 
+    @in_stage("upload")
     def drain(self, *, stoppable: bool = True, max_wait_s: float | None = None) -> bool:
         """Wait for every upload; True once all are in S3.
 
@@ -484,16 +592,47 @@ class _Run:
         self.uploader.submit_snapshot(self.tb_dir, self.tb_uri, key="tensorboard")
         self.last_tb_upload = time.monotonic()
 
+    def epoch_of(self, step: int) -> int:
+        """The epoch (1-based) that optimizer step ``step`` (1-based) belongs to."""
+        return max(1, math.ceil(step / max(self.progress.steps_per_epoch, 1)))
+
+    def drain_losses(self, writer: SummaryWriter, losses: _ScalarBuffer) -> None:
+        """Copy the buffered train losses off the device (one sync), log them, check them.
+
+        Raises:
+            JobFailure: a loss is nan or inf (the job diverged), naming its step and epoch and
+                the newest checkpoint with finite weights.
+        """
+        points = losses.drain(writer, "train/loss")
+        if not points:
+            return
+        bad = next(((step, value) for step, value in points if not math.isfinite(value)), None)
+        if bad is not None:
+            step, value = bad
+            raise JobFailure(
+                f"loss became {value} at step {step}, epoch {self.epoch_of(step)}; "
+                f"last finite checkpoint: {self.last_checkpoint or 'none'} (lower optimizer.lr, or set grad_clip_norm)"
+            )
+        self.progress.train_loss = self.metrics["train_loss"] = points[-1][1]
+        self.epoch_loss_sum += sum(value for _, value in points)
+        self.epoch_loss_steps += len(points)
+
+    def end_epoch_loss(self, writer: SummaryWriter, losses: _ScalarBuffer) -> None:
+        """Log the mean train loss of the epoch just finished (``train/epoch_loss``) and reset it."""
+        self.drain_losses(writer, losses)
+        if self.epoch_loss_steps:
+            mean = self.epoch_loss_sum / self.epoch_loss_steps
+            self.progress.train_epoch_loss = self.metrics["train_epoch_loss"] = mean
+            writer.add_scalar("train/epoch_loss", mean, self.progress.step)
+        self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0
+
     def report(self, writer: SummaryWriter, losses: _ScalarBuffer, *, force: bool = False) -> None:
         if not self.group.is_main:
             return
         now = time.monotonic()
         if not force and now - self.last_progress < self.settings.progress_interval_s:
             return
-        latest = losses.drain(writer, "train/loss")
-        if latest is not None:
-            self.progress.train_loss = latest
-            self.metrics["train_loss"] = latest
+        self.drain_losses(writer, losses)
         elapsed = max(now - self.started, 1e-9)
         done = self.progress.step - self.start_step
         samples_per_step = self.spec.batch_size * self.spec.grad_accumulation_steps
@@ -586,13 +725,13 @@ def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, dev
         raise JobFailure(f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}")
     model = build_model(spec.model, input_shape=data.input_shape, num_outputs=data.num_outputs)
     if spec.model.weights_uri is not None:
-        path = storage.download_file(spec.model.weights_uri, run.workdir / "initial-weights.pt")
+        path = download_weights(storage, spec.model.weights_uri, run.workdir / "initial-weights.pt")
         load_initial_weights(model, path, spec.model.weights_uri)
     run.fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
     run.model = prepare_model(model.to(device), run.fast)
     _check_input_size(run.model, spec, device)
     run.optimizer = build_optimizer(spec, run.model.parameters())
-    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device, run.group)
+    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device, run.group, model=run.model)
     steps_per_epoch = math.ceil(len(run.loader) / spec.grad_accumulation_steps)
     run.progress.steps_per_epoch = steps_per_epoch
     run.progress.total_steps = spec.epochs * steps_per_epoch
@@ -613,8 +752,8 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     threads = training_threads(spec.num_workers, settings.torch_threads, processes=group.world_size)
     torch.set_num_threads(threads)
     logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
+    _prepare(run, spec, storage, settings, device)
     try:
-        _prepare(run, spec, storage, settings, device)
         loss_fn = build_loss(spec, run.data.num_outputs).to(device)
     except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
         raise JobFailure(str(exc)) from exc
@@ -673,6 +812,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
                     fast.unscale(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
                 fast.step(optimizer)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], run.progress.step + 1)  # the lr this step used
                 if run.scheduler is not None:
                     run.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -697,7 +837,9 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     except TrainingStopped:
         writer.close()
         raise
-    except BaseException:
+    except BaseException as exc:
+        step = run.progress.step + 1  # the step being taken (unless an inner stage was named)
+        mark_stage(exc, f"step {step} (epoch {run.epoch_of(step)})")
         # The events written so far are still worth having; but never hide the training error
         # behind an upload error.
         writer.close()
@@ -714,6 +856,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         val_loss=run.metrics.get("val_loss", float("nan")),
         val_accuracy=run.metrics.get("val_accuracy", float("nan")),
         runtime_s=run.runtime_s,
+        metrics=dict(run.metrics),
     )
 
 
@@ -733,12 +876,12 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
     decisions (best checkpoint, early stop) and joins the same checkpoints.
     """
     spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
+    run.end_epoch_loss(writer, losses)  # a diverged epoch fails here, before validation and checkpoints
     metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task, run.fast) if run.group.is_main else None
     metrics = run.group.share(metrics)
     run.record_validation(metrics)
     for name, value in metrics.items():
         writer.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
-    writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
     writer.add_scalar("train/epoch", epoch, step)
     stop_early = False
     if "early_stopping" in run.trackers:

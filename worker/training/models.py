@@ -7,10 +7,17 @@ from pathlib import Path
 
 import torch
 import torchvision
+from botocore.exceptions import ClientError
 from torch import nn
 
 from shared.exceptions import JobFailure
 from shared.spec import ModelSpec
+from shared.storage import Storage
+from worker.faults import Fault, classify, in_stage
+
+#: Key prefixes that wrappers add to a state_dict: ``nn.DataParallel`` and DDP (``module.``),
+#: ``torch.compile`` (``_orig_mod.``). Stripped from initial weights when every key has one.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class SmallCNN(nn.Module):
@@ -72,6 +79,7 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+@in_stage("build model")
 def build_model(spec: ModelSpec, *, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """Build the network named by ``spec.arch`` with random weights.
 
@@ -107,23 +115,88 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     raise ValueError(f"{type(model).__name__} has no Conv2d to take {channels}-channel input")
 
 
+@in_stage("initial weights")
+def download_weights(storage: Storage, uri: str, path: Path) -> Path:
+    """Download ``model.weights_uri`` to ``path``.
+
+    Raises:
+        JobFailure: the object does not exist or may not be read (naming ``uri``); a transient
+            S3 error propagates (the job is retried).
+    """
+    try:
+        return storage.download_file(uri, path)
+    except ClientError as exc:
+        if classify(exc) is not Fault.JOB:
+            raise
+        code = exc.response.get("Error", {}).get("Code", "?")
+        what = "does not exist" if code in {"404", "NoSuchKey", "NoSuchBucket"} else "cannot be read"
+        raise JobFailure(f"model.weights_uri {uri} {what} ({code})") from exc
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the key prefixes of :data:`WRAPPER_PREFIXES` (repeatedly, in any order)
+    when every key carries the same one: weights saved from ``DataParallel``/DDP or ``torch.compile``."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+        if prefix is None:
+            return state
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """What keeps ``state`` from loading into ``model``: missing and unexpected keys, other shapes."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+
+    def some(keys: list[str]) -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(repr(key) for key in keys[:shown]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({some(unexpected)})")
+    if shapes:
+        parts.append(
+            f"{len(shapes)} tensor(s) of another shape ("
+            + ", ".join(f"{key!r}: {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model" for key in shapes[:shown])
+            + (f" and {len(shapes) - shown} more" if len(shapes) > shown else "")
+            + ")"
+        )
+    return "; ".join(parts)
+
+
+@in_stage("initial weights")
 def load_initial_weights(model: nn.Module, path: Path, uri: str) -> None:
     """Load ``path`` (a trainq checkpoint, or a bare ``state_dict``) into ``model``, strictly.
 
     Loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary pickle is refused.
+    Keys saved from ``nn.DataParallel``/DDP (``module.``) or ``torch.compile`` (``_orig_mod.``)
+    are accepted: the prefix is stripped.
 
     Raises:
-        JobFailure: the file is not a state dict, or its tensors do not fit the model (naming
-            ``uri`` and the first mismatches).
+        JobFailure: the file is empty, not a ``torch.save`` file, not a state dict, or its tensors
+            do not fit the model (naming ``uri``, a few missing and unexpected keys, their counts and
+            the shapes that differ).
     """
+    if path.stat().st_size == 0:
+        raise JobFailure(f"model.weights_uri {uri} is an empty file (0 bytes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise JobFailure(f"model.weights_uri {uri}: not a weights_only-loadable file: {exc}") from exc
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise JobFailure(
+            f"model.weights_uri {uri} is not a weights-only file saved with torch.save ({type(exc).__name__}: {detail})"
+        ) from exc
     state = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise JobFailure(f"model.weights_uri {uri}: expected a state_dict or a trainq checkpoint")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise JobFailure(f"model.weights_uri {uri} does not fit model.arch: {str(exc).splitlines()[0]} {str(exc)[:500]}") from exc
+    state = strip_wrapper_prefixes(state)
+    problem = _mismatch(model, state)
+    if problem:
+        raise JobFailure(f"model.weights_uri {uri} does not fit model.arch: {problem}")
+    model.load_state_dict(state, strict=True)

@@ -5,6 +5,7 @@ Each builder turns a spec section into the torch object; nothing here runs the l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -122,8 +123,14 @@ class MetricTracker:
         self.stale_epochs = 0
 
     def update(self, metrics: dict[str, float]) -> bool:
-        """Record an epoch's metrics; True if ``metric`` improved on the best so far."""
+        """Record an epoch's metrics; True if ``metric`` improved on the best so far.
+
+        A NaN or infinite value is never an improvement (nor the best): it counts as a stale epoch.
+        """
         value = metrics[self.metric]
+        if not math.isfinite(value):
+            self.stale_epochs += 1
+            return False
         gain = None if self.best is None else (value - self.best if self.higher else self.best - value)
         if gain is None or gain > self.min_delta:
             self.best, self.stale_epochs = value, 0
