@@ -32,7 +32,7 @@ STACK_ENV = {
     "ADMIN_TOKEN": ADMIN_TOKEN,
     "MAX_ACTIVE_JOBS_PER_OWNER": "100000",
     "SUBMISSIONS_PER_MINUTE": "100000",
-    "QUEUES": "default,test-nobody-listens",
+    "QUEUES": "default,test-nobody-listens,ddp",
     "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/,s3://no-such-bucket-xyz/",
 }
 
