@@ -220,6 +220,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError(f"not a cursor from a previous page: {cursor[:40]!r}") from exc
 
 
+def _matches(summary: JobSummary, wanted: dict[str, str]) -> bool:
+    """True when ``summary`` has every ``field: value`` of ``wanted`` (state, queue, name)."""
+    found = {"state": summary.state.value, "queue": summary.queue, "name": summary.name}
+    return all(found[field] == value for field, value in wanted.items())
+
+
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out = {}
     for name, value in fields.items():
@@ -362,12 +368,13 @@ class JobStore:
         name: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
+        max_scanned: int = MAX_SCANNED_PER_PAGE,
     ) -> JobsPage:
         """Up to ``limit`` job summaries, newest first, after ``cursor``, matching every filter given.
 
         The page walks the smallest index among the filters (Redis sorted sets by creation time)
-        and checks the other filters on each summary, examining at most
-        :data:`MAX_SCANNED_PER_PAGE` jobs: its cost does not grow with the number of jobs.
+        and checks the other filters on each summary, examining at most ``max_scanned`` jobs
+        (then the page may be short, with a cursor): its cost does not grow with the number of jobs.
 
         Args:
             owner: only this owner's jobs; None lists every owner's.
@@ -385,15 +392,15 @@ class JobStore:
         after = decode_cursor(cursor) if cursor else None
         summaries: list[JobSummary] = []
         scanned, position, more = 0, None, False
-        chunks = self._walk(driver, after, batch=min(max(limit, 50), MAX_SCANNED_PER_PAGE))
-        for chunk in chunks:
+        chunks = self._walk(driver, after, batch=min(max(limit, 50), max_scanned))
+        for whole in chunks:
+            chunk = whole[: max_scanned - scanned]  # the budget is a hard bound on the records read
             for index, ((job_id, score), summary) in enumerate(zip(chunk, self._summaries([i for i, _ in chunk]))):
                 scanned, position = scanned + 1, (score, job_id)
-                if summary is not None and all(str(getattr(summary, f).value if f == "state" else getattr(summary, f)) == v
-                                               for f, v in wanted.items()):
+                if summary is not None and _matches(summary, wanted):
                     summaries.append(summary)
-                if len(summaries) == limit or scanned >= MAX_SCANNED_PER_PAGE:
-                    more = index < len(chunk) - 1 or next(chunks, None) is not None
+                if len(summaries) == limit or scanned >= max_scanned:
+                    more = index < len(whole) - 1 or next(chunks, None) is not None
                     break
             else:
                 continue

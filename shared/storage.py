@@ -90,6 +90,7 @@ class Storage:
             region_name=settings.aws_default_region,
             config=Config(
                 retries={"mode": "standard", "max_attempts": max_attempts},
+                signature_version="s3v4",  # presigned URLs too (AWS regions since 2014 accept only v4)
                 max_pool_connections=max_concurrency,
                 **({"connect_timeout": timeout_s, "read_timeout": timeout_s} if timeout_s else {}),
             ),

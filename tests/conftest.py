@@ -31,6 +31,9 @@ STACK_ENV = {
     "ADMIN_TOKEN": ADMIN_TOKEN,
     "MAX_ACTIVE_JOBS_PER_OWNER": "100000",
     "SUBMISSIONS_PER_MINUTE": "100000",
+    # Quick worker status reports and log uploads, so tests see them within seconds.
+    "WORKER_HEARTBEAT_INTERVAL_S": "1",
+    "LOG_UPLOAD_INTERVAL_S": "1",
 }
 
 
