@@ -437,11 +437,13 @@ def up(
 def demo(
     spec: Annotated[Path | None, typer.Option(help="Spec to train (default examples/digits.json).")] = None,
     out: Annotated[Path, typer.Option(help="Where the artifacts are copied.")] = Path("demo-artifacts"),
+    min_accuracy: Annotated[float, typer.Option(help="Exit 1 below this val accuracy.")] = 0.97,
 ) -> None:
     """Train a small CNN on real handwritten digits through a fresh local stack; as `make demo`."""
     from trainq.demo import main as demo_main
 
-    raise typer.Exit(demo_main((["--spec", str(spec)] if spec else []) + ["--out", str(out)]))
+    argv = (["--spec", str(spec)] if spec else []) + ["--out", str(out), "--min-accuracy", str(min_accuracy)]
+    raise typer.Exit(demo_main(argv))
 
 
 # -- tokens -----------------------------------------------------------------------------------
