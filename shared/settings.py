@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # -- who may submit, and how much ----------------------------------------------------------
     auth_required: bool = Field(
         False,
-        description="Require a bearer token on every route but `/healthz` (401 without one). Off: requests "
+        description="Require a bearer token on every route but `/healthz` and `/readyz` (401 without one). Off: requests "
         "without a token act as owner `local`, and only loopback clients are served.",
     )
     admin_token: SecretStr | None = Field(
