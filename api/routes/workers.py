@@ -44,7 +44,9 @@ def read_workers(store: StoreDep, principal: PrincipalDep, _: Annotated[NoQuery,
 
 
 @router.get("/queues", response_model=QueueList)
-def read_queues(store: StoreDep, settings: SettingsDep, _: Annotated[NoQuery, Query()]) -> QueueList:
+def read_queues(
+    store: StoreDep, settings: SettingsDep, _principal: PrincipalDep, _: Annotated[NoQuery, Query()]
+) -> QueueList:
     """Each queue: messages waiting (`depth`) and live workers consuming it."""
     workers = live_workers(store.redis)
     names = set(store.queues()) | {settings.default_queue} | {queue for worker in workers for queue in worker.queues}
