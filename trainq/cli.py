@@ -397,7 +397,8 @@ def workers(ctx: typer.Context, as_json: JsonOption = False) -> None:
     for worker in found:
         device = ", ".join(f"{gpu.name} ({gpu.memory_bytes / 2**30:.0f} GiB)" for gpu in worker.device.gpus) or "cpu"
         table.add_row(
-            worker.name, ",".join(worker.queues), device, worker.device.cuda_version or "-", worker.current_job or "-",
+            worker.name, ",".join(worker.queues), device, (worker.device.cuda_version or "-") if worker.device.cuda_available else "-",
+            worker.current_job or "-",
             f"{now - worker.last_heartbeat:.0f} s ago",
         )
     _console().print(table if found else "no live workers")

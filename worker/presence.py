@@ -34,6 +34,8 @@ class WorkerStats:
         self._last_started: str | None = None
         self._metrics = WorkerMetrics()
         self._last_progress: tuple[int, float] | None = None  # (step, runtime_s)
+        #: Set when the current job changes, so the status is published at once.
+        self.changed = threading.Event()
 
     def job_started(self, job_id: str) -> None:
         """An attempt of ``job_id`` began on this worker."""
@@ -41,12 +43,14 @@ class WorkerStats:
             self.current_job = self._last_started = job_id
             self._last_progress = None
             self._metrics.samples_per_s = self._metrics.step_time_s = None
+        self.changed.set()
 
     def job_ended(self) -> None:
         """The current attempt ended (whatever its outcome)."""
         with self._lock:
             self.current_job = None
             self._metrics.samples_per_s = self._metrics.step_time_s = None
+        self.changed.set()
 
     def count_outcome(self, job_id: str, state: JobState) -> None:
         """Count how an attempt of ``job_id`` ended; a delivery that ran no attempt is not counted."""
@@ -128,17 +132,20 @@ class WorkerPresence(threading.Thread):
         publish(self.redis, self.status, self.interval_s)
 
     def run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             try:
                 self.publish_now()
             except redis.RedisError as exc:  # Redis restarting: report again next time
                 logger.warning("worker status not published (%s)", exc)
-            if self._stopped.wait(self.interval_s):
-                return
+            self.stats.changed.wait(self.interval_s)  # a job starting or ending is reported at once
+            self.stats.changed.clear()
 
     def stop(self) -> None:
         """Stop reporting and remove the status (a clean shutdown)."""
         self._stopped.set()
+        self.stats.changed.set()
+        if self.is_alive():
+            self.join(timeout=5)  # no report after the withdrawal
         try:
             withdraw(self.redis, self.status.name)
         except redis.RedisError:
