@@ -19,20 +19,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from shared.joblogs import COMPLETE_METADATA, log_uri
 from shared.sanitize import EscapeControlsFilter, redact_addresses
 from shared.settings import Settings
 from shared.storage import Storage, parse_s3_uri
 
 logger = logging.getLogger(__name__)
 
-#: Object metadata key (``x-amz-meta-complete``) set to ``true`` on an attempt's last upload.
-COMPLETE_METADATA = "complete"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def log_uri(storage: Storage, job_id: str, attempt: int) -> str:
-    """``s3://<bucket>/<prefix>/<job_id>/logs/attempt-<attempt>.log``."""
-    return storage.job_uri(job_id, "logs", f"attempt-{attempt}.log")
 
 
 class _AttemptHandler(logging.Handler):

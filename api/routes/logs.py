@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import StorageDep, StoreDep, VisibleJobDep
+from shared.joblogs import COMPLETE_METADATA, log_uri
 from shared.jobs import JobRecord, JobStore
 from shared.schemas import ErrorDetail
 from shared.storage import Storage, parse_s3_uri
@@ -41,11 +42,6 @@ class LogsQuery(BaseModel):
     attempt: int | None = Field(None, ge=1, le=10_000, description="Only this attempt (default: every attempt, in order).")
 
 
-def log_uri(storage: Storage, job_id: str, attempt: int) -> str:
-    """Where the worker uploads an attempt's log (as :func:`worker.joblog.log_uri`)."""
-    return storage.job_uri(job_id, "logs", f"attempt-{attempt}.log")
-
-
 def _head(storage: Storage, uri: str) -> tuple[int, bool] | None:
     """``(size in bytes, complete)`` of a log object, or None when there is none (yet)."""
     bucket, key = parse_s3_uri(uri)
@@ -55,7 +51,7 @@ def _head(storage: Storage, uri: str) -> tuple[int, bool] | None:
         if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
             return None
         raise
-    return head["ContentLength"], head.get("Metadata", {}).get("complete") == "true"
+    return head["ContentLength"], head.get("Metadata", {}).get(COMPLETE_METADATA) == "true"
 
 
 def _read(storage: Storage, uri: str, start: int) -> bytes:
@@ -100,11 +96,9 @@ def read_logs(
     With `follow=true`, server-sent events that go on until the job ends."""
     if query.follow:
         attempt, offset = query.attempt or 1, 0
-        if last_event_id:
-            try:
-                attempt, offset = (int(part) for part in last_event_id.split(":", 1))
-            except ValueError:
-                pass
+        resume = (last_event_id or "").split(":")
+        if len(resume) == 2 and resume[0].isdigit() and resume[1].isdigit() and int(resume[0]) >= 1:
+            attempt, offset = int(resume[0]), int(resume[1])  # an id this route sent: "<attempt>:<offset>"
         return EventSourceResponse(_follow(job, storage, store, attempt, offset, only=query.attempt is not None), ping=15)
     if query.attempt is not None:
         uri = log_uri(storage, job.id, query.attempt)
