@@ -15,7 +15,11 @@ from tests.fixtures import example_spec
 from trainq.stack import LocalStack, free_port
 
 
-def _parked(api: httpx.Client, queue: str, **overrides) -> dict:
+#: A queue no worker consumes (the only one besides `default` that main's QUEUES allows in tests).
+PARKED = "test-nobody-listens"
+
+
+def _parked(api: httpx.Client, queue: str = PARKED, **overrides) -> dict:
     response = api.post("/jobs", json=example_spec() | {"queue": queue} | overrides)
     assert response.status_code == 202, response.text
     return response.json()
@@ -31,13 +35,14 @@ def owner_client(stack: LocalStack):
 
 # -- GET /jobs --------------------------------------------------------------------------------
 def test_the_list_filters_by_state_queue_and_name_with_a_cursor(owner_client: httpx.Client, stack: LocalStack):
-    queue = f"q-{uuid.uuid4().hex[:8]}"
+    queue = PARKED  # the owner is new: its jobs on this queue are the test's
     first = _parked(owner_client, queue, name="alpha")
     second = _parked(owner_client, queue, name="beta")
     third = _parked(owner_client, queue, name="alpha")
     assert owner_client.post(f"/jobs/{second['id']}/cancel").status_code == 202
     ids = lambda page: [job["id"] for job in page["data"]]  # noqa: E731
     assert ids(owner_client.get("/jobs", params={"state": "cancelled"}).json()) == [second["id"]]
+    assert owner_client.get("/jobs", params={"queue": "default"}).json()["data"] == []
     assert ids(owner_client.get("/jobs", params={"state": "queued", "queue": queue}).json()) == [third["id"], first["id"]]
     assert ids(owner_client.get("/jobs", params={"name": "alpha", "state": "queued"}).json()) == [third["id"], first["id"]]
     page = owner_client.get("/jobs", params={"queue": queue, "limit": 2}).json()
@@ -51,6 +56,7 @@ def test_the_list_filters_by_state_queue_and_name_with_a_cursor(owner_client: ht
     assert other.get("/jobs", params={"owner": first["owner"]}).json()["data"] == []
     admin = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert ids(admin.get("/jobs", params={"owner": first["owner"], "queue": queue}).json()) == [third["id"], second["id"], first["id"]]
+    assert first["id"] not in ids(admin.get("/jobs", params={"owner": "someone-else"}).json())
 
 
 @pytest.mark.parametrize(
@@ -72,7 +78,7 @@ def test_bad_or_unknown_list_parameters_are_422_naming_them(api: httpx.Client, p
 
 @pytest.mark.parametrize("path", ["/workers", "/queues", "/jobs/{id}/artifacts", "/jobs/{id}/logs", "/config/tensorboard"])
 def test_other_routes_refuse_unknown_parameters(api: httpx.Client, path: str):
-    job = _parked(api, "test-nobody-listens")
+    job = _parked(api)
     response = api.get(path.format(id=job["id"]), params={"verbose": "1"})
     assert response.status_code == 422 and ["query", "verbose"] in [e["loc"] for e in response.json()["detail"]]
 
@@ -88,11 +94,12 @@ def test_workers_report_themselves(api: httpx.Client):
 
 
 def test_queues_count_waiting_jobs_and_their_workers(api: httpx.Client):
-    queue = f"q-{uuid.uuid4().hex[:8]}"
+    depth = lambda: {q["name"]: q for q in api.get("/queues").json()["data"]}.get(PARKED, {"depth": 0})["depth"]  # noqa: E731
+    before = depth()
     for _ in range(2):
-        _parked(api, queue)
+        _parked(api)
     queues = {q["name"]: q for q in api.get("/queues").json()["data"]}
-    assert queues[queue] == {"name": queue, "depth": 2, "workers": 0}
+    assert queues[PARKED] == {"name": PARKED, "depth": before + 2, "workers": 0}
     assert queues["default"]["workers"] >= 1
 
 
@@ -113,10 +120,10 @@ def test_readyz_is_503_while_s3_is_unreachable(stack: LocalStack, tmp_path: Path
 
 # -- metrics ----------------------------------------------------------------------------------
 def test_metrics_count_jobs_queues_workers_and_submits(api: httpx.Client, stack: LocalStack):
-    queue = f"q-{uuid.uuid4().hex[:8]}"
-    _parked(api, queue)
+    _parked(api)
     text = api.get("/metrics").text
-    assert f'trainq_queue_depth{{queue="{queue}"}} 1.0' in text
+    depth = next(line for line in text.splitlines() if line.startswith(f'trainq_queue_depth{{queue="{PARKED}"}}'))
+    assert float(depth.split()[1]) >= 1
     assert 'trainq_jobs{state="queued"}' in text and "trainq_job_store_up 1.0" in text
     assert "trainq_workers " in text and 'trainq_worker_busy{worker="worker1@' in text
     assert 'trainq_worker_upload_bytes_total{worker="worker1@' in text
