@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the job store, the Celery app, the settings and who is asking."""
+"""FastAPI dependencies: the job store, S3, the Celery app, the settings, who is asking, and the job asked about."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from shared.auth import ANONYMOUS_OWNER, Principal, authenticate
-from shared.jobs import JobStore
+from shared.exceptions import JobNotFoundError
+from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
+from shared.storage import Storage
 
 
 def get_store(request: Request) -> JobStore:
@@ -29,7 +31,13 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_storage(request: Request) -> Storage:
+    """The process's S3 :class:`Storage` (logs, artifacts, readiness)."""
+    return request.app.state.storage
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
@@ -88,3 +96,18 @@ def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_visible_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
+    """The record of ``job_id`` if the caller may see it; 404 otherwise (also for another owner's job,
+    so ids do not leak)."""
+    try:
+        record = store.get(job_id)
+    except JobNotFoundError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    if not principal.can_see(record.owner):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(JobNotFoundError(job_id)))
+    return record
+
+
+VisibleJobDep = Annotated[JobRecord, Depends(get_visible_job)]

@@ -1,4 +1,8 @@
-"""The trainq HTTP API (FastAPI). Run with ``uvicorn api.main:app``; OpenAPI docs at ``/docs``."""
+"""The trainq HTTP API (FastAPI). Run with ``uvicorn api.main:app``; OpenAPI docs at ``/docs``.
+
+The docs pages (Swagger UI at ``/docs``, ReDoc at ``/redoc``) load their JavaScript and CSS from the
+API itself (fastapi-offline ships them), so they work on a cluster without internet access.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,17 @@ from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
-from api.deps import StoreDep
-from api.routes import jobs
+from api.metrics import instrument
+from api.routes import artifacts, config, health, jobs, logs, workers
 from shared.auth import ANONYMOUS_OWNER, MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
+from shared.schemas import ErrorDetail
 from shared.settings import Settings, get_settings
 from shared.spec import json_path
+from shared.storage import Storage
 
 
 logger = logging.getLogger(__name__)
@@ -113,10 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _warn_about_auth(settings)
         app.state.store = JobStore.from_url(settings.redis_url)
         app.state.celery = make_celery(settings)
+        app.state.storage = Storage(settings)
+        # Readiness must answer within a probe's timeout: one try, short timeouts.
+        app.state.s3_probe = Storage(settings, max_attempts=1, timeout_s=2)
+        app.state.presigner = Storage(settings, endpoint_url=settings.s3_public_endpoint_url)
         yield
         app.state.store.redis.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="trainq",
         summary="Self-hosted batch training: POST a PyTorch training spec, get checkpoints and TensorBoard logs in S3.",
         version="0.1.0",
@@ -124,19 +135,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # 413 for bodies over 1 MiB (a spec is a few KB), counted on the bytes read, so a chunked
         # body without Content-Length is limited too.
         max_body_size=MAX_BODY_BYTES,
+        responses={503: {"model": ErrorDetail, "description": "Redis (the job store) unavailable; try again."}},
     )
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.ConnectionError, redis_unavailable)
     app.add_exception_handler(redis.TimeoutError, redis_unavailable)
 
     app.include_router(jobs.router)
-
-    @app.get("/healthz", tags=["health"])
-    def healthz(store: StoreDep) -> dict[str, str]:
-        """`{"status": "ok"}` when the API can reach Redis (503 otherwise)."""
-        store.redis.ping()
-        return {"status": "ok"}
-
+    app.include_router(logs.router)
+    app.include_router(artifacts.router)
+    app.include_router(workers.router)
+    app.include_router(config.router)
+    app.include_router(health.router)
+    instrument(app)
     return app
 
 

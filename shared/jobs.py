@@ -4,18 +4,24 @@ A record is a Redis hash ``trainq:job:<id>`` whose fields are JSON values; the s
 ``trainq:jobs`` (score: creation time, seconds since the epoch) lists ids newest first, and
 ``trainq:jobs:owner:<owner>`` the same for one owner (so an owner's list stays fast); the set
 ``trainq:running`` holds the ids of running jobs (what the reaper inspects), and
-``trainq:active:<owner>`` an owner's jobs that are not final (their quota). State changes go
+``trainq:active:<owner>`` an owner's jobs that are not final (their quota). The list filters have
+indexes of their own, sorted by creation time like ``trainq:jobs``: ``trainq:jobs:<field>:<value>``
+and ``trainq:jobs:owner:<owner>:<field>:<value>`` for ``state``, ``queue`` and ``name`` (the
+state's move with each transition), so a filtered page reads only the jobs it returns. State changes go
 through :meth:`JobStore.transition`, which checks the lifecycle in a Redis transaction
 (WATCH/MULTI), so the API, a worker and a reaper never both win a race.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import time
 import uuid
 from enum import Enum
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -30,8 +36,15 @@ INDEX_KEY = "trainq:jobs"
 OWNER_INDEX_KEY = "trainq:jobs:owner:{}"
 ACTIVE_KEY = "trainq:active:{}"
 RUNNING_KEY = "trainq:running"
+#: Every queue a job was ever submitted to (``GET /queues``).
+QUEUES_KEY = "trainq:queues"
 IDEMPOTENCY_KEY = "trainq:idempotency:{}"
 IDEMPOTENCY_TTL_S = 24 * 3600
+#: Fields of a record that ``GET /jobs`` can filter on; each has an index per value.
+FILTER_FIELDS = ("state", "queue", "name")
+#: Index entries a filtered list examines at most per page (the page may come back short, with a
+#: cursor to go on): bounds the work of a page whatever the number of jobs.
+MAX_SCANNED_PER_PAGE = 2000
 
 
 class JobState(str, Enum):
@@ -172,6 +185,54 @@ class JobSummary(BaseModel):
     error: str | None = None
 
 
+class JobsPage(BaseModel):
+    """A page of job summaries, newest first.
+
+    Follow ``next_cursor`` (pass it as ``cursor``) until it is null. A filtered page may hold
+    fewer than ``limit`` jobs while more follow: it stops after examining a bounded number of jobs.
+    """
+
+    data: list[JobSummary]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last page.")
+    count: int | None = Field(
+        None, description="Jobs matching the filters in all; null when several filters combine (not counted)."
+    )
+
+
+def index_keys(owner: str, **values: str | None) -> list[str]:
+    """The sorted-set keys that list a job of ``owner`` with these filter values (``state=…``,
+    ``queue=…``, ``name=…``; None skips a field): one for every owner, one for ``owner``."""
+    keys = []
+    for field, value in values.items():
+        if value is not None:
+            keys += [f"{INDEX_KEY}:{field}:{value}", f"{OWNER_INDEX_KEY.format(owner)}:{field}:{value}"]
+    return keys
+
+
+def encode_cursor(score: float, job_id: str) -> str:
+    """An opaque cursor for the position just after ``(score, job_id)`` in newest-first order."""
+    return base64.urlsafe_b64encode(f"{score!r} {job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """``(score, job_id)`` of a cursor from :func:`encode_cursor`.
+
+    Raises:
+        ValueError: not such a cursor.
+    """
+    try:
+        score, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split(" ", 1)
+        return float(score), job_id
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not a cursor from a previous page: {cursor[:40]!r}") from exc
+
+
+def _matches(summary: JobSummary, wanted: dict[str, str]) -> bool:
+    """True when ``summary`` has every ``field: value`` of ``wanted`` (state, queue, name)."""
+    found = {"state": summary.state.value, "queue": summary.queue, "name": summary.name}
+    return all(found[field] == value for field, value in wanted.items())
+
+
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out = {}
     for name, value in fields.items():
@@ -274,7 +335,10 @@ class JobStore:
                     pipe.hset(JOB_KEY.format(record.id), mapping=_encode(record.model_dump(mode="json", exclude_none=True)))
                     pipe.zadd(INDEX_KEY, {record.id: record.created_at})
                     pipe.zadd(OWNER_INDEX_KEY.format(record.owner), {record.id: record.created_at})
+                    for key in index_keys(record.owner, state=record.state.value, queue=record.queue, name=record.name):
+                        pipe.zadd(key, {record.id: record.created_at})
                     pipe.sadd(active_key, record.id)
+                    pipe.sadd(QUEUES_KEY, record.queue)
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -302,23 +366,118 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return JobRecord.model_validate(_decode(raw))
 
-    def list(self, *, owner: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[JobSummary], int]:
-        """Up to ``limit`` job summaries, newest first, skipping ``offset``; and the total count.
+    def list(
+        self,
+        *,
+        owner: str | None = None,
+        state: JobState | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        max_scanned: int = MAX_SCANNED_PER_PAGE,
+    ) -> JobsPage:
+        """Up to ``limit`` job summaries, newest first, after ``cursor``, matching every filter given.
+
+        The page walks the smallest index among the filters (Redis sorted sets by creation time)
+        and checks the other filters on each summary, examining at most ``max_scanned`` jobs
+        (then the page may be short, with a cursor): its cost does not grow with the number of jobs.
 
         Args:
             owner: only this owner's jobs; None lists every owner's.
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            ValueError: ``cursor`` is not a cursor from a previous page.
         """
-        index = INDEX_KEY if owner is None else OWNER_INDEX_KEY.format(owner)
-        ids = self.redis.zrevrange(index, offset, offset + limit - 1)
+        values = {"state": state.value if state is not None else None, "queue": queue, "name": name}
+        wanted = {field: value for field, value in values.items() if value is not None}
+        base = INDEX_KEY if owner is None else OWNER_INDEX_KEY.format(owner)
+        candidates = [f"{base}:{field}:{value}" for field, value in wanted.items()] or [base]
+        sizes = [self.redis.zcard(key) for key in candidates]
+        driver = candidates[sizes.index(min(sizes))]
+        after = decode_cursor(cursor) if cursor else None
+        summaries: list[JobSummary] = []
+        scanned, position, more = 0, None, False
+        chunks = self._walk(driver, after, batch=min(max(limit, 50), max_scanned))
+        for whole in chunks:
+            chunk = whole[: max_scanned - scanned]  # the budget is a hard bound on the records read
+            for index, ((job_id, score), summary) in enumerate(zip(chunk, self._summaries([i for i, _ in chunk]))):
+                scanned, position = scanned + 1, (score, job_id)
+                if summary is not None and _matches(summary, wanted):
+                    summaries.append(summary)
+                if len(summaries) == limit or scanned >= max_scanned:
+                    more = index < len(whole) - 1 or next(chunks, None) is not None
+                    break
+            else:
+                continue
+            break
+        return JobsPage(
+            data=summaries,
+            next_cursor=encode_cursor(*position) if more and position is not None else None,
+            count=min(sizes) if len(candidates) == 1 else None,
+        )
+
+    def _walk(self, key: str, after: tuple[float, str] | None, batch: int) -> Iterator[list[tuple[str, float]]]:
+        """Chunks of ``(job_id, score)`` of sorted set ``key``, newest first, strictly after ``after``.
+
+        Equal scores come in descending id order (ZREVRANGEBYSCORE's), which the cursor follows.
+        """
+        top = "+inf" if after is None else repr(after[0])
+        offset = 0
+        while True:
+            rows = self.redis.zrevrangebyscore(key, top, "-inf", start=offset, num=batch, withscores=True)
+            offset += len(rows)
+            chunk = [
+                (member.decode(), score)
+                for member, score in rows
+                if after is None or score < after[0] or member.decode() < after[1]
+            ]
+            if chunk:
+                yield chunk
+            if len(rows) < batch:
+                return
+
+    def _summaries(self, job_ids: list[str]) -> list[JobSummary | None]:
+        """Summaries of ``job_ids`` in order (None for a record that is gone), in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(JOB_KEY.format(job_id.decode()), SUMMARY_FIELDS)
-        summaries = []
+        for job_id in job_ids:
+            pipe.hmget(JOB_KEY.format(job_id), SUMMARY_FIELDS)
+        summaries: list[JobSummary | None] = []
         for values in pipe.execute():
             fields = {name: json.loads(value) for name, value in zip(SUMMARY_FIELDS, values) if value is not None}
-            if fields:
-                summaries.append(JobSummary.model_validate(fields))
-        return summaries, self.redis.zcard(index)
+            summaries.append(JobSummary.model_validate(fields) if "state" in fields else None)
+        return summaries
+
+    def queues(self) -> list[str]:
+        """Every queue a job was submitted to, sorted."""
+        return sorted(member.decode() for member in self.redis.smembers(QUEUES_KEY))
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """Jobs in each state, over every owner (one ZCARD per state)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in JobState:
+            pipe.zcard(f"{INDEX_KEY}:state:{state.value}")
+        return dict(zip(JobState, pipe.execute()))
+
+    def rebuild_indexes(self) -> int:
+        """Write the filter indexes of every job (records made before they existed); return the count."""
+        job_ids = [member.decode() for member in self.redis.zrange(INDEX_KEY, 0, -1)]
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            read = self.redis.pipeline(transaction=False)
+            for job_id in chunk:
+                read.hmget(JOB_KEY.format(job_id), ("owner", "state", "queue", "name", "created_at"))
+            write = self.redis.pipeline(transaction=False)
+            for job_id, values in zip(chunk, read.execute()):
+                if values[1] is None:
+                    continue
+                owner, state, queue, name, created_at = (json.loads(v) if v is not None else None for v in values)
+                for key in index_keys(owner or ANONYMOUS_OWNER, state=state, queue=queue, name=name):
+                    write.zadd(key, {job_id: created_at})
+                write.sadd(QUEUES_KEY, queue)
+            write.execute()
+        return len(job_ids)
 
     def running_ids(self) -> list[str]:
         """Ids of jobs in the ``running`` state."""
@@ -374,14 +533,19 @@ class JobStore:
                         update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
+                    owner = current.get("owner", ANONYMOUS_OWNER)
                     pipe.multi()
                     pipe.hset(key, mapping=_encode(update))
+                    for index in index_keys(owner, state=previous.value):
+                        pipe.zrem(index, job_id)
+                    for index in index_keys(owner, state=state.value):
+                        pipe.zadd(index, {job_id: current["created_at"]})
                     if state is JobState.RUNNING:
                         pipe.sadd(RUNNING_KEY, job_id)
                     else:
                         pipe.srem(RUNNING_KEY, job_id)
                     if state.is_final:
-                        pipe.srem(ACTIVE_KEY.format(current.get("owner", ANONYMOUS_OWNER)), job_id)
+                        pipe.srem(ACTIVE_KEY.format(owner), job_id)
                     pipe.execute()
                     break
                 except redis.WatchError:

@@ -11,9 +11,14 @@ Configured for long GPU jobs:
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from shared.settings import Settings
+
+#: The lists kombu's Redis transport keeps per queue: the queue's name for priority 0 and the name
+#: plus ``\x06\x16<priority>`` for each other step of its default ``priority_steps`` (0, 3, 6, 9).
+_PRIORITY_SEP, _PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
 
 #: Name of the one task: its only argument is the job id; the spec is read from the job record.
 TRAIN_TASK = "trainq.train"
@@ -52,3 +57,11 @@ def make_celery(settings: Settings) -> Celery:
 def enqueue(app: Celery, job_id: str, queue: str) -> None:
     """Send the message that makes a worker on ``queue`` run job ``job_id``."""
     app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in Celery's Redis lists for ``queue`` (not those a worker has taken)."""
+    pipe = client.pipeline(transaction=False)
+    for name in [queue, *(f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS)]:
+        pipe.llen(name)
+    return sum(pipe.execute())

@@ -57,6 +57,12 @@ def public_message(exc: BaseException) -> str:
     return f"{kind}: {text}" if text else kind
 
 
+def redact_addresses(text: str) -> str:
+    """``text`` with service URLs (``http://10.0.0.5:9000/…``, ``redis://…``) and ``ip:port`` written
+    as ``<endpoint>`` (``s3://`` URIs, which name the user's own data, are kept)."""
+    return _HOST_PORT.sub("<endpoint>", _SERVICE_URL.sub("<endpoint>", text))
+
+
 class EscapeControlsFilter(logging.Filter):
     """A handler filter that escapes control characters in each record's message and traceback.
 

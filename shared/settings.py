@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = Field(None, description="S3 access key (boto3's default chain if unset).")
     aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret key.")
     aws_default_region: str | None = Field(None, description="S3 region, e.g. `us-east-1`.")
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint as clients outside the cluster reach it, for presigned artifact URLs and "
+        "`trainq tensorboard` (e.g. `https://minio.example.com`); default `S3_ENDPOINT_URL`.",
+    )
     s3_bucket: str = Field("trainq", description="Bucket that holds datasets and job artifacts.")
     s3_prefix: str = Field(
         "jobs", description="Key prefix under which each job writes `<prefix>/<job_id>/...`."
@@ -40,7 +45,7 @@ class Settings(BaseSettings):
     # -- who may submit, and how much ----------------------------------------------------------
     auth_required: bool = Field(
         False,
-        description="Require a bearer token on every route but `/healthz` (401 without one). Off: requests "
+        description="Require a bearer token on every route but `/healthz` and `/readyz` (401 without one). Off: requests "
         "without a token act as owner `local`, and only loopback clients are served.",
     )
     admin_token: SecretStr | None = Field(
@@ -90,6 +95,18 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(10.0, gt=0, description="Seconds between a worker's scans for jobs whose worker died.")
     cancel_poll_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's checks for a cancel request.")
+    log_upload_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between uploads of a running job's log (`<prefix>/<job_id>/logs/attempt-N.log`)."
+    )
+    log_max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Bytes of log kept per attempt; later lines are dropped (the log says so)."
+    )
+    worker_heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between a worker's status reports in Redis (`GET /workers`); gone after 3 missed."
+    )
+    artifact_url_expiry_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Seconds the presigned URLs of `GET /jobs/{id}/artifacts` stay valid."
+    )
     upload_deadline_s: float = Field(
         900.0,
         gt=0,

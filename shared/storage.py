@@ -99,11 +99,13 @@ def _plan_download(
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object under a prefix: its key, size in bytes and ETag (quotes stripped)."""
+    """One object under a prefix: its key, size in bytes, ETag (quotes stripped) and last change
+    (seconds since the epoch)."""
 
     key: str
     size: int
     etag: str
+    last_modified: float = 0.0
 
 
 class Storage:
@@ -113,21 +115,33 @@ class Storage:
         settings: gives ``s3_endpoint_url`` (None means AWS), ``s3_bucket`` and ``s3_prefix``.
         max_attempts: boto3 ``standard`` retry mode attempts per request (backoff between them).
         max_concurrency: parallel transfers when a prefix is downloaded (many small files).
+        endpoint_url: another endpoint than ``s3_endpoint_url`` (presigned URLs for clients outside).
+        timeout_s: connect and read timeout in seconds (boto3's default, 60, if None).
     """
 
-    def __init__(self, settings: Settings, *, max_attempts: int = 10, max_concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_attempts: int = 10,
+        max_concurrency: int = 16,
+        endpoint_url: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
         secret = settings.aws_secret_access_key
         self.client = boto3.client(
             "s3",
-            endpoint_url=settings.s3_endpoint_url,
+            endpoint_url=endpoint_url or settings.s3_endpoint_url,
             aws_access_key_id=settings.aws_access_key_id,
             aws_secret_access_key=secret.get_secret_value() if secret else None,
             region_name=settings.aws_default_region,
             config=Config(
                 retries={"mode": "standard", "max_attempts": max_attempts},
+                signature_version="s3v4",  # presigned URLs too (AWS regions since 2014 accept only v4)
                 max_pool_connections=max_concurrency,
+                **({"connect_timeout": timeout_s, "read_timeout": timeout_s} if timeout_s else {}),
             ),
         )
         self.transfer_config = TransferConfig(max_concurrency=max_concurrency)
@@ -159,7 +173,9 @@ class Storage:
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    objects.append(ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"')))
+                    objects.append(
+                        ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"].timestamp())
+                    )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in {"NoSuchBucket", "AccessDenied", "InvalidBucketName", "403", "404"}:
@@ -260,6 +276,11 @@ class Storage:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(bucket, key, str(path))
         return path
+
+    def presigned_url(self, uri: str, expires_s: int) -> str:
+        """An HTTP GET URL for the object ``uri`` that works without credentials for ``expires_s`` seconds."""
+        bucket, key = parse_s3_uri(uri)
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
 
     # -- writing ----------------------------------------------------------------------------
     def upload_file(self, path: Path, uri: str) -> str:

@@ -252,7 +252,7 @@ def test_redis_restart_loses_no_queued_job_and_api_says_503(faults: FaultStack):
     down = faults.api.get("/jobs")
     assert down.status_code == 503 and "job store unavailable" in down.json()["detail"]
     assert faults.api.post("/jobs", json=spec).status_code == 503
-    assert faults.api.get("/healthz").status_code == 503
+    assert faults.api.get("/readyz").status_code == 503
     faults.stack.start_redis()
     worker = faults.start_worker()
     records = [wait_for_job(faults.api, job_id, timeout_s=120) for job_id in job_ids]

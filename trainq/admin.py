@@ -4,6 +4,7 @@
     python -m trainq.admin token list                              # id, owner, admin, created
     python -m trainq.admin token revoke 3f2c9a1b                   # by id (≥ 8 hex digits)
     python -m trainq.admin token revoke --owner alice              # every token of alice
+    python -m trainq.admin reindex                                 # index jobs recorded before the list filters
 
 ``create`` prints only the token on stdout, so ``TOKEN=$(python -m trainq.admin token create
 --owner alice)`` works. Only the token's SHA-256 is stored: a lost token cannot be shown again;
@@ -33,15 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="revoke a token by id, or every token of an owner")
     revoke.add_argument("id", nargs="?", help="token id from `token list` (at least 8 hex digits)")
     revoke.add_argument("--owner", help="revoke every token of this owner")
+    commands.add_parser("reindex", help="write the job list's filter indexes for every job (once, after an upgrade)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one admin command; exit 0 on success, 1 when nothing matched or the input is wrong."""
     args = _parser().parse_args(argv)
-    tokens = TokenStore(redis.Redis.from_url(get_settings().redis_url))
+    client = redis.Redis.from_url(get_settings().redis_url)
+    tokens = TokenStore(client)
     try:
-        if args.action == "create":
+        if args.command == "reindex":
+            from shared.jobs import JobStore
+
+            print(f"indexed {JobStore(client).rebuild_indexes()} jobs")
+        elif args.action == "create":
             print(tokens.create(args.owner, admin=args.admin))
             print(f"token for owner {args.owner!r}{' (admin)' if args.admin else ''}; it is not shown again", file=sys.stderr)
         elif args.action == "list":

@@ -43,7 +43,10 @@ TARGET_PYTHON = "3.11"
 TARGET_PLATFORM = "x86_64-manylinux_2_28"
 #: What the API process imports (``api/``, ``shared/``): no torch, no torchvision, no tensorboard.
 #: tests/deploy/test_deploy.py imports the API with only these packages' locked closure allowed.
-API_DEPENDENCIES = ("fastapi", "uvicorn", "pydantic", "pydantic-settings", "celery", "redis", "boto3")
+API_DEPENDENCIES = (
+    "fastapi", "uvicorn", "pydantic", "pydantic-settings", "celery", "redis", "boto3",
+    "sse-starlette", "prometheus-client", "prometheus-fastapi-instrumentator", "fastapi-offline",
+)
 _INPUTS_LINE = re.compile(r"^# inputs-sha256: ([0-9a-f]{64})$", re.M)
 _PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s\\;]+)", re.M)
 

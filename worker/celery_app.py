@@ -34,11 +34,35 @@ def _start_reaper(**_: object) -> None:
     Reaper(JobStore.from_url(settings.redis_url), app, settings).start()
 
 
+_presence = None
+
+
+@signals.worker_ready.connect
+def _start_presence(sender=None, **_: object) -> None:
+    # The worker's status in Redis (GET /workers): name, queues, device, current job, counters.
+    import redis
+
+    from worker.presence import WorkerPresence
+
+    global _presence
+    settings = get_settings()
+    queues = list(app.amqp.queues.consume_from or {settings.default_queue: None})
+    name = getattr(sender, "hostname", None) or "worker"
+    _presence = WorkerPresence(redis.Redis.from_url(settings.redis_url, socket_timeout=10), name, queues, settings)
+    _presence.start()
+
+
 @signals.worker_shutting_down.connect
 def _checkpoint_on_shutdown(**_: object) -> None:
     from worker.heartbeat import worker_shutdown
 
     worker_shutdown.set()
+
+
+@signals.worker_shutdown.connect
+def _withdraw_presence(**_: object) -> None:
+    if _presence is not None:
+        _presence.stop()
 
 
 @signals.after_setup_logger.connect

@@ -31,6 +31,8 @@ from shared.storage import Storage
 from worker.celery_app import app
 from worker.faults import Fault, job_error
 from worker.heartbeat import JobMonitor
+from worker.joblog import JobLog
+from worker.presence import STATS, MeteredStorage
 from worker.recovery import requeue
 from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
 
@@ -75,6 +77,7 @@ class RecordCallbacks(TrainingCallbacks):
 
     def on_progress(self, progress: Progress) -> None:
         self._write(progress=progress)
+        STATS.observe_progress(progress)
 
     def on_checkpoint(self, uri: str) -> None:
         if uri.endswith("/best.pt"):
@@ -112,6 +115,8 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         logger.warning("job %s: another lease exists; this attempt will stop at its first heartbeat", job_id)
     monitor = JobMonitor(store, lease, job_id, settings.cancel_poll_interval_s, settings.lease_ttl_s)
     monitor.start()
+    job_log = JobLog.start(job_id, attempt, worker_name, storage, settings)
+    STATS.job_started(job_id)
     logger.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
 
     def finish(state: JobState, **fields) -> JobState:
@@ -161,6 +166,8 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             lease.release()
         except redis.RedisError:
             pass  # it expires by itself
+        job_log.close()
+        STATS.job_ended()
 
 
 def _requeue(store: JobStore, celery: Celery, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
@@ -191,5 +198,7 @@ def train(self, job_id: str) -> str:
     settings = get_settings()
     if _store is None:
         _store = JobStore.from_url(settings.redis_url)
-        _storage = Storage(settings)
-    return execute_job(job_id, _store, _storage, settings, app, self.request.hostname or "worker").value
+        _storage = MeteredStorage(settings)
+    state = execute_job(job_id, _store, _storage, settings, app, self.request.hostname or "worker")
+    STATS.count_outcome(job_id, state)
+    return state.value

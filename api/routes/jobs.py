@@ -13,30 +13,35 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
 from shared.access import spec_access_problems
 from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
-from shared.jobs import DryRunReport, JobRecord, JobState, JobStore, JobSummary
+from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobStore
 from shared.queue import enqueue
 from shared.quotas import count_submission
 from shared.sanitize import public_message
+from shared.schemas import ErrorDetail
 from shared.settings import Settings
-from shared.spec import JobSpec
+from shared.spec import QUEUE_PATTERN, JobSpec
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-class JobsPublic(BaseModel):
-    """A page of job summaries, newest first, and the total number of jobs the caller may see."""
+class JobsQuery(BaseModel):
+    """Filters and paging of ``GET /jobs``; any other parameter is refused (422)."""
 
-    data: list[JobSummary]
-    count: int
-    limit: int
-    offset: int
+    model_config = ConfigDict(extra="forbid")
+
+    state: JobState | None = Field(None, description="Only jobs in this state.")
+    queue: str | None = Field(None, pattern=QUEUE_PATTERN, description="Only jobs on this queue.")
+    name: str | None = Field(None, min_length=1, max_length=128, description="Only jobs whose spec has this `name`.")
+    owner: str | None = Field(None, max_length=64, description="Admins: only this owner's jobs. Others see only their own.")
+    limit: int = Field(20, ge=1, le=500, description="Jobs per page.")
+    cursor: str | None = Field(None, max_length=200, description="`next_cursor` of the previous page.")
 
 
 @router.post(
@@ -45,6 +50,7 @@ class JobsPublic(BaseModel):
     response_model=JobRecord | DryRunReport,
     responses={
         200: {"model": DryRunReport, "description": "Dry run: what was found; nothing queued."},
+        409: {"model": ErrorDetail, "description": "The `Idempotency-Key` was used with another spec."},
         429: {"description": "Over the owner's quota (jobs queued or running, or submissions per minute); see `Retry-After`."},
     },
 )
@@ -141,7 +147,7 @@ def _visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecor
     return record
 
 
-@router.get("/{job_id}", response_model=JobRecord)
+@router.get("/{job_id}", response_model=JobRecord, responses={404: {"model": ErrorDetail}})
 def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
     """One job: state, timestamps, progress, device, error and artifact URIs."""
     try:
@@ -150,20 +156,31 @@ def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
 
-@router.get("", response_model=JobsPublic)
-def read_jobs(
-    store: StoreDep,
-    principal: PrincipalDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    offset: Annotated[int, Query(ge=0, le=10**12)] = 0,
-) -> JobsPublic:
-    """Your jobs (an admin: everyone's) newest first, `limit` per page from `offset`, as summaries
-    without the spec; `GET /jobs/{id}` has the whole record."""
-    summaries, count = store.list(owner=None if principal.admin else principal.owner, limit=limit, offset=offset)
-    return JobsPublic(data=summaries, count=count, limit=limit, offset=offset)
+@router.get("", response_model=JobsPage)
+def read_jobs(store: StoreDep, principal: PrincipalDep, query: Annotated[JobsQuery, Query()]) -> JobsPage:
+    """Your jobs (an admin: everyone's) newest first, as summaries without the spec, filtered by
+    `state`, `queue` and `name`; `limit` per page, then `cursor=<next_cursor>` until it is null.
+    `GET /jobs/{id}` has the whole record."""
+    owner = query.owner if principal.admin else principal.owner
+    if not principal.admin and query.owner not in (None, principal.owner):
+        return JobsPage(data=[], count=0)  # another owner's jobs do not exist for you
+    try:
+        return store.list(
+            owner=owner, state=query.state, queue=query.queue, name=query.name, limit=query.limit, cursor=query.cursor
+        )
+    except ValueError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error", "input": query.cursor}],
+        ) from exc
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRecord,
+    responses={404: {"model": ErrorDetail}, 409: {"model": ErrorDetail, "description": "The job is already finished."}},
+)
 def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
     """Cancel a job. Queued: it never starts. Running: it stops at the next step, saves a
     checkpoint and its TensorBoard events, and ends `cancelled` within seconds. Finished: 409."""

@@ -46,18 +46,21 @@ def submit(api: httpx.Client, **overrides) -> dict:
 
 
 ROUTES = [("GET", "/jobs"), ("GET", "/jobs/some-id"), ("POST", "/jobs/some-id/cancel"), ("POST", "/jobs"),
-          ("POST", "/jobs?dry_run=true")]
+          ("POST", "/jobs?dry_run=true"), ("GET", "/jobs/some-id/logs"), ("GET", "/jobs/some-id/logs?follow=true"),
+          ("GET", "/jobs/some-id/artifacts"), ("GET", "/workers"), ("GET", "/queues"), ("GET", "/metrics"),
+          ("GET", "/config/tensorboard")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 @pytest.mark.parametrize("authorization", [None, "Bearer tq_not-a-real-token", "Bearer", "Basic dXNlcjpwYXNz"])
-def test_every_route_but_healthz_is_401_without_a_valid_token(stack: LocalStack, method: str, path: str, authorization):
+def test_every_route_but_health_is_401_without_a_valid_token(stack: LocalStack, method: str, path: str, authorization):
     with client(stack, None) as anonymous:
         headers = {"Authorization": authorization} if authorization is not None else {}
         response = anonymous.request(method, path, json=example_spec(), headers=headers)
         assert response.status_code == 401, response.text
         assert response.headers["www-authenticate"].startswith("Bearer")
         assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
 
 
 def test_a_job_records_its_owner_and_other_owners_get_404(owners: dict[str, httpx.Client]):

@@ -139,9 +139,12 @@ def test_epochs_are_capped(api: httpx.Client):
 def test_503_does_not_name_the_redis_address(stack: LocalStack, tmp_path: Path):
     port = free_port()
     with api_process(stack, tmp_path, healthy=False, REDIS_URL=f"redis://127.0.0.1:{port}/0") as down:
-        for response in (httpx.get(f"{down.api_url}/healthz"),
-                         httpx.get(f"{down.api_url}/jobs", headers={"Authorization": "Bearer tq_x"})):
-            assert response.status_code == 503
-            assert response.json()["detail"] == "job store unavailable; try again shortly"
-            assert str(port) not in response.text and "127.0.0.1" not in response.text
+        ready = httpx.get(f"{down.api_url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] == "unavailable" and ready.json()["s3"] == "ok"
+        response = httpx.get(f"{down.api_url}/jobs", headers={"Authorization": "Bearer tq_x"})
+        assert response.status_code == 503
+        assert response.json()["detail"] == "job store unavailable; try again shortly"
+        for answer in (ready, response):
+            assert str(port) not in answer.text and "127.0.0.1" not in answer.text
+        assert httpx.get(f"{down.api_url}/healthz").status_code == 200  # the process is up
     assert str(port) in (tmp_path / "logs" / "api.log").read_text()  # the details are in the server log

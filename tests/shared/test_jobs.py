@@ -22,8 +22,9 @@ def test_create_get_and_list_newest_first(store: JobStore):
     spec = JobSpec.model_validate(example_spec())
     (first, _), (second, _) = store.create(spec, "default"), store.create(spec, "gpu")
     assert store.get(first.id) == first
-    records, count = store.list(limit=10)
-    assert count == 2 and [r.id for r in records] == [second.id, first.id]
+    page = store.list(limit=10)
+    records, count = page.data, page.count
+    assert count == 2 and [r.id for r in records] == [second.id, first.id] and page.next_cursor is None
     assert records[0].queue == "gpu" and records[0].name == spec.name and not hasattr(records[0], "spec")
 
 
@@ -50,3 +51,104 @@ def test_unknown_jobs_raise_and_updates_never_create_records(store: JobStore):
     with pytest.raises(JobNotFoundError):
         store.transition("nope", JobState.RUNNING)
     assert store.redis.dbsize() == 0
+
+
+def _hmget_calls(store: JobStore) -> int:
+    """HMGET commands the Redis server ran so far (only the list reads summaries with HMGET)."""
+    return int(store.redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+@pytest.fixture(scope="module")
+def many(stack) -> tuple[JobStore, dict[str, list[str]]]:
+    """On a db of its own, read-only for the tests: 1,000 queued jobs of alice on `bulk` (named a, b
+    in turn), 3 running on `rare`, 2 of bob; ids newest first."""
+    store = JobStore(redis.Redis.from_url(stack.env["REDIS_URL"].rsplit("/", 1)[0] + "/4"))
+    store.redis.flushdb()
+    spec = JobSpec.model_validate(example_spec())
+    ids: dict[str, list[str]] = {"bulk": [], "rare": [], "bob": []}
+    for index in range(1000):
+        ids["bulk"].append(store.create(spec.model_copy(update={"name": "ab"[index % 2]}), "bulk", owner="alice")[0].id)
+    for _ in range(3):
+        job = store.create(spec, "rare", owner="alice")[0]
+        store.transition(job.id, JobState.RUNNING)
+        ids["rare"].append(job.id)
+    ids["bob"] = [store.create(spec, "bulk", owner="bob")[0].id for _ in range(2)]
+    return store, {key: value[::-1] for key, value in ids.items()}
+
+
+def test_a_filtered_page_reads_only_what_its_index_holds(many):
+    store, many = many
+    before = _hmget_calls(store)
+    page = store.list(owner="alice", state=JobState.RUNNING, limit=20)
+    assert [job.id for job in page.data] == many["rare"] and page.count == 3 and page.next_cursor is None
+    assert _hmget_calls(store) - before == 3  # one per running job, none for the 1,000 queued ones
+    assert [job.id for job in store.list(queue="rare").data] == many["rare"]
+    assert store.list(owner="bob", state=JobState.RUNNING).data == []
+
+
+def test_cursor_pages_cover_every_job_once_in_order(many):
+    store, many = many
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = store.list(owner="alice", state=JobState.QUEUED, limit=150, cursor=cursor)
+        assert len(page.data) <= 150 and page.count == 1000
+        seen += [job.id for job in page.data]
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == many["bulk"] and pages == 7
+
+
+def test_combined_filters_match(many):
+    store, many = many
+    page = store.list(owner="alice", queue="bulk", name="a", state=JobState.QUEUED, limit=300)
+    assert [job.id for job in page.data] == many["bulk"][1::2][:300]
+    assert all(job.name == "a" for job in page.data) and page.count is None and page.next_cursor is not None
+    before = _hmget_calls(store)
+    assert store.list(owner="alice", queue="bulk", state=JobState.RUNNING).data == []
+    assert _hmget_calls(store) - before == 3  # the small side (3 running jobs) drives the page
+
+
+def test_a_sparse_match_comes_in_short_bounded_pages(store: JobStore):
+    spec = JobSpec.model_validate(example_spec())
+    special = store.create(spec.model_copy(update={"name": "x"}), "qb")[0].id  # the oldest
+    for _ in range(150):
+        store.create(spec.model_copy(update={"name": "x"}), "qa")
+        store.create(spec.model_copy(update={"name": "y"}), "qb")
+    found, cursor, pages = [], None, 0
+    while True:
+        before = _hmget_calls(store)
+        page = store.list(queue="qb", name="x", limit=10, cursor=cursor, max_scanned=50)
+        assert _hmget_calls(store) - before <= 50
+        found += [job.id for job in page.data]
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert found == [special] and pages == 4
+
+
+def test_transitions_move_jobs_between_state_indexes(store: JobStore):
+    job, _ = store.create(JobSpec.model_validate(example_spec()), "default", owner="carol")
+    store.transition(job.id, JobState.RUNNING)
+    assert [j.id for j in store.list(owner="carol", state=JobState.RUNNING).data] == [job.id]
+    store.transition(job.id, JobState.SUCCEEDED)
+    assert store.list(owner="carol", state=JobState.RUNNING).data == []
+    assert [j.id for j in store.list(state=JobState.SUCCEEDED).data] == [job.id]
+    assert store.count_by_state()[JobState.SUCCEEDED] == 1 and store.queues() == ["default"]
+
+
+def test_rebuild_indexes_restores_the_filter_indexes(store: JobStore):
+    job, _ = store.create(JobSpec.model_validate(example_spec()), "gpu", owner="dave")
+    for key in store.redis.scan_iter("trainq:jobs:*:*"):
+        if b":state:" in key or b":queue:" in key or b":name:" in key:
+            store.redis.delete(key)
+    assert store.list(state=JobState.QUEUED).data == []
+    assert store.rebuild_indexes() == 1
+    assert [j.id for j in store.list(owner="dave", queue="gpu", state=JobState.QUEUED).data] == [job.id]
+
+
+def test_a_bad_cursor_is_a_value_error(store: JobStore):
+    with pytest.raises(ValueError, match="not a cursor"):
+        store.list(cursor="!!not-base64")

@@ -1,0 +1,482 @@
+"""``trainq``: the command line for the trainq API (Typer and Rich, on :mod:`trainq.client`).
+
+    trainq up                                   # the local stack (API on :8000) until Ctrl-C
+    trainq submit examples/digits.json --wait   # submit, then a progress bar until the job ends
+    trainq list --state running                 # your jobs, newest first
+    trainq status ID | cancel ID | logs ID --follow | artifacts ID --download DIR | tensorboard ID
+    trainq workers | queues
+
+The API is ``--url`` or ``TRAINQ_URL`` (default ``http://127.0.0.1:8000``), the token ``--token`` or
+``TRAINQ_TOKEN``. ``--json`` prints the API's JSON for scripts. A failure prints one line,
+``error: …``, and exits 1 (2 for a wrong command line); ``submit --wait`` also exits 1 when the job
+does not succeed. ``TRAINQ_DEBUG=1`` shows tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from shared.jobs import JobRecord, JobState
+from trainq.client import DEFAULT_URL, Client, TrainqClientError
+
+app = typer.Typer(
+    name="trainq",
+    help="Submit, watch and fetch PyTorch training jobs on a trainq service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+token_app = typer.Typer(help="API tokens (in the Redis at REDIS_URL; as `python -m trainq.admin token`).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+F = TypeVar("F", bound=Callable[..., Any])
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON (for scripts).")]
+
+
+def _console(stderr: bool = False) -> Console:
+    # Off a terminal Rich would cut tables at 80 columns; ids must stay whole.
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, width=200, no_color=True)
+    return console
+
+
+def handle_errors(command: F) -> F:
+    """Turn every failure of ``command`` into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TrainqClientError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("TRAINQ_DEBUG"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (TRAINQ_DEBUG=1 shows the traceback)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option(envvar="TRAINQ_URL", help="The trainq API.")] = DEFAULT_URL,
+    token: Annotated[str | None, typer.Option(envvar="TRAINQ_TOKEN", help="Bearer token (`trainq token create`).", show_default=False)] = None,
+) -> None:
+    """trainq: batch training on a queue of GPU workers."""
+    ctx.obj = {"url": url, "token": token}
+
+
+def _client(ctx: typer.Context) -> Client:
+    return Client(ctx.obj["url"], ctx.obj["token"] or "")
+
+
+def _print_json(value: BaseModel | list | dict) -> None:
+    if isinstance(value, BaseModel):
+        text = value.model_dump_json(indent=2)
+    else:
+        text = json.dumps([v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+                          if isinstance(value, list) else value, indent=2)
+    sys.stdout.write(text + "\n")
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _metrics_text(record: JobRecord) -> str:
+    p = record.progress
+    parts = [f"epoch {p.epoch}/{p.epochs}", f"step {p.step}/{p.total_steps or '?'}"]
+    if p.train_loss is not None:
+        parts.append(f"loss {p.train_loss:.4f}")
+    metrics = p.val_metrics or ({"val_accuracy": p.val_accuracy} if p.val_accuracy is not None else {})
+    parts += [f"{name} {value:.4f}" for name, value in metrics.items()]
+    return "  ".join(parts)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+class _Watcher:
+    """Shows a job's progress: a live bar on a terminal, else one line per epoch and state change."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last_epoch, self.last_state = 0, None
+        self.progress: Progress | None = None
+        self.task = None
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                TextColumn("{task.fields[metrics]}"), TextColumn("ETA {task.fields[eta]}"), console=console, transient=False,
+            )
+
+    def __enter__(self) -> _Watcher:
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=None, state="queued", metrics="", eta="-")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, record: JobRecord) -> None:
+        p = record.progress
+        if self.progress is not None:
+            self.progress.update(
+                self.task, total=p.total_steps or None, completed=p.step, state=record.state.value,
+                metrics=_metrics_text(record), eta=_duration(p.eta_s),
+            )
+            return
+        if record.state != self.last_state:
+            self.last_state = record.state
+            self.console.print(f"{record.state.value}" + (f" on {record.worker}" if record.state is JobState.RUNNING and record.worker else ""))
+        if p.epoch > self.last_epoch:  # one line per epoch completed
+            self.last_epoch = p.epoch
+            self.console.print(f"{_metrics_text(record)}  ETA {_duration(p.eta_s)}")
+
+
+def _summary_line(record: JobRecord) -> str:
+    p = record.progress
+    line = f"job {record.id} {record.state.value}"
+    if record.device:
+        line += f" on {record.device}"
+    line += f": {p.epoch} epochs, {p.step} steps"
+    for name, value in p.val_metrics.items():
+        line += f", {name} {value:.4f}"
+    if record.error:
+        line += f"; {record.error}"
+    return line
+
+
+@app.command()
+@handle_errors
+def submit(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="The job spec, a JSON file (see examples/).")],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Show progress until the job ends; exit 1 unless it succeeds.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="Resubmitting with the same key returns the same job.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a training spec; with --wait, follow it to the end."""
+    client = _client(ctx)
+    job = client.submit(spec, idempotency_key=idempotency_key)
+    out = _console(stderr=as_json)
+    if not wait:
+        if as_json:
+            _print_json(job.record)
+        else:
+            out.print(f"job {job.id} {job.record.state.value} on queue {job.record.queue}" + (" (replayed)" if job.replayed else ""))
+        return
+    out.print(f"job {job.id} submitted to queue {job.record.queue}")
+    with _Watcher(out) as watcher:
+        record = job.wait(on_update=watcher.update)
+    if as_json:
+        _print_json(record)
+    else:
+        out.print(_summary_line(record))
+        if record.artifacts.final_checkpoint:
+            out.print(f"final checkpoint {record.artifacts.final_checkpoint}")
+    if record.state is not JobState.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+@handle_errors
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only jobs on this queue.")] = None,
+    name: Annotated[str | None, typer.Option(help="Only jobs with this spec name.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Admins: only this owner's jobs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Your jobs, newest first."""
+    client = _client(ctx)
+    jobs = list(client.iter_jobs(max_jobs=limit, state=state, queue=queue, name=name, owner=owner, limit=min(limit, 500)))
+    if as_json:
+        _print_json(jobs)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "name", "state", "queue", "created (UTC)", "epoch", "val metric"):
+        table.add_column(column, no_wrap=column == "id")
+    for job in jobs:
+        p = job.progress
+        metric = next(iter(p.val_metrics.items()), None)
+        table.add_row(
+            job.id, job.name or "-", job.state.value, job.queue, _when(job.created_at), f"{p.epoch}/{p.epochs}",
+            f"{metric[0]} {metric[1]:.4f}" if metric else "-",
+        )
+    console = _console()
+    console.print(table if jobs else "no jobs")
+
+
+@app.command()
+@handle_errors
+def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
+    """One job: state, progress, device, error, artifacts."""
+    record = _client(ctx).get(job_id)
+    if as_json:
+        _print_json(record)
+        return
+    console, p = _console(), record.progress
+    rows = [
+        ("id", record.id), ("name", record.name or "-"), ("owner", record.owner), ("state", record.state.value),
+        ("queue", record.queue), ("created", _when(record.created_at)), ("attempts", str(record.attempts)),
+        ("progress", _metrics_text(record)), ("runtime", _duration(p.runtime_s)),
+        ("ETA", _duration(p.eta_s) if record.state is JobState.RUNNING else "-"),
+        ("device", record.device or "-"), ("worker", record.worker or "-"),
+    ]
+    if record.error:
+        rows.append(("error", record.error))
+    if record.artifacts.tensorboard:
+        rows.append(("tensorboard", record.artifacts.tensorboard))
+    if record.artifacts.final_checkpoint:
+        rows.append(("final checkpoint", record.artifacts.final_checkpoint))
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
+    """Cancel a job: a queued one never starts; a running one checkpoints and stops."""
+    record = _client(ctx).cancel(job_id)
+    if as_json:
+        _print_json(record)
+    elif record.state is JobState.CANCELLED:
+        _console().print(f"job {job_id} cancelled")
+    else:
+        _console().print(f"job {job_id}: cancel requested; it stops at the next step after a checkpoint")
+
+
+@app.command()
+@handle_errors
+def logs(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Go on printing until the job ends.")] = False,
+    attempt: Annotated[int | None, typer.Option(min=1, help="Only this attempt.")] = None,
+) -> None:
+    """The job's training log (every attempt): engine lines, warnings, tracebacks."""
+    client = _client(ctx)
+    if not follow:
+        sys.stdout.write(client.logs(job_id, attempt=attempt))
+        return
+    ended: dict = {}
+    for line in client.follow_logs(job_id, attempt=attempt, on_end=ended.update):
+        print(line, flush=True)
+    if ended:
+        print(f"-- job {job_id} {ended['state']}" + (f": {ended['error']}" if ended.get("error") else ""), file=sys.stderr)
+
+
+@app.command()
+@handle_errors
+def artifacts(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    download: Annotated[Path | None, typer.Option(help="Download everything to DIR/<job_id>/.", metavar="DIR")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What the job wrote (checkpoints, TensorBoard events, logs), with download URLs; or download it."""
+    client = _client(ctx)
+    if download is not None:
+        console = _console(stderr=as_json)
+        paths = client.download_artifacts(job_id, download / job_id, on_file=lambda path, size: console.print(f"{size:>12,}  {path}"))
+        if as_json:
+            _print_json([str(path) for path in paths])
+        else:
+            console.print(f"{len(paths)} files in {(download / job_id).resolve()}/")
+        return
+    listing = client.artifacts(job_id)
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table(box=None, header_style="bold")
+    table.add_column("path", no_wrap=True)
+    table.add_column("bytes", justify="right")
+    table.add_column("modified (UTC)")
+    for item in listing.files:
+        table.add_row(item.path, f"{item.size_bytes:,}", _when(item.last_modified))
+    console = _console()
+    console.print(f"{listing.prefix}  ({len(listing.files)} files; `--json` has download URLs valid until {_when(listing.expires_at)} UTC)")
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def tensorboard(
+    ctx: typer.Context,
+    job_id: Annotated[str | None, typer.Argument(help="A job's id; default every job.", show_default=False)] = None,
+    port: Annotated[int, typer.Option(help="TensorBoard's port.")] = 6006,
+    host: Annotated[str, typer.Option(help="Address TensorBoard listens on.")] = "127.0.0.1",
+) -> None:
+    """Start TensorBoard on a job's (or every job's) event files in S3.
+
+    The bucket and S3 endpoint come from the API (`GET /config/tensorboard`); `S3_ENDPOINT` in your
+    environment wins. The S3 credentials are your own (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
+    or ~/.aws); the API never hands them out."""
+    client = _client(ctx)
+    config = client.tensorboard_config()
+    logdir = config.logdir
+    if job_id is not None:
+        logdir = client.get(job_id).artifacts.tensorboard or f"{config.logdir.rstrip('/')}/{job_id}/tensorboard/"
+    env = dict(os.environ)
+    if config.s3_endpoint and not env.get("S3_ENDPOINT"):
+        env["S3_ENDPOINT"] = config.s3_endpoint
+    if config.region and not (env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")):
+        env["AWS_DEFAULT_REGION"] = config.region
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        _fail("TensorBoard reads S3 with your own credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+              "(the local stack of `trainq up` takes `testing` for both)")
+    executable = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
+    command = [executable, "--logdir", logdir, "--port", str(port), "--host", host]
+    print(f"TensorBoard on {logdir} at http://{host}:{port}/ (S3_ENDPOINT={env.get('S3_ENDPOINT') or 'AWS'}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    try:
+        raise typer.Exit(subprocess.call(command, env=env))
+    except FileNotFoundError:
+        _fail(f"tensorboard is not installed ({executable}); `pip install tensorboard`")
+
+
+# -- the service ------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def workers(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Live workers: queues, device (GPU, memory, CUDA), current job, last heartbeat."""
+    found = _client(ctx).workers()
+    if as_json:
+        _print_json(found)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("name", "queues", "device", "CUDA", "current job", "last heartbeat"):
+        table.add_column(column, no_wrap=column in ("name", "current job"))
+    now = time.time()
+    for worker in found:
+        device = ", ".join(f"{gpu.name} ({gpu.memory_bytes / 2**30:.0f} GiB)" for gpu in worker.device.gpus) or "cpu"
+        table.add_row(
+            worker.name, ",".join(worker.queues), device, (worker.device.cuda_version or "-") if worker.device.cuda_available else "-",
+            worker.current_job or "-",
+            f"{now - worker.last_heartbeat:.0f} s ago",
+        )
+    _console().print(table if found else "no live workers")
+
+
+@app.command()
+@handle_errors
+def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Queues: jobs waiting and live workers consuming each."""
+    listing = _client(ctx).queues()
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("queue", "waiting", "workers"):
+        table.add_column(column)
+    for queue in listing.data:
+        table.add_row(queue.name, str(queue.depth), str(queue.workers) + ("  (no worker: its jobs wait)" if queue.depth and not queue.workers else ""))
+    _console().print(table)
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port on 127.0.0.1.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Celery worker processes.")] = 1,
+    workdir: Annotated[Path, typer.Option(help="Logs and data.")] = Path(".trainq"),
+    no_seed: Annotated[bool, typer.Option("--no-seed", help="Do not upload the sample data sets.")] = False,
+) -> None:
+    """Run the local stack (Redis, S3, API, a worker) until Ctrl-C; as `python -m trainq.stack`."""
+    from trainq.stack import main as stack_main
+
+    argv = ["--port", str(port), "--workers", str(workers), "--workdir", str(workdir)] + (["--no-seed"] if no_seed else [])
+    raise typer.Exit(stack_main(argv))
+
+
+@app.command()
+def demo(
+    spec: Annotated[Path | None, typer.Option(help="Spec to train (default examples/digits.json).")] = None,
+    out: Annotated[Path, typer.Option(help="Where the artifacts are copied.")] = Path("demo-artifacts"),
+    min_accuracy: Annotated[float, typer.Option(help="Exit 1 below this val accuracy.")] = 0.97,
+) -> None:
+    """Train a small CNN on real handwritten digits through a fresh local stack; as `make demo`."""
+    from trainq.demo import main as demo_main
+
+    argv = (["--spec", str(spec)] if spec else []) + ["--out", str(out), "--min-accuracy", str(min_accuracy)]
+    raise typer.Exit(demo_main(argv))
+
+
+# -- tokens -----------------------------------------------------------------------------------
+def _admin(*argv: str) -> None:
+    from trainq.admin import main as admin_main
+
+    raise typer.Exit(admin_main(["token", *argv]))
+
+
+@token_app.command("create")
+def token_create(
+    owner: Annotated[str, typer.Option(help="Who the token acts as.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Sees and cancels every owner's jobs.")] = False,
+) -> None:
+    """Issue a token and print it (once)."""
+    _admin("create", "--owner", owner, *(["--admin"] if admin else []))
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List tokens (never the tokens themselves)."""
+    _admin("list")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str | None, typer.Argument(help="Token id from `trainq token list`.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Revoke every token of this owner.")] = None,
+) -> None:
+    """Revoke a token by id, or every token of an owner."""
+    _admin("revoke", *([token_id] if token_id else []), *(["--owner", owner] if owner else []))
+
+
+if __name__ == "__main__":
+    app()
