@@ -23,7 +23,7 @@ def test_a_queue_the_operator_did_not_configure_is_422_and_nothing_is_queued(api
     before = api.get("/jobs").json()["count"]
     response = api.post("/jobs", params={"dry_run": str(dry_run).lower()}, json=example_spec() | {"queue": queue})
     message = errors(response)[("body", "queue")]
-    assert f"queue {queue!r} is not one of the configured queues ['default', 'test-nobody-listens']" in message
+    assert f"queue {queue!r} is not one of the configured queues ['default', 'test-nobody-listens', 'ddp']" in message
     assert api.get("/jobs").json()["count"] == before  # not recorded, so not lost either
     assert client.type(queue) in (b"none", b"hash")  # kombu's own `unacked` hash, never a list of ours
 
