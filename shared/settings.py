@@ -75,6 +75,31 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an artifact upload keeps retrying through an S3 outage before the attempt fails.",
     )
+    dry_run_queue: str = Field(
+        "dry-run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="Celery queue of dry runs (`POST /jobs?dry_run=true`); workers consume it with `-Q default,dry-run`.",
+    )
+    dry_run_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the API waits for a worker's dry-run result before answering `504`."
+    )
+    max_job_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Memory a job may need by the estimate made before training (parameters, gradients, optimizer state, "
+            "activations), in bytes. Unset: 90% of the GPU's memory, or 75% of the worker's RAM (its cgroup limit "
+            "if lower) on a CPU. Set it on CPU workers that serve dry runs for GPU workers."
+        ),
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description=(
+            "Largest image a job may decode, in pixels (width × height); larger ones fail the job naming the file. "
+            "Below Pillow's own decompression-bomb limit (89,478,485)."
+        ),
+    )
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError, ParamValidationError
+from s3transfer.subscribers import BaseSubscriber
 
-from shared.exceptions import DatasetError
+from shared.exceptions import DatasetError, Interrupted
 from shared.settings import Settings
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
@@ -46,6 +50,36 @@ def folder_prefix(uri: str) -> tuple[str, str]:
 
 def _is_hidden(relative_key: str) -> bool:
     return any(part.startswith(".") for part in relative_key.split("/"))
+
+
+#: Polled while a long listing or download runs: a reason to stop (anything truthy) or None.
+ShouldStop = Callable[[], object]
+#: Seconds between a download's progress reports and stop checks.
+_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """How far a folder download has got: files and bytes done, of the totals to fetch."""
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+class _Counter(BaseSubscriber):
+    """Counts bytes received (from the transfer threads) and queues each finished future."""
+
+    def __init__(self, finished: queue.SimpleQueue, lock: threading.Lock, totals: list[int]) -> None:
+        self.finished, self.lock, self.totals = finished, lock, totals
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        with self.lock:
+            self.totals[0] += bytes_transferred
+
+    def on_done(self, future, **kwargs) -> None:
+        self.finished.put(future)
 
 
 @dataclass(frozen=True)
@@ -98,17 +132,20 @@ class Storage:
             self.client.create_bucket(Bucket=self.bucket)
 
     # -- reading ----------------------------------------------------------------------------
-    def list_objects(self, uri: str) -> list[ObjectInfo]:
+    def list_objects(self, uri: str, *, should_stop: ShouldStop | None = None) -> list[ObjectInfo]:
         """Every object whose key starts with ``uri``'s prefix, in key order.
 
         A prefix without a trailing slash is treated as a folder (``s3://b/data`` lists
-        ``data/...``, not ``database/...``).
+        ``data/...``, not ``database/...``). ``should_stop`` is asked before each page of 1,000
+        keys; a truthy answer raises :class:`shared.exceptions.Interrupted`.
         """
         bucket, prefix = folder_prefix(uri)
         paginator = self.client.get_paginator("list_objects_v2")
         objects: list[ObjectInfo] = []
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                if should_stop is not None and (reason := should_stop()):
+                    raise Interrupted(reason)
                 for item in page.get("Contents", []):
                     objects.append(ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"')))
         except ClientError as exc:
@@ -120,18 +157,31 @@ class Storage:
             raise DatasetError(f"{uri} is not a valid S3 prefix: {exc}") from exc
         return objects
 
-    def download_prefix(self, uri: str, cache_dir: Path) -> Path:
+    def download_prefix(
+        self,
+        uri: str,
+        cache_dir: Path,
+        *,
+        on_progress: Callable[[TransferProgress], None] | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> Path:
         """Download every object under ``uri`` into a local folder and return the folder.
 
         The folder is keyed by the objects' keys and ETags, so a second call for unchanged data
         downloads nothing. Hidden files (any path part starting with ``.``) are skipped. A folder
         is used only once complete (marked by a ``.complete`` file written last).
 
+        Args:
+            on_progress: called about every 0.25 s (and at the end) while files are fetched.
+            should_stop: asked as often; a truthy answer cancels the transfers not yet done
+                (those in flight finish or abort within seconds) and raises.
+
         Raises:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
+            Interrupted: ``should_stop`` said so; the folder stays incomplete (not used).
         """
         bucket, prefix = folder_prefix(uri)
-        listed = self.list_objects(uri)
+        listed = self.list_objects(uri, should_stop=should_stop)
         objects = [obj for obj in listed if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])]
         if not objects:
             raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
@@ -153,17 +203,28 @@ class Storage:
         # Many small files (an image folder) are latency-bound: fetch them concurrently with
         # boto3's transfer manager, each to a temporary name renamed once complete.
         parts: list[tuple[Path, Path]] = []
-        with create_transfer_manager(self.client, self.transfer_config) as manager:
-            futures = []
-            for obj in objects:
-                target = dest / obj.key[len(prefix):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # Unique per process: two workers sharing a cache may fetch the same object at once.
-                tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-                futures.append(manager.download(bucket, obj.key, str(tmp)))
-                parts.append((tmp, target))
-            for future in futures:
-                future.result()  # re-raises the first failed download
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        received = [0]
+        counter = _Counter(finished, threading.Lock(), received)
+        try:
+            with create_transfer_manager(self.client, self.transfer_config) as manager:
+                futures = []
+                for index, obj in enumerate(objects):
+                    if index % 1000 == 0 and should_stop is not None and (reason := should_stop()):
+                        raise Interrupted(reason)
+                    target = dest / obj.key[len(prefix):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    # Unique per process: two workers sharing a cache may fetch the same object at once.
+                    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+                    futures.append(manager.download(bucket, obj.key, str(tmp), subscribers=[counter]))
+                    parts.append((tmp, target))
+                total = TransferProgress(0, len(objects), 0, sum(obj.size for obj in objects))
+                _await_transfers(finished, len(futures), total, received, on_progress, should_stop)
+        except Interrupted:
+            # Leaving the manager's block with an exception cancelled every transfer not yet done.
+            for tmp, _ in parts:
+                tmp.unlink(missing_ok=True)
+            raise
         for tmp, target in parts:
             os.replace(tmp, target)
         for folder in folders:
@@ -220,3 +281,36 @@ class Storage:
             for future in futures:
                 future.result()  # re-raises the first failed upload
         return [f"s3://{bucket}/{key}" for key in keys]
+
+
+def _await_transfers(
+    finished: queue.SimpleQueue,
+    count: int,
+    total: TransferProgress,
+    received: list[int],
+    on_progress: Callable[[TransferProgress], None] | None,
+    should_stop: ShouldStop | None,
+) -> None:
+    """Wait for ``count`` transfer futures as they finish (``finished``); report and check for stops.
+
+    Raises:
+        Interrupted: ``should_stop`` answered a reason.
+        Exception: the first failed transfer's error.
+    """
+    done = 0
+    while done < count:
+        try:
+            future = finished.get(timeout=_POLL_S)
+        except queue.Empty:
+            future = None
+        while future is not None:
+            done += 1
+            future.result()  # re-raises a failed download
+            try:
+                future = finished.get_nowait()
+            except queue.Empty:
+                future = None
+        if should_stop is not None and done < count and (reason := should_stop()):
+            raise Interrupted(reason)
+        if on_progress is not None:
+            on_progress(TransferProgress(done, total.files_total, min(received[0], total.bytes_total), total.bytes_total))

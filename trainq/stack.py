@@ -69,7 +69,7 @@ class LocalStack:
         workdir: holds logs (``logs/<name>.log``), Redis's append-only file and the worker cache.
         api_port: port of the API on 127.0.0.1 (0 picks a free one).
         workers: Celery worker processes to start.
-        queue: the queue the workers consume.
+        queue: the job queue the workers consume (with the dry-run queue, ``DRY_RUN_QUEUE``).
         env: extra environment for every process (e.g. ``{"LEASE_TTL_S": "2"}``).
         isolated: always start a Redis and an S3 server of its own, even when ``REDIS_URL`` or
             ``S3_ENDPOINT_URL`` are set (tests: a stack must never share another one's state).
@@ -180,16 +180,20 @@ class LocalStack:
         url = f"{self.api_url}/healthz"
         _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
 
-    def start_worker(self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_worker(
+        self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None, queues: str | None = None
+    ) -> subprocess.Popen:
         """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
 
         ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
+        ``queues`` (comma-separated) defaults to the stack's job queue and the dry-run queue.
         """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
+        queues = queues or f"{self.queue},{self.settings.dry_run_queue}"
         process = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", self.queue,
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", queues,
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
             env=env,
         )
@@ -272,7 +276,8 @@ class LocalStack:
                 f"S3 endpoint  {env['S3_ENDPOINT_URL']}   bucket: {env['S3_BUCKET']}",
                 f"logs         {self.logs}/",
                 "",
-                "To use the stack from another shell (another worker: `celery -A worker worker`; aws CLI; TensorBoard):",
+                "To use the stack from another shell (another worker: `celery -A worker worker -Q default,dry-run`; aws CLI;"
+                " TensorBoard):",
                 f"  export REDIS_URL={env['REDIS_URL']} S3_ENDPOINT_URL={env['S3_ENDPOINT_URL']} S3_ENDPOINT={env['S3_ENDPOINT_URL']}"
                 f" AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}"
                 f" AWS_DEFAULT_REGION={env['AWS_DEFAULT_REGION']}",

@@ -20,10 +20,11 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -33,13 +34,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
 
-from shared.exceptions import JobFailure
-from shared.jobs import DatasetInfo, Progress
+from shared.exceptions import DatasetError, Interrupted, JobFailure
+from shared.jobs import DatasetInfo, JobPhase, MemoryEstimate, Progress
 from shared.settings import Settings
-from shared.spec import JobSpec
-from shared.storage import Storage
+from shared.spec import CsvDataset, JobSpec
+from shared.storage import ShouldStop, Storage
 from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from worker.training.data import TrainingData, load_data
+from worker.training.data import LoadOptions, TrainingData, load_data
+from worker.training.memory import check_memory, estimate_memory, memory_budget
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
@@ -162,13 +164,21 @@ def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, task: str = "classification"
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    task: str = "classification",
+    should_stop: ShouldStop | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` over ``loader``, in eval mode.
 
     Classification: ``val_loss`` (mean per sample), ``val_accuracy`` and, with more than 5
     classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
     and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot).
+
+    Raises:
+        Interrupted: ``should_stop`` (asked before every batch; it must be cheap) answered a reason.
     """
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -176,6 +186,8 @@ def evaluate(
     targets_all = []
     count = 0
     for inputs, targets in loader:
+        if should_stop is not None and (reason := should_stop()):
+            raise Interrupted(reason)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         outputs = model(inputs)
         total_loss += loss_fn(outputs, targets).double() * targets.shape[0]
@@ -254,7 +266,8 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
         except Exception as exc:
             raise JobFailure(
                 f"model.arch {spec.model.arch!r} cannot take {channels}x{size}x{size} images "
-                f"(dataset.image_size={size}): {type(exc).__name__}: {exc}"
+                f"(dataset.image_size={size}): {type(exc).__name__}: {exc}",
+                field="dataset.image_size",
             ) from exc
         finally:
             model.train()
@@ -304,6 +317,7 @@ class _Run:
         self.loader: StatefulDataLoader | None = None
         self.sampler: DistributedSampler | None = None
         self.val_loader: DataLoader | None = None
+        self.loss_fn: nn.Module | None = None
         self.trackers: dict[str, MetricTracker] = {}
 
     @property
@@ -316,6 +330,26 @@ class _Run:
         if reason is None and self.runtime_s >= self.max_runtime_s:
             reason = StopReason.TIME_LIMIT
         return reason
+
+    def show_phase(
+        self,
+        phase: JobPhase,
+        files_done: int | None = None,
+        files_total: int | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None:
+        """Record what the job is doing; written at once on a change of phase, else every ``progress_interval_s``."""
+        changed = phase != self.progress.phase
+        self.progress.phase = phase
+        self.progress.files_done, self.progress.files_total = files_done, files_total
+        self.progress.bytes_done, self.progress.bytes_total = bytes_done, bytes_total
+        now = time.monotonic()
+        if changed or now - self.last_progress >= self.settings.progress_interval_s:
+            self.progress.runtime_s = self.runtime_s
+            self.progress.updated_at = time.time()
+            self.callbacks.on_progress(self.progress.model_copy())
+            self.last_progress = now
 
     def resume(self, device: torch.device) -> str | None:
         """Restore the newest loadable checkpoint of this job, if any; return its URI."""
@@ -467,27 +501,130 @@ def run_training(
         run.uploader.close()
 
 
-def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
-    """Data, model (with initial weights), loss, optimizer, schedule and trackers for ``run``."""
-    run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
+@dataclass
+class Prepared:
+    """Everything a job needs before its first step, from :func:`prepare`.
+
+    ``loader`` yields training batches ``(inputs, targets)`` of ``spec.batch_size`` (the last
+    one may be smaller), shuffled by ``sampler`` per epoch; ``val_loader`` the validation set in
+    order. ``memory`` is the estimate the job was checked against.
+    """
+
+    data: TrainingData
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: StatefulDataLoader
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    memory: MemoryEstimate
+
+
+#: ``(phase, files_done, files_total, bytes_done, bytes_total)``: what preparation is doing.
+PhaseCallback = Callable[[JobPhase, int | None, int | None, int | None, int | None], None]
+
+
+def prepare(
+    spec: JobSpec,
+    storage: Storage,
+    settings: Settings,
+    device: torch.device,
+    *,
+    budget_bytes: int | None,
+    should_stop: ShouldStop | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> Prepared:
+    """Data, model (with initial weights), loss, optimizer, schedule and loaders of a job.
+
+    The one preparation path of a job, and of its dry run: list and download the data into
+    ``DATA_CACHE_DIR/datasets`` (cached by content), decode every image once, check the spec
+    against the data, build the model and load ``model.weights_uri`` (cached in
+    ``DATA_CACHE_DIR/weights``), probe the input size, estimate the training memory against
+    the budget (:mod:`worker.training.memory`), build loss, optimizer, schedule and loaders.
+
+    Args:
+        budget_bytes: memory the job may need by the estimate (a job passes
+            :func:`worker.training.memory.memory_budget`); None: estimate only, do not refuse.
+        should_stop: asked between files, pages and phases; a truthy answer (the reason) stops
+            preparation within seconds.
+        on_phase: told each phase (``downloading`` with file and byte counts, ``verifying``
+            with file counts, ``building_model``) as it goes.
+
+    Raises:
+        JobFailure: the job cannot run; ``field`` names the spec field at fault.
+        Interrupted: ``should_stop`` said so.
+    """
+    report = on_phase or (lambda *_: None)
+
+    def stop_if_asked() -> None:
+        if should_stop is not None and (reason := should_stop()):
+            raise Interrupted(reason)
+
+    report(JobPhase.DOWNLOADING, None, None, None, None)
+    options = LoadOptions(max_image_pixels=settings.max_image_pixels, should_stop=should_stop, on_progress=report)
+    try:
+        data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root, options)
+    except DatasetError as exc:
+        exc.field = exc.field or _dataset_field(str(exc), spec)
+        raise
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
-            f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}"
+            f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}",
+            field="model.num_classes",
         )
     if spec.batch_size > len(data.train):
-        raise JobFailure(f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}")
+        raise JobFailure(
+            f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}",
+            field="batch_size",
+        )
+    stop_if_asked()
+    report(JobPhase.BUILDING_MODEL, None, None, None, None)
     model = build_model(spec.model, input_shape=data.input_shape, num_outputs=data.num_outputs)
     if spec.model.weights_uri is not None:
-        path = storage.download_file(spec.model.weights_uri, run.workdir / "initial-weights.pt")
-        load_initial_weights(model, path, spec.model.weights_uri)
-    run.model = model.to(device)
-    _check_input_size(run.model, spec, device)
-    run.optimizer = build_optimizer(spec, run.model.parameters())
-    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device)
-    steps_per_epoch = math.ceil(len(run.loader) / spec.grad_accumulation_steps)
-    run.progress.steps_per_epoch = steps_per_epoch
-    run.progress.total_steps = spec.epochs * steps_per_epoch
-    run.scheduler = build_scheduler(spec, run.optimizer, total_steps=run.progress.total_steps, steps_per_epoch=steps_per_epoch)
+        try:
+            path = storage.download_cached(spec.model.weights_uri, settings.data_cache_dir / "weights")
+            load_initial_weights(model, path, spec.model.weights_uri)
+        except JobFailure as exc:
+            raise JobFailure(str(exc), field="model.weights_uri") from exc
+    stop_if_asked()
+    model = model.to(device)
+    _check_input_size(model, spec, device)
+    memory = estimate_memory(model, spec, data.input_shape, budget_bytes)
+    check_memory(memory, spec, data.input_shape)
+    try:
+        loss_fn = build_loss(spec, data.num_outputs).to(device)
+    except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
+        raise JobFailure(str(exc), field="loss") from exc
+    try:
+        optimizer = build_optimizer(spec, model.parameters())
+        loader, sampler, val_loader = _loaders(data, spec, device)
+        steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation_steps)
+        scheduler = build_scheduler(spec, optimizer, total_steps=spec.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    except ValueError as exc:
+        raise JobFailure(str(exc)) from exc
+    return Prepared(data, model, loss_fn, optimizer, scheduler, loader, sampler, val_loader, steps_per_epoch, memory)
+
+
+def _dataset_field(message: str, spec: JobSpec) -> str:
+    """The dataset field whose URI a data error names (the longest URI found), else ``dataset.uri``."""
+    dataset = spec.dataset
+    named = [("dataset.uri", dataset.uri), ("dataset.val_uri", dataset.val_uri)]
+    if not isinstance(dataset, CsvDataset):
+        named += [(f"dataset.extra_uris.{i}", uri) for i, uri in enumerate(dataset.extra_uris)]
+    found = [(len(uri.rstrip("/")), field) for field, uri in named if uri and uri.rstrip("/") in message]
+    return max(found)[1] if found else "dataset.uri"
+
+
+def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
+    """:func:`prepare` for ``run`` (its phases shown in the record, stoppable), then its trackers."""
+    budget = memory_budget(settings, device)
+    prepared = prepare(spec, storage, settings, device, budget_bytes=budget, should_stop=run.stop_reason, on_phase=run.show_phase)
+    run.data, run.model, run.loss_fn, run.optimizer = prepared.data, prepared.model, prepared.loss_fn, prepared.optimizer
+    run.loader, run.sampler, run.val_loader, run.scheduler = prepared.loader, prepared.sampler, prepared.val_loader, prepared.scheduler
+    run.progress.steps_per_epoch = prepared.steps_per_epoch
+    run.progress.total_steps = spec.epochs * prepared.steps_per_epoch
     if spec.checkpoint.best_metric is not None:
         run.trackers["best"] = MetricTracker(spec.checkpoint.best_metric)
     if spec.early_stopping is not None:
@@ -500,10 +637,9 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     device = resolve_device(spec.device)
     try:
         _prepare(run, spec, storage, settings, device)
-        loss_fn = build_loss(spec, run.data.num_outputs).to(device)
-    except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
-        raise JobFailure(str(exc)) from exc
-    data, model, optimizer, loader = run.data, run.model, run.optimizer, run.loader
+    except Interrupted as stop:  # cancel, time limit or shutdown before training: nothing to save
+        raise TrainingStopped(stop.reason, run.progress.step, run.runtime_s, None) from None
+    data, model, optimizer, loader, loss_fn = run.data, run.model, run.optimizer, run.loader, run.loss_fn
     resumed_from = run.resume(device)
     callbacks.on_start(
         device=describe_device(device),
@@ -520,6 +656,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     # resumed job shows each step once (one run per job, however many attempts). An attempt that
     # starts from scratch purges everything an earlier one may have uploaded before it died.
     writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
+    run.show_phase(JobPhase.TRAINING)
     accumulate = spec.grad_accumulation_steps
     try:
         losses = _ScalarBuffer()
@@ -563,6 +700,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             if stop_early:
                 break
         writer.close()
+        run.show_phase(JobPhase.UPLOADING)
         final_uri = run.checkpoint(writer, FINAL_CHECKPOINT)
         run.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
@@ -591,7 +729,12 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
 def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn: nn.Module, device: torch.device) -> bool:
     """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early."""
     spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
-    metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task)
+    run.show_phase(JobPhase.VALIDATING)
+    try:
+        metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task, should_stop=run.stop_reason)
+    except Interrupted as stop:  # the epoch's training is kept: a resumed job starts the next epoch
+        _stop(run, stop.reason, writer, losses)
+    run.progress.phase = JobPhase.TRAINING
     run.record_validation(metrics)
     for name, value in metrics.items():
         writer.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
@@ -616,14 +759,15 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
     return stop_early
 
 
-def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarBuffer) -> None:
+def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarBuffer) -> NoReturn:
     """End the run at this step boundary: checkpoint and upload (unless the lease is lost), raise."""
     logger.warning("job %s: stopping at step %d: %s", run.job_id, run.progress.step, reason.value)
     uri = None
     if reason.saves_checkpoint:
         run.report(writer, losses, force=True)
         writer.close()
-        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
+        # Between epochs (stopped while validating) the DataLoader has no position to keep.
+        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=run.batch_in_epoch > 0)
         # Give the checkpoint and events a minute to land; an S3 outage must not hold a cancel.
         if not run.drain(stoppable=False, max_wait_s=STOP_UPLOAD_WAIT_S):
             uri = None
