@@ -339,8 +339,9 @@ class _Run:
         bytes_done: int | None = None,
         bytes_total: int | None = None,
     ) -> None:
-        """Record what the job is doing; written at once on a change of phase, else every ``progress_interval_s``."""
-        changed = phase != self.progress.phase
+        """Record what the job is doing: written at once when the phase changes or its files are all done,
+        else at most every ``progress_interval_s``."""
+        changed = phase != self.progress.phase or (files_total is not None and files_done == files_total)
         self.progress.phase = phase
         self.progress.files_done, self.progress.files_total = files_done, files_total
         self.progress.bytes_done, self.progress.bytes_total = bytes_done, bytes_total
