@@ -272,3 +272,29 @@ def test_idempotency_key_returns_the_same_job(faults: FaultStack):
     assert listed.count(first.json()["id"]) == 1
     client = redis.Redis.from_url(faults.stack.env["REDIS_URL"])
     assert len([k for k in client.scan_iter("trainq:idempotency:*")]) == 1
+
+
+def test_cancel_while_downloading_ends_within_seconds_and_shows_the_phase(faults: FaultStack, tmp_path: Path):
+    from trainq.sample_data import write_digits
+
+    write_digits(tmp_path, limit=300)
+    uri = "s3://trainq/datasets/slow-download/"
+    faults.storage.upload_dir(tmp_path, uri)  # straight to S3, not through the proxy
+    faults.proxy.slow_marker, faults.proxy.slow_delay_s = b"/datasets/slow-download/", 1.0  # each GET of it waits 1 s
+    worker = faults.start_worker()
+    try:
+        spec = resumable_spec()
+        spec["dataset"] = spec["dataset"] | {"uri": uri}
+        job_id = faults.submit(spec)
+        faults.wait_until(job_id, lambda r: r["progress"]["phase"] == "downloading" and (r["progress"]["files_done"] or 0) > 0)
+        asked = time.monotonic()
+        faults.api.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+        stopped_after_s = time.monotonic() - asked
+    finally:
+        faults.proxy.slow_marker, faults.proxy.slow_delay_s = None, 0.05
+        faults.stack.stop_process(worker)
+    assert record["state"] == "cancelled" and stopped_after_s < 8  # the whole download takes about 20 s
+    progress = record["progress"]
+    assert progress["phase"] == "downloading" and progress["files_total"] == 300 and 0 < progress["files_done"] < 300
+    assert 0 < progress["bytes_done"] < progress["bytes_total"]
