@@ -114,7 +114,7 @@ class Progress(BaseModel):
     early_stopped: bool = Field(False, description="Training ended early: the early-stopping metric stopped improving.")
     samples_per_s: float | None = Field(None, description="Training throughput of the current attempt.")
     eta_s: float | None = Field(None, description="Estimated seconds left, from the throughput so far.")
-    runtime_s: float = Field(0.0, description="Seconds spent training, summed over attempts (the time limit's clock).")
+    runtime_s: float = Field(0.0, description="Seconds of the attempts so far, summed, download included (the time limit's clock).")
     updated_at: float | None = None
 
 

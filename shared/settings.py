@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     max_runtime_s: float = Field(
         3 * 24 * 3600,
         gt=0,
-        description="Ceiling on any job's training time in seconds; a spec's `max_runtime_s` may only lower it.",
+        description="Ceiling on any job's run time in seconds (all attempts, download included); a spec's "
+        "`max_runtime_s` may only lower it.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Attempts per job before infrastructure failures (worker lost, S3 down) fail it."
@@ -78,7 +79,8 @@ class Settings(BaseSettings):
     dry_run_queue: str = Field(
         "dry-run",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
-        description="Celery queue of dry runs (`POST /jobs?dry_run=true`); workers consume it with `-Q default,dry-run`.",
+        description="Celery queue of dry runs (`POST /jobs?dry_run=true`). A worker started without `-Q` consumes it "
+        "and `DEFAULT_QUEUE`; with `-Q`, name it too (`-Q default,dry-run`).",
     )
     dry_run_timeout_s: float = Field(
         120.0, gt=0, description="Seconds the API waits for a worker's dry-run result before answering `504`."

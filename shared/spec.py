@@ -526,8 +526,9 @@ class JobSpec(SpecModel):
     max_runtime_s: Float | None = Field(
         None,
         gt=0,
-        description="Training time limit in seconds, summed over attempts. At the limit the job saves a "
-        "checkpoint and fails with reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
+        description="Time limit in seconds of the job's attempts, summed, download and preparation included. At "
+        "the limit the job stops in whatever phase it is (saving a checkpoint once training has begun) and fails with "
+        "reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
     )
     queue: str | None = Field(
         None,
