@@ -90,13 +90,14 @@ class TrainingCallbacks:
         """Data loaded, model built (and restored); training is about to begin on ``device``."""
 
     def on_progress(self, progress: Progress) -> None:
-        """Called every ``progress_interval_s`` seconds and after every epoch."""
+        """Called every ``progress_interval_s`` seconds, after every epoch and when ``progress.phase`` changes."""
 
     def on_checkpoint(self, uri: str) -> None:
         """A checkpoint is complete in S3 at ``uri``."""
 
     def stop_requested(self) -> StopReason | None:
-        """Polled after every optimizer step; must be cheap (no I/O). None means go on."""
+        """Polled after every optimizer step, before every validation batch and between the files
+        and phases of preparation; must be cheap (no I/O). None means go on."""
         return None
 
 
