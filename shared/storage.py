@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,18 +69,55 @@ class TransferProgress:
     bytes_total: int
 
 
-class _Counter(BaseSubscriber):
-    """Counts bytes received (from the transfer threads) and queues each finished future."""
+class _Transfers(BaseSubscriber):
+    """Follows a folder's downloads: counts bytes (from the transfer threads) and finished files,
+    re-raises the first failure, reports progress and asks whether to stop."""
 
-    def __init__(self, finished: queue.SimpleQueue, lock: threading.Lock, totals: list[int]) -> None:
-        self.finished, self.lock, self.totals = finished, lock, totals
+    def __init__(
+        self, files_total: int, bytes_total: int, on_progress: Callable[[TransferProgress], None] | None, should_stop: ShouldStop | None
+    ) -> None:
+        self.files_total, self.bytes_total = files_total, bytes_total
+        self.report, self.should_stop = on_progress, should_stop
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.bytes_done = self.files_done = 0
+        self.last_report = 0.0
 
     def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        """s3transfer's hook: ``bytes_transferred`` more bytes arrived (on a transfer thread)."""
         with self.lock:
-            self.totals[0] += bytes_transferred
+            self.bytes_done += bytes_transferred
 
     def on_done(self, future, **kwargs) -> None:
+        """s3transfer's hook: ``future`` finished (done, failed or cancelled)."""
         self.finished.put(future)
+
+    def poll(self, wait_s: float = 0.0) -> None:
+        """Take finished transfers (waiting up to ``wait_s`` for one), then check for a stop and report.
+
+        Raises:
+            Interrupted: ``should_stop`` answered a reason.
+            Exception: a failed transfer's error.
+        """
+        try:
+            future = self.finished.get(timeout=wait_s) if wait_s else self.finished.get_nowait()
+            while True:
+                self.files_done += 1
+                future.result()  # re-raises a failed download
+                future = self.finished.get_nowait()
+        except queue.Empty:
+            pass
+        if self.should_stop is not None and self.files_done < self.files_total and (reason := self.should_stop()):
+            raise Interrupted(reason)
+        now = time.monotonic()
+        if self.report is not None and (now - self.last_report >= _POLL_S or self.files_done == self.files_total):
+            self.last_report = now
+            self.report(TransferProgress(self.files_done, self.files_total, min(self.bytes_done, self.bytes_total), self.bytes_total))
+
+    def wait_all(self) -> None:
+        """Poll until every file is done."""
+        while self.files_done < self.files_total:
+            self.poll(_POLL_S)
 
 
 @dataclass(frozen=True)
@@ -203,23 +241,19 @@ class Storage:
         # Many small files (an image folder) are latency-bound: fetch them concurrently with
         # boto3's transfer manager, each to a temporary name renamed once complete.
         parts: list[tuple[Path, Path]] = []
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-        received = [0]
-        counter = _Counter(finished, threading.Lock(), received)
+        transfers = _Transfers(len(objects), sum(obj.size for obj in objects), on_progress, should_stop)
         try:
             with create_transfer_manager(self.client, self.transfer_config) as manager:
-                futures = []
-                for index, obj in enumerate(objects):
-                    if index % 1000 == 0 and should_stop is not None and (reason := should_stop()):
-                        raise Interrupted(reason)
+                for obj in objects:
                     target = dest / obj.key[len(prefix):]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     # Unique per process: two workers sharing a cache may fetch the same object at once.
                     tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-                    futures.append(manager.download(bucket, obj.key, str(tmp), subscribers=[counter]))
+                    # Blocks while the manager's queue is full: most of the download happens in this loop.
+                    manager.download(bucket, obj.key, str(tmp), subscribers=[transfers])
                     parts.append((tmp, target))
-                total = TransferProgress(0, len(objects), 0, sum(obj.size for obj in objects))
-                _await_transfers(finished, len(futures), total, received, on_progress, should_stop)
+                    transfers.poll()
+                transfers.wait_all()
         except Interrupted:
             # Leaving the manager's block with an exception cancelled every transfer not yet done.
             for tmp, _ in parts:
@@ -282,35 +316,3 @@ class Storage:
                 future.result()  # re-raises the first failed upload
         return [f"s3://{bucket}/{key}" for key in keys]
 
-
-def _await_transfers(
-    finished: queue.SimpleQueue,
-    count: int,
-    total: TransferProgress,
-    received: list[int],
-    on_progress: Callable[[TransferProgress], None] | None,
-    should_stop: ShouldStop | None,
-) -> None:
-    """Wait for ``count`` transfer futures as they finish (``finished``); report and check for stops.
-
-    Raises:
-        Interrupted: ``should_stop`` answered a reason.
-        Exception: the first failed transfer's error.
-    """
-    done = 0
-    while done < count:
-        try:
-            future = finished.get(timeout=_POLL_S)
-        except queue.Empty:
-            future = None
-        while future is not None:
-            done += 1
-            future.result()  # re-raises a failed download
-            try:
-                future = finished.get_nowait()
-            except queue.Empty:
-                future = None
-        if should_stop is not None and done < count and (reason := should_stop()):
-            raise Interrupted(reason)
-        if on_progress is not None:
-            on_progress(TransferProgress(done, total.files_total, min(received[0], total.bytes_total), total.bytes_total))

@@ -217,7 +217,11 @@ def test_cancel_queued_and_running_jobs(faults: FaultStack):
 
 def test_time_limit_saves_a_checkpoint_and_fails(faults: FaultStack):
     worker = faults.start_worker()
-    job_id = faults.submit(resumable_spec(epochs=50, max_runtime_s=3))
+    spec = resumable_spec(epochs=50, max_runtime_s=3)
+    # The limit counts every phase, download included: a dry run on this worker fetches the data
+    # into its cache first, so that the job's 3 s are spent training.
+    assert faults.api.post("/jobs", params={"dry_run": "true"}, json=spec, timeout=150).status_code == 200
+    job_id = faults.submit(spec)
     record = wait_for_job(faults.api, job_id, timeout_s=60)
     faults.stack.stop_process(worker)
     assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "time limit"
