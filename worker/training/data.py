@@ -29,11 +29,12 @@ from torchvision.transforms import v2
 
 from shared.exceptions import DatasetError, Interrupted
 from shared.jobs import JobPhase
+from shared.settings import Settings
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
 from shared.storage import ShouldStop, Storage, TransferProgress
 
-#: Default of the ``MAX_IMAGE_PIXELS`` setting (width × height), below Pillow's 89,478,485.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+#: The ``MAX_IMAGE_PIXELS`` setting's default (width × height), below Pillow's 89,478,485.
+DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 
 @dataclass
