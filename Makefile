@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 # -qq: errors only (pip's warnings about this machine's local package mirrors are noise).
 PIP_INSTALL = $(PY) -m pip install -qq --disable-pip-version-check
 
-.PHONY: install demo up test clean
+.PHONY: install demo up test bench lock clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ up: install  ## run the local stack (API on :8000) until Ctrl-C
 
 test: install  ## run the test suite against a real local stack
 	$(PY) -m pytest
+
+lock: install  ## regenerate the image lock files (deploy/requirements/*.lock) from pyproject.toml; needs PyPI
+	$(PY) -m trainq.lock
+
+bench: install  ## benchmark suite (15-30 min on 2 cores; not part of test): writes bench/results.md
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .trainq demo-artifacts .pytest_cache

@@ -1,12 +1,15 @@
-"""FastAPI dependencies: the job store and the Celery app, built once per process in the lifespan."""
+"""FastAPI dependencies: the job store, the Celery app, the settings and who is asking."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from shared.auth import ANONYMOUS_OWNER, Principal, authenticate
 from shared.jobs import JobStore
 from shared.settings import Settings
 
@@ -29,3 +32,59 @@ def get_app_settings(request: Request) -> Settings:
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="A token from `python -m trainq.admin token create --owner <name>`, sent as "
+    "`Authorization: Bearer <token>`. Required when the server runs with `AUTH_REQUIRED=true`.",
+)
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for ``127.0.0.0/8``, ``::1`` and ``localhost``; False for anything else (or unknown)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def get_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    store: StoreDep,
+    settings: SettingsDep,
+) -> Principal:
+    """Who the request acts as: the owner of its bearer token.
+
+    Without a token: 401 when ``AUTH_REQUIRED``; otherwise the anonymous owner ``local``, for a
+    client on this machine only (a request from elsewhere, also through a reverse proxy that
+    sets ``X-Forwarded-For``, is a 403).
+    """
+    if credentials is not None:
+        admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        principal = authenticate(credentials.credentials, store.redis, admin_token)
+        if principal is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "invalid or revoked bearer token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return principal
+    if settings.auth_required:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a bearer token is required: send `Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not is_loopback(request.client.host if request.client else None):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "this server runs without authentication (AUTH_REQUIRED=false) and serves only clients on its own "
+            "machine; set AUTH_REQUIRED=true to serve others",
+        )
+    return Principal(owner=ANONYMOUS_OWNER)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,14 +17,19 @@ from fastapi.responses import JSONResponse
 
 from api.deps import StoreDep
 from api.routes import jobs
+from shared.auth import ANONYMOUS_OWNER, MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
 from shared.spec import json_path
 
 
+logger = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 1024 * 1024
 _MAX_ECHO_CHARS = 200
+#: Errors listed in one 422; the rest are counted (60,000 unknown keys made a 6 MB answer).
+MAX_ERRORS = 50
 
 
 def _finite(value: Any) -> Any:
@@ -34,6 +40,18 @@ def _finite(value: Any) -> Any:
         return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
+    return value
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with lone surrogates (``"\\ud800"`` in the JSON) written as escapes, recursively, so
+    that the answer can be encoded as UTF-8 (pydantic refuses them; echoing them back was a 500)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
     return value
 
 
@@ -49,21 +67,40 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     """422 listing each error with its JSON path (``loc``), e.g. ``["body", "optimizer", "lr"]``.
 
     FastAPI's default handler echoes the bad input back and fails with a 500 when that input is
-    NaN or Infinity (fastapi/fastapi#4589); here such values are echoed as strings.
+    NaN or Infinity (fastapi/fastapi#4589); here such values are echoed as strings. At most
+    ``MAX_ERRORS`` are listed; a last entry of type ``too_many_errors`` counts the rest.
     """
-    errors = [_short_input(error) for error in _finite(jsonable_encoder(exc.errors()))]
+    found = exc.errors()
+    errors = [_short_input(error) for error in _encodable(_finite(jsonable_encoder(found[:MAX_ERRORS])))]
     for error in errors:
         if error["loc"] and error["loc"][0] == "body":
-            error["loc"] = ["body", *json_path(error["loc"][1:], exc.body)]
+            error["loc"] = ["body", *_encodable(json_path(error["loc"][1:], exc.body))]
+    if len(found) > MAX_ERRORS:
+        errors.append(
+            {"loc": ["body"], "msg": f"{len(found) - MAX_ERRORS} more errors not shown ({len(found)} in all)",
+             "type": "too_many_errors", "input": None}
+        )
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
 async def redis_unavailable(request: Request, exc: redis.ConnectionError | redis.TimeoutError) -> JSONResponse:
-    """503 with a clear message while Redis cannot be reached, instead of a stack trace."""
+    """503 while Redis cannot be reached. The answer does not name Redis's address; the log does."""
+    logger.error("%s %s: job store unavailable: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content={"detail": f"job store (Redis) unavailable: {type(exc).__name__}: {exc}"},
+        content={"detail": "job store unavailable; try again shortly"},
     )
+
+
+def _warn_about_auth(settings: Settings) -> None:
+    if settings.admin_token is not None and len(settings.admin_token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+        logger.warning("ADMIN_TOKEN is shorter than %d characters and is ignored", MIN_ADMIN_TOKEN_CHARS)
+    if not settings.auth_required:
+        logger.warning(
+            "authentication is OFF (AUTH_REQUIRED=false): requests without a token act as owner %r and only "
+            "clients on this machine (loopback) are served; set AUTH_REQUIRED=true to serve others",
+            ANONYMOUS_OWNER,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        _warn_about_auth(settings)
         app.state.store = JobStore.from_url(settings.redis_url)
         app.state.celery = make_celery(settings)
         yield
@@ -83,21 +121,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Self-hosted batch training: POST a PyTorch training spec, get checkpoints and TensorBoard logs in S3.",
         version="0.1.0",
         lifespan=lifespan,
+        # 413 for bodies over 1 MiB (a spec is a few KB), counted on the bytes read, so a chunked
+        # body without Content-Length is limited too.
+        max_body_size=MAX_BODY_BYTES,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.ConnectionError, redis_unavailable)
     app.add_exception_handler(redis.TimeoutError, redis_unavailable)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        """413 for bodies over 1 MiB (a spec is a few KB), before anything reads them."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(
-                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-                content={"detail": f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}"},
-            )
-        return await call_next(request)
     app.include_router(jobs.router)
 
     @app.get("/healthz", tags=["health"])

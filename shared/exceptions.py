@@ -80,3 +80,15 @@ class IdempotencyConflictError(TrainqError):
         super().__init__(f"Idempotency-Key {key!r} was used for job {job_id} with a different spec")
         self.key = key
         self.job_id = job_id
+
+
+class QuotaExceededError(TrainqError):
+    """An owner is over a quota: jobs queued or running at once, or submissions per minute (API: 429).
+
+    Attributes:
+        retry_after_s: seconds after which a retry may succeed (the ``Retry-After`` header).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,8 +1,10 @@
 """Job records in Redis: state, timestamps, progress, device, error and artifact URIs.
 
 A record is a Redis hash ``trainq:job:<id>`` whose fields are JSON values; the sorted set
-``trainq:jobs`` (score: creation time, seconds since the epoch) lists ids newest first, and the
-set ``trainq:running`` holds the ids of running jobs (what the reaper inspects). State changes go
+``trainq:jobs`` (score: creation time, seconds since the epoch) lists ids newest first, and
+``trainq:jobs:owner:<owner>`` the same for one owner (so an owner's list stays fast); the set
+``trainq:running`` holds the ids of running jobs (what the reaper inspects), and
+``trainq:active:<owner>`` an owner's jobs that are not final (their quota). State changes go
 through :meth:`JobStore.transition`, which checks the lifecycle in a Redis transaction
 (WATCH/MULTI), so the API, a worker and a reaper never both win a race.
 """
@@ -19,11 +21,14 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
+from shared.auth import ANONYMOUS_OWNER
+from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.spec import JobSpec
 
 JOB_KEY = "trainq:job:{}"
 INDEX_KEY = "trainq:jobs"
+OWNER_INDEX_KEY = "trainq:jobs:owner:{}"
+ACTIVE_KEY = "trainq:active:{}"
 RUNNING_KEY = "trainq:running"
 IDEMPOTENCY_KEY = "trainq:idempotency:{}"
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -141,6 +146,8 @@ class JobRecord(BaseModel):
     """Everything trainq knows about one job; the public view returned by the API."""
 
     id: str
+    owner: str = Field(ANONYMOUS_OWNER, description="Who submitted it (the token's owner); only they and admins see it.")
+    name: str | None = Field(None, description="The spec's `name`.")
     state: JobState
     spec: JobSpec
     queue: str
@@ -158,6 +165,26 @@ class JobRecord(BaseModel):
     dataset: DatasetInfo | None = None
     artifacts: Artifacts = Field(default_factory=Artifacts)
     error: str | None = Field(None, description="Why the job failed (or was retried), naming the file or field at fault.")
+
+
+#: Fields of the list view: what ``GET /jobs`` returns per job (no spec, dataset or artifacts).
+SUMMARY_FIELDS = ("id", "owner", "name", "state", "queue", "created_at", "started_at", "finished_at", "attempts", "progress", "error")
+
+
+class JobSummary(BaseModel):
+    """A job in a list: who, what, where it stands. ``GET /jobs/{id}`` has the full record."""
+
+    id: str
+    owner: str = ANONYMOUS_OWNER
+    name: str | None = None
+    state: JobState
+    queue: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    progress: Progress = Field(default_factory=Progress)
+    error: str | None = None
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
@@ -191,21 +218,37 @@ class JobStore:
         """A store on a new connection pool to ``url`` (``redis://host:port/db``)."""
         return cls(redis.Redis.from_url(url, health_check_interval=30))
 
-    def create(self, spec: JobSpec, queue: str, *, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Record a new ``queued`` job for ``spec`` on ``queue``.
+    def create(
+        self,
+        spec: JobSpec,
+        queue: str,
+        *,
+        owner: str = ANONYMOUS_OWNER,
+        idempotency_key: str | None = None,
+        max_active: int | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Record a new ``queued`` job of ``owner`` for ``spec`` on ``queue``.
 
-        With ``idempotency_key``, the first call records the job and later calls with the same
-        key (for 24 hours) return that job instead of a new one.
+        With ``idempotency_key``, the first call records the job and later calls by the same
+        owner with the same key (for 24 hours) return that job instead of a new one. Keys are
+        per owner: another owner's key never returns, or reveals, someone else's job.
+
+        Args:
+            max_active: refuse when ``owner`` already has this many jobs queued, running or
+                retrying (checked in the transaction that records the job).
 
         Returns:
             ``(record, created)``; ``created`` is False when the key returned an existing job.
 
         Raises:
-            IdempotencyConflictError: the key was used before with a different spec.
+            IdempotencyConflictError: the owner used the key before with a different spec.
+            QuotaExceededError: ``owner`` is at ``max_active``.
         """
         now = time.time()
         record = JobRecord(
             id=uuid.uuid4().hex,
+            owner=owner,
+            name=spec.name,
             state=JobState.QUEUED,
             spec=spec,
             queue=queue,
@@ -215,18 +258,42 @@ class JobStore:
         )
         if idempotency_key is not None:
             digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
-            key = IDEMPOTENCY_KEY.format(hashlib.sha256(idempotency_key.encode()).hexdigest())
+            key = IDEMPOTENCY_KEY.format(f"{owner}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}")
             claimed = self.redis.set(key, json.dumps([record.id, digest]), nx=True, ex=IDEMPOTENCY_TTL_S)
             if not claimed:
                 existing_id, existing_digest = json.loads(self.redis.get(key) or "[null, null]")
                 if existing_digest != digest:
                     raise IdempotencyConflictError(idempotency_key, existing_id)
                 return self._get_eventually(existing_id), False
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(JOB_KEY.format(record.id), mapping=_encode(record.model_dump(mode="json", exclude_none=True)))
-        pipe.zadd(INDEX_KEY, {record.id: now})
-        pipe.execute()
+        try:
+            self._insert(record, max_active)
+        except QuotaExceededError:
+            if idempotency_key is not None:
+                self.redis.delete(key)  # the key may be used again once the owner is under quota
+            raise
         return record, True
+
+    def _insert(self, record: JobRecord, max_active: int | None) -> None:
+        active_key = ACTIVE_KEY.format(record.owner)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(active_key)
+                    if max_active is not None and (active := pipe.scard(active_key)) >= max_active:
+                        raise QuotaExceededError(
+                            f"owner {record.owner!r} has {active} jobs queued or running; the limit is {max_active} "
+                            "(MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one",
+                            retry_after_s=60,
+                        )
+                    pipe.multi()
+                    pipe.hset(JOB_KEY.format(record.id), mapping=_encode(record.model_dump(mode="json", exclude_none=True)))
+                    pipe.zadd(INDEX_KEY, {record.id: record.created_at})
+                    pipe.zadd(OWNER_INDEX_KEY.format(record.owner), {record.id: record.created_at})
+                    pipe.sadd(active_key, record.id)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def _get_eventually(self, job_id: str, timeout_s: float = 5.0) -> JobRecord:
         # The request that claimed the idempotency key writes the record a moment later.
@@ -250,14 +317,23 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return JobRecord.model_validate(_decode(raw))
 
-    def list(self, *, limit: int = 20, offset: int = 0) -> tuple[list[JobRecord], int]:
-        """Up to ``limit`` records, newest first, skipping ``offset``; and the total job count."""
-        ids = self.redis.zrevrange(INDEX_KEY, offset, offset + limit - 1)
+    def list(self, *, owner: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[JobSummary], int]:
+        """Up to ``limit`` job summaries, newest first, skipping ``offset``; and the total count.
+
+        Args:
+            owner: only this owner's jobs; None lists every owner's.
+        """
+        index = INDEX_KEY if owner is None else OWNER_INDEX_KEY.format(owner)
+        ids = self.redis.zrevrange(index, offset, offset + limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(JOB_KEY.format(job_id.decode()))
-        records = [JobRecord.model_validate(_decode(raw)) for raw in pipe.execute() if raw]
-        return records, self.redis.zcard(INDEX_KEY)
+            pipe.hmget(JOB_KEY.format(job_id.decode()), SUMMARY_FIELDS)
+        summaries = []
+        for values in pipe.execute():
+            fields = {name: json.loads(value) for name, value in zip(SUMMARY_FIELDS, values) if value is not None}
+            if fields:
+                summaries.append(JobSummary.model_validate(fields))
+        return summaries, self.redis.zcard(index)
 
     def running_ids(self) -> list[str]:
         """Ids of jobs in the ``running`` state."""
@@ -319,6 +395,8 @@ class JobStore:
                         pipe.sadd(RUNNING_KEY, job_id)
                     else:
                         pipe.srem(RUNNING_KEY, job_id)
+                    if state.is_final:
+                        pipe.srem(ACTIVE_KEY.format(current.get("owner", ANONYMOUS_OWNER)), job_id)
                     pipe.execute()
                     break
                 except redis.WatchError:

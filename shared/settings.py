@@ -6,11 +6,13 @@ Job specs (what to train) live in :mod:`shared.spec`; this module only says wher
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -35,6 +37,24 @@ class Settings(BaseSettings):
         "jobs", description="Key prefix under which each job writes `<prefix>/<job_id>/...`."
     )
     default_queue: str = Field("default", description="Celery queue a job goes to when its spec names none.")
+    # -- who may submit, and how much ----------------------------------------------------------
+    auth_required: bool = Field(
+        False,
+        description="Require a bearer token on every route but `/healthz` (401 without one). Off: requests "
+        "without a token act as owner `local`, and only loopback clients are served.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="A bearer token that acts as the admin owner `admin`, for bootstrapping; at least 32 characters "
+        "(e.g. `openssl rand -hex 32`), a shorter one is ignored with a warning. Per-user tokens: "
+        "`python -m trainq.admin token create`.",
+    )
+    max_active_jobs_per_owner: int = Field(
+        100, ge=1, description="Jobs an owner may have queued, running or retrying at once; more is a 429."
+    )
+    submissions_per_minute: int = Field(
+        60, ge=1, description="`POST /jobs` calls (dry runs included) an owner may make in any 60 s; more is a 429."
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600,
         gt=0,
@@ -102,6 +122,54 @@ class Settings(BaseSettings):
             "Below Pillow's own decompression-bomb limit (89,478,485)."
         ),
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Intra-op CPU threads of a training job; 0 chooses the CPUs the worker may use "
+        "(affinity, cgroup quota) minus the spec's `num_workers`, at least 1.",
+    )
+    allow_cpu_ddp: bool = Field(
+        False,
+        description="Run a spec's `resources.gpus: N` (N > 1) on a worker without CUDA as N CPU processes "
+        "(the gloo backend): for tests and development. Off, such a job fails at start.",
+    )
+    queues: Annotated[list[str], NoDecode] = Field(
+        ["default"],
+        description=(
+            "Queues a spec's `queue` may name (comma-separated, or a JSON list); `DEFAULT_QUEUE` must be "
+            "one of them. Set the same list on the API and the workers."
+        ),
+    )
+    data_uris_allowed: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description=(
+            "S3 prefixes a spec may read data and weights from (comma-separated, or a JSON list), e.g. "
+            "`s3://trainq/datasets/,s3://team-data/`. Unset: `datasets/`, `tables/` and `weights/` of `S3_BUCKET`."
+        ),
+    )
+
+    @field_validator("queues", "data_uris_allowed", mode="before")
+    @classmethod
+    def _split_list(cls, value: object, info: ValidationInfo) -> object:
+        # Environment variables hold `a,b` or `["a", "b"]`. An empty DATA_URIS_ALLOWED means its default.
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else [item.strip() for item in text.split(",") if item.strip()]
+            return None if not items and info.field_name == "data_uris_allowed" else items
+        return value
+
+    @model_validator(mode="after")
+    def _queues_and_prefixes_are_safe(self) -> Settings:
+        from shared.access import check_queue_name, check_s3_prefix  # imports this module
+
+        for queue in [*self.queues, self.dry_run_queue]:
+            check_queue_name(queue)
+        if self.default_queue not in self.queues:
+            raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")
+        for prefix in self.data_uris_allowed or []:
+            check_s3_prefix(prefix)
+        return self
 
 
 @lru_cache(maxsize=1)

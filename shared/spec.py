@@ -10,6 +10,7 @@ start-up (and a test checks in CI) that every architecture named here exists in 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
@@ -74,14 +75,36 @@ DataUri = Annotated[
 ]
 
 
+#: C0 and C1 control characters and DEL (ESC, CR, LF, NUL, tab…): refused in every string of a spec.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(value: object) -> object:
+    is_list = isinstance(value, list | tuple)
+    for index, text in enumerate(value if is_list else (value,)):
+        if isinstance(text, str) and (found := CONTROL_CHARS.search(text)):
+            raise ValueError(
+                f"{f'item {index} ' if is_list else ''}contains the control character {found.group()!r} at position "
+                f"{found.start()}; URIs, names and columns must be printable"
+            )
+    return value
+
+
 class SpecModel(BaseModel):
     """Base of every spec section: unknown keys and NaN/Infinity are refused at every level.
 
     Numbers are strict: ``"epochs": "3"`` or ``true`` is a type error, not 3 or 1 (an int is
-    still accepted where a float is expected).
+    still accepted where a float is expected). Strings (URIs, names, columns) may not hold
+    control characters such as ESC, CR or LF: they end up in logs and terminals. A lone
+    surrogate (``"\\ud800"``) is not valid Unicode and is refused too (by pydantic).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        return _printable(value)
 
 
 Int = Annotated[int, Strict()]
@@ -489,6 +512,72 @@ class EarlyStopping(SpecModel):
     min_delta: Float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
+Bool = Annotated[bool, Strict()]
+
+
+class PerformanceSpec(SpecModel):
+    """Speed settings of the training loop; the defaults are safe and change nothing on a CPU.
+
+    On a CPU worker the defaults train exactly as plain fp32 PyTorch. On CUDA, ``precision: auto``
+    trains under bf16 autocast (fp16 with a gradient scaler where the GPU has no bf16) and image
+    models use ``channels_last``. Which settings keep a resumed job bit-identical to an
+    uninterrupted one is in the README ("Performance").
+    """
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Mixed precision of forward and loss (`torch.autocast`). `auto`: `bf16` on a CUDA device that "
+        "supports it, else `fp16` on CUDA, `fp32` on a CPU. `fp16` also scales the loss "
+        "(`torch.amp.GradScaler`, state kept in checkpoints) and needs CUDA; `bf16` runs on CPU and CUDA. "
+        "Weights and optimizer state stay fp32.",
+    )
+    channels_last: Literal["auto"] | Bool = Field(
+        "auto",
+        description="Keep image models and batches in NHWC memory order (faster convolutions on tensor cores). "
+        "`auto`: on for image folders on CUDA, off on a CPU.",
+    )
+    cudnn_benchmark: Bool = Field(
+        False,
+        description="Let cuDNN time its algorithms on the first batches and keep the fastest "
+        "(`torch.backends.cudnn.benchmark`). Faster for fixed input sizes, but the choice may differ "
+        "between runs, so a resumed job is no longer bit-identical.",
+    )
+    deterministic: Bool = Field(
+        False,
+        description="Use deterministic CUDA kernels only (`torch.use_deterministic_algorithms`, "
+        "`cudnn.deterministic`): needed for a bit-identical resume on a GPU; somewhat slower. "
+        "No effect on a CPU.",
+    )
+    compile: Bool = Field(
+        False,
+        description="`torch.compile` the model (opt-in): the first steps compile (seconds to minutes), later "
+        "ones may run faster. Checkpoints hold the plain model's `state_dict`.",
+    )
+    persistent_workers: Bool = Field(
+        False,
+        description="Keep the DataLoader's worker processes between epochs (needs `num_workers` > 0).",
+    )
+    prefetch_factor: Int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Batches each DataLoader worker loads ahead (needs `num_workers` > 0); null: torch's default, 2.",
+    )
+
+
+class ResourcesSpec(SpecModel):
+    """What a job needs of its worker."""
+
+    gpus: Int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs of one worker to train on. More than 1 runs DistributedDataParallel, one process per GPU "
+        "(NCCL); `batch_size` is then the global batch, split evenly over the GPUs. A worker with fewer "
+        "GPUs fails the job at start.",
+    )
+
+
 class JobSpec(SpecModel):
     """A training job: data, model, loss, optimizer and the loop's settings.
 
@@ -509,7 +598,13 @@ class JobSpec(SpecModel):
     optimizer: Optimizer = AdamOptimizer()
     lr_schedule: LRSchedule | None = Field(None, description="How the lr changes; stepped after every optimizer step.")
     epochs: Int = Field(10, ge=1, le=100_000, description="Passes over the training set.")
-    batch_size: Int = Field(32, ge=1, le=65_536, description="Samples per forward pass (micro-batch).")
+    batch_size: Int = Field(
+        32,
+        ge=1,
+        le=65_536,
+        description="Samples per forward pass (micro-batch), over all of the job's GPUs: each of "
+        "`resources.gpus` processes takes batch_size / gpus.",
+    )
     grad_accumulation_steps: Int = Field(
         1, ge=1, le=4096, description="Micro-batches per optimizer step (effective batch = batch_size × this)."
     )
@@ -523,6 +618,8 @@ class JobSpec(SpecModel):
     )
     checkpoint: CheckpointSpec = Field(CheckpointSpec(), validate_default=True)
     early_stopping: EarlyStopping | None = None
+    performance: PerformanceSpec = Field(PerformanceSpec(), validate_default=True)
+    resources: ResourcesSpec = Field(ResourcesSpec(), validate_default=True)
     max_runtime_s: Float | None = Field(
         None,
         gt=0,
@@ -591,6 +688,19 @@ class JobSpec(SpecModel):
         if weights is not None and model is not None and model.num_classes is not None and len(weights) != model.num_classes:
             raise ValueError(f"loss.class_weights has {len(weights)} values; model.num_classes is {model.num_classes}")
         return loss
+
+    @model_validator(mode="after")
+    def _loader_and_gpus_fit(self) -> JobSpec:
+        if self.num_workers == 0:
+            for name in ("persistent_workers", "prefetch_factor"):
+                if getattr(self.performance, name) not in (None, False):
+                    raise ValueError(f"performance.{name} needs num_workers > 0 (DataLoader worker processes)")
+        gpus = self.resources.gpus
+        if self.batch_size % gpus:
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch and must divide evenly over resources.gpus {gpus}"
+            )
+        return self
 
     @field_validator("checkpoint", "early_stopping")
     @classmethod

@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError, ParamValidationError
 from s3transfer.subscribers import BaseSubscriber
 
 from shared.exceptions import DatasetError, Interrupted
+from shared.paths import cache_path, check_key, local_relative, printable, write_names
 from shared.settings import Settings
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
@@ -120,6 +121,54 @@ class _Transfers(BaseSubscriber):
             self.poll(_POLL_S)
 
 
+def _plan_download(
+    listed: list[ObjectInfo], bucket: str, prefix: str, uri: str
+) -> tuple[list[tuple[ObjectInfo, str]], set[str]]:
+    """The visible objects under ``prefix`` with their local relative paths, and the folders to create.
+
+    Every key is checked (hidden ones too) before anything is written. Folders that hold no
+    visible file (a ``b/`` marker object, or only ``.DS_Store``) are created too, so an empty
+    class is reported rather than silently dropped.
+
+    Raises:
+        DatasetError: a key is not a plain relative path, or an object's local path is also a
+            folder's (an object ``cat`` beside ``cat/1.png``), naming both keys.
+    """
+    objects: list[tuple[ObjectInfo, str]] = []
+    folders: dict[str, str] = {}  # local folder -> a key that needs it
+    for obj in listed:
+        relative = obj.key[len(prefix):]
+        if not relative:
+            continue  # the prefix's own folder marker
+        is_folder = relative.endswith("/")
+        local = local_relative(relative[:-1] if is_folder else relative, source=f"s3://{bucket}/{obj.key}")
+        folder = local if is_folder else local.rpartition("/")[0]
+        if folder and not _is_hidden(relative.rstrip("/") if is_folder else relative.rpartition("/")[0]):
+            folders.setdefault(folder, obj.key)
+        if not is_folder and not _is_hidden(relative):
+            objects.append((obj, local))
+    # An object and a folder cannot share a local name: refuse with both keys, before writing.
+    ancestors: dict[str, str] = {}
+    for path, key in [*folders.items(), *((relative, obj.key) for obj, relative in objects)]:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            ancestors.setdefault("/".join(parts[:depth]), key)
+    for path, key in folders.items():
+        ancestors.setdefault(path, key)
+    seen: dict[str, str] = {}
+    for obj, relative in objects:
+        if relative in ancestors:
+            raise DatasetError(
+                f"{uri}: object s3://{bucket}/{printable(obj.key)} has the name of a folder that holds "
+                f"s3://{bucket}/{printable(ancestors[relative])}; an object cannot shadow a class folder: "
+                "rename or delete one of them"
+            )
+        if relative in seen:  # only two names crafted to share a shortened form
+            raise DatasetError(f"{uri}: objects s3://{bucket}/{printable(seen[relative])} and s3://{bucket}/{printable(obj.key)} map to one local file")
+        seen[relative] = obj.key
+    return objects, set(folders)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object under a prefix: its key, size in bytes and ETag (quotes stripped)."""
@@ -195,6 +244,25 @@ class Storage:
             raise DatasetError(f"{uri} is not a valid S3 prefix: {exc}") from exc
         return objects
 
+    def list_dataset(
+        self, uri: str, *, should_stop: ShouldStop | None = None
+    ) -> tuple[str, list[tuple[ObjectInfo, str]], set[str]]:
+        """List a dataset prefix as :meth:`download_prefix` would download it, writing nothing.
+
+        Returns:
+            ``(bucket, objects, folders)``: each visible object with its local path relative to
+            the download folder (``/``-separated), and the local folders to create.
+
+        Raises:
+            DatasetError: as :meth:`download_prefix`, with the same words (a dry run uses this).
+            Interrupted: ``should_stop`` answered a reason between pages of the listing.
+        """
+        bucket, prefix = folder_prefix(uri)
+        objects, folders = _plan_download(self.list_objects(uri, should_stop=should_stop), bucket, prefix, uri)
+        if not objects:
+            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
+        return bucket, objects, folders
+
     def download_prefix(
         self,
         uri: str,
@@ -207,7 +275,8 @@ class Storage:
 
         The folder is keyed by the objects' keys and ETags, so a second call for unchanged data
         downloads nothing. Hidden files (any path part starting with ``.``) are skipped. A folder
-        is used only once complete (marked by a ``.complete`` file written last).
+        is used only once complete (marked by a ``.complete`` file written last). Keys map to
+        paths inside the folder through :func:`shared.paths.local_relative` (long names shortened).
 
         Args:
             on_progress: called about every 0.25 s (and at the end) while files are fetched.
@@ -215,23 +284,14 @@ class Storage:
                 (those in flight finish or abort within seconds) and raises.
 
         Raises:
-            DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed.
+            DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed; a key
+                is not a plain relative path (``//``, ``..``…), or an object has the name of a
+                folder (``cat`` beside ``cat/1.png``) — naming the keys.
             Interrupted: ``should_stop`` said so; the folder stays incomplete (not used).
         """
-        bucket, prefix = folder_prefix(uri)
-        listed = self.list_objects(uri, should_stop=should_stop)
-        objects = [obj for obj in listed if not obj.key.endswith("/") and not _is_hidden(obj.key[len(prefix):])]
-        if not objects:
-            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
-        # Folders that hold no visible file (a "b/" marker object, or only ".DS_Store") still
-        # exist locally, so an empty class is reported rather than silently dropped.
-        folders = {
-            obj.key[len(prefix):].rsplit("/", 1)[0]
-            for obj in listed
-            if "/" in obj.key[len(prefix):] and not _is_hidden(obj.key[len(prefix):].rsplit("/", 1)[0] + "/")
-        }
+        bucket, objects, folders = self.list_dataset(uri, should_stop=should_stop)
         digest = hashlib.sha256(f"{bucket}\n".encode())
-        for obj in objects:
+        for obj, _ in objects:
             digest.update(f"{obj.key}\t{obj.etag}\n".encode())
         for folder in sorted(folders):
             digest.update(f"{folder}/\n".encode())
@@ -241,11 +301,11 @@ class Storage:
         # Many small files (an image folder) are latency-bound: fetch them concurrently with
         # boto3's transfer manager, each to a temporary name renamed once complete.
         parts: list[tuple[Path, Path]] = []
-        transfers = _Transfers(len(objects), sum(obj.size for obj in objects), on_progress, should_stop)
+        transfers = _Transfers(len(objects), sum(obj.size for obj, _ in objects), on_progress, should_stop)
         try:
             with create_transfer_manager(self.client, self.transfer_config) as manager:
-                for obj in objects:
-                    target = dest / obj.key[len(prefix):]
+                for obj, relative in objects:
+                    target = dest / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
                     # Unique per process: two workers sharing a cache may fetch the same object at once.
                     tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
@@ -263,16 +323,21 @@ class Storage:
             os.replace(tmp, target)
         for folder in folders:
             (dest / folder).mkdir(parents=True, exist_ok=True)
+        _, prefix = folder_prefix(uri)
+        write_names(dest, {relative: obj.key[len(prefix):] for obj, relative in objects if relative != obj.key[len(prefix):]})
         (dest / ".complete").write_text(uri + "\n")
         return dest
 
     def download_cached(self, uri: str, cache_dir: Path) -> Path:
         """Download one object into a folder keyed by its URI and ETag; reuse it while unchanged.
 
+        The local file keeps the key's last segment as its name (shortened when long).
+
         Raises:
-            DatasetError: the object does not exist (naming ``uri``).
+            DatasetError: the object does not exist, or its key is not a plain path (naming ``uri``).
         """
         bucket, key = parse_s3_uri(uri)
+        name = check_key(key, source=uri)[-1]
         try:
             etag = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         except ClientError as exc:
@@ -281,7 +346,7 @@ class Storage:
         except ParamValidationError as exc:
             raise DatasetError(f"{uri} is not a valid S3 object name: {exc}") from exc
         digest = hashlib.sha256(f"{uri}\n{etag}".encode()).hexdigest()[:24]
-        path = cache_dir / digest / (key.rsplit("/", 1)[-1] or "object")
+        path = cache_path(cache_dir / digest, name, source=uri)
         if not path.exists():
             tmp = self.download_file(uri, path.with_name(f"{path.name}.{os.getpid()}.part"))
             os.replace(tmp, path)

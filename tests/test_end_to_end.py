@@ -28,9 +28,9 @@ from worker.training.models import build_model
 
 
 @pytest.fixture(scope="module")
-def digits_job(stack) -> dict:
+def digits_job(stack, api_token: str) -> dict:
     """One short digits job, run once for the assertions below."""
-    with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+    with httpx.Client(base_url=stack.api_url, timeout=30, headers={"Authorization": f"Bearer {api_token}"}) as client:
         response = client.post("/jobs", json=fast_digits_spec())
         assert response.status_code == 202, response.text
         return wait_for_job(client, response.json()["id"])

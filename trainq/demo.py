@@ -19,6 +19,7 @@ import httpx
 from tqdm import tqdm
 
 from shared.jobs import FINAL_STATES as FINAL
+from shared.paths import cache_path
 from shared.storage import Storage
 from trainq.stack import LocalStack
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="trainq-demo-"))
     print(f"1/5 starting the local stack (redis-server, moto S3, API, Celery worker); logs in {workdir}/logs", flush=True)
-    with LocalStack(workdir) as stack, httpx.Client(base_url=stack.api_url, timeout=30) as client:
+    # Auth is off on the loopback-only local stack unless AUTH_REQUIRED=true; then a token is made.
+    with LocalStack(workdir) as stack, httpx.Client(base_url=stack.api_url, timeout=30, headers=stack.auth_headers()) as client:
         counts = stack.seed_digits(spec["dataset"]["uri"])
         print(f"2/5 uploaded {sum(counts.values())} real digit images in {len(counts)} classes to {spec['dataset']['uri']}")
         response = client.post("/jobs", json=spec)
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(stack.settings)
         job_prefix = storage.job_uri(job_id)
         for obj in storage.list_objects(job_prefix):
-            storage.download_file(f"s3://{storage.bucket}/{obj.key}", local / obj.key.split(f"{job_id}/", 1)[1])
+            uri = f"s3://{storage.bucket}/{obj.key}"
+            storage.download_file(uri, cache_path(local, obj.key.split(f"{job_id}/", 1)[1], source=uri))
         print(f"5/5 copied the artifacts to {local}/")
         print("\nWatch the curves (the demo's stack is gone; this copy stays):")
         print(f"  .venv/bin/tensorboard --logdir {local}/tensorboard")

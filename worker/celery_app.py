@@ -47,3 +47,13 @@ def _checkpoint_on_shutdown(**_: object) -> None:
     from worker.heartbeat import worker_shutdown
 
     worker_shutdown.set()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _escape_controls_in_logs(logger, **_: object) -> None:
+    # Names from data (S3 keys, class folders, CSV columns) reach log lines; a raw ESC or CR LF
+    # there would recolour a terminal or forge a log line.
+    from shared.sanitize import install_log_escaping
+
+    install_log_escaping(logger)

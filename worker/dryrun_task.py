@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from shared.exceptions import Interrupted, JobFailure
 from shared.queue import DRY_RUN_TASK, send_dry_run_reply
+from shared.sanitize import public_message
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
 from shared.storage import Storage
@@ -57,7 +58,7 @@ def run_dry_run(spec: dict[str, Any], storage: Storage, settings: Settings, dead
         return {"unavailable": "storage unreachable; try again later"}
     except Exception as exc:
         logger.exception("dry run failed")
-        message = f"dry run failed: {type(exc).__name__}: {exc} (the worker's log has the traceback)"
+        message = f"dry run failed: {public_message(exc)} (the worker's log has the traceback)"
         return {"errors": [{"loc": ["body"], "msg": message, "type": "internal_error"}]}
     return {"report": report.model_dump(mode="json")}
 

@@ -25,6 +25,7 @@ from shared.exceptions import InvalidTransitionError, JobFailure, JobNotFoundErr
 from shared.jobs import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, JobStore, Progress
 from shared.lease import JobLease
 from shared.queue import TRAIN_TASK
+from shared.sanitize import public_message
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
 from shared.storage import Storage
@@ -143,7 +144,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         return finish(JobState.FAILED, reason="job error", error=str(exc))
     except Exception as exc:
         logger.exception("job %s: attempt %d hit an infrastructure error", job_id, attempt)
-        detail = f"{type(exc).__name__}: {exc}"  # the traceback is in the worker's log
+        detail = public_message(exc)  # no endpoint URL or host:port; the traceback is in the worker's log
         return _requeue(store, celery, job_id, detail, attempt, settings.max_attempts)
     else:
         callbacks.artifacts.final_checkpoint = result.final_checkpoint

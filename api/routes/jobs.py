@@ -1,19 +1,30 @@
-"""``/jobs``: submit a training spec, read one job, list jobs newest first, cancel a job."""
+"""``/jobs``: submit a training spec, read one job, list jobs newest first, cancel a job.
+
+Every route acts as the request's owner (:data:`api.deps.PrincipalDep`): an owner sees, lists and
+cancels only their own jobs (an admin every owner's); another owner's job is a 404, exactly like a
+job that does not exist, so ids do not leak.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Annotated
 
 from celery import Celery
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from api.deps import CeleryDep, SettingsDep, StoreDep
-from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
-from shared.jobs import DryRunReport, JobRecord, JobState, JobStore
+from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
+from shared.access import spec_access_problems
+from shared.auth import Principal
+from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.jobs import DryRunReport, JobRecord, JobState, JobStore, JobSummary
 from shared.queue import enqueue, request_dry_run
+from shared.quotas import count_submission
+from shared.sanitize import public_message
 from shared.settings import Settings
 from shared.spec import JobSpec
 
@@ -22,9 +33,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 class JobsPublic(BaseModel):
-    """A page of jobs, newest first, and the total number of jobs."""
+    """A page of job summaries, newest first, and the total number of jobs the caller may see."""
 
-    data: list[JobRecord]
+    data: list[JobSummary]
     count: int
     limit: int
     offset: int
@@ -34,10 +45,14 @@ class JobsPublic(BaseModel):
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRecord | DryRunReport,
-    responses={200: {"model": DryRunReport, "description": "Dry run: what was found; nothing queued."}},
+    responses={
+        200: {"model": DryRunReport, "description": "Dry run: what was found; nothing queued."},
+        429: {"description": "Over the owner's quota (jobs queued or running, or submissions per minute); see `Retry-After`."},
+    },
 )
 def create_job(
     spec: JobSpec,
+    principal: PrincipalDep,
     store: StoreDep,
     celery: CeleryDep,
     settings: SettingsDep,
@@ -59,14 +74,23 @@ def create_job(
     """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
+    try:
+        count_submission(store.redis, principal.owner, settings.submissions_per_minute)
+    except QuotaExceededError as exc:
+        raise _too_many(exc) from exc
+    _check_access(spec, settings)
     if dry_run:
         response.status_code = status.HTTP_200_OK
         return _dry_run(spec, settings, store, celery)
     queue = spec.queue or settings.default_queue
     try:
-        record, created = store.create(spec, queue, idempotency_key=idempotency_key)
+        record, created = store.create(
+            spec, queue, owner=principal.owner, idempotency_key=idempotency_key, max_active=settings.max_active_jobs_per_owner
+        )
     except IdempotencyConflictError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except QuotaExceededError as exc:
+        raise _too_many(exc) from exc
     response.headers["Location"] = f"/jobs/{record.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -76,9 +100,23 @@ def create_job(
     except Exception as exc:
         # Never leave a job recorded as queued that no worker will ever see.
         logger.exception("job %s: enqueue failed", record.id)
-        store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {exc}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"queue unavailable: {exc}") from exc
+        store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {public_message(exc)}")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again shortly") from exc
     return record
+
+
+def _too_many(exc: QuotaExceededError) -> HTTPException:
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))}
+    )
+
+
+def _check_access(spec: JobSpec, settings: Settings) -> None:
+    """422, shaped as a validation error, for each queue or URI the settings do not allow."""
+    problems = spec_access_problems(spec, settings)
+    if problems:
+        errors = [{"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": p.value} for p in problems]
+        raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
 def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery) -> DryRunReport:
@@ -101,11 +139,19 @@ def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery)
     raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reply["unavailable"])
 
 
+def _visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
+    """The record of ``job_id`` if ``principal`` may see it; another owner's job is "not found"."""
+    record = store.get(job_id)
+    if not principal.can_see(record.owner):
+        raise JobNotFoundError(job_id)
+    return record
+
+
 @router.get("/{job_id}", response_model=JobRecord)
-def read_job(job_id: str, store: StoreDep) -> JobRecord:
+def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
     """One job: state, timestamps, progress, device, error and artifact URIs."""
     try:
-        return store.get(job_id)
+        return _visible_job(store, job_id, principal)
     except JobNotFoundError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
@@ -113,19 +159,22 @@ def read_job(job_id: str, store: StoreDep) -> JobRecord:
 @router.get("", response_model=JobsPublic)
 def read_jobs(
     store: StoreDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0, le=10**12)] = 0,
 ) -> JobsPublic:
-    """Jobs newest first, `limit` per page from `offset`."""
-    records, count = store.list(limit=limit, offset=offset)
-    return JobsPublic(data=records, count=count, limit=limit, offset=offset)
+    """Your jobs (an admin: everyone's) newest first, `limit` per page from `offset`, as summaries
+    without the spec; `GET /jobs/{id}` has the whole record."""
+    summaries, count = store.list(owner=None if principal.admin else principal.owner, limit=limit, offset=offset)
+    return JobsPublic(data=summaries, count=count, limit=limit, offset=offset)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord)
-def cancel_job(job_id: str, store: StoreDep) -> JobRecord:
+def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
     """Cancel a job. Queued: it never starts. Running: it stops at the next step, saves a
     checkpoint and its TensorBoard events, and ends `cancelled` within seconds. Finished: 409."""
     try:
+        _visible_job(store, job_id, principal)
         return store.request_cancel(job_id)
     except JobNotFoundError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc

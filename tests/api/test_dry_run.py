@@ -20,8 +20,9 @@ from trainq.sample_data import write_digits
 
 
 @pytest.fixture
-def slow_api(stack) -> httpx.Client:
-    with httpx.Client(base_url=stack.api_url, timeout=150) as client:
+def slow_api(stack, api_token: str) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_token}"}
+    with httpx.Client(base_url=stack.api_url, timeout=150, headers=headers) as client:
         yield client
 
 

@@ -24,7 +24,7 @@ def test_create_get_and_list_newest_first(store: JobStore):
     assert store.get(first.id) == first
     records, count = store.list(limit=10)
     assert count == 2 and [r.id for r in records] == [second.id, first.id]
-    assert records[0].queue == "gpu" and records[0].spec == spec
+    assert records[0].queue == "gpu" and records[0].name == spec.name and not hasattr(records[0], "spec")
 
 
 def test_lifecycle_is_enforced_and_timestamped(store: JobStore):

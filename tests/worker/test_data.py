@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,8 @@ def test_local_datasets_are_read_under_data_root_only(tmp_path: Path, storage: S
     assert not (root / "shapes" / ".verified").exists()  # nothing written into the user's folder
     (tmp_path / "secret").mkdir()
     for uri, message in [
-        ("local://shapes/../../secret", "points outside DATA_ROOT"),
-        ("local://missing", "does not exist under DATA_ROOT"),
+        ("local://shapes/../../secret", "the path has a '.' or '..' segment"),
+        ("local://missing", "no such file or folder under DATA_ROOT"),
     ]:
         outside = JobSpec.model_validate({"dataset": {"uri": uri, "image_size": 8}})
         with pytest.raises(DatasetError, match=message):
@@ -154,3 +155,79 @@ def test_dog_empty_and_bird_text_only_are_both_named(tmp_path: Path, storage: St
     storage.client.put_object(Bucket="trainq", Key="tests/cat-dog-bird/bird/readme.txt", Body=b"tweet")
     with pytest.raises(DatasetError, match=rf"{uri}: Found no valid file for the classes bird, dog\."):
         load_image_folder(ImageFolderDataset(uri=uri, image_size=8), storage, tmp_path / "cache", seed=0)
+
+
+# -- names from outside (issue 7 items 1, 4, 5; issue 8 item 1) ---------------------------------
+
+
+def test_long_keys_train_and_errors_name_the_key_not_the_cache(tmp_path: Path, storage: Storage):
+    # Keys up to S3's 1,024 bytes: Errno 36 ("File name too long") on the cache used to be retried.
+    uri = "s3://trainq/tests/long-names/"
+    long_name = "l" * 400 + ".png"
+    root = make_folder(tmp_path / "src", {"cat": 2, "dog": 2})
+    (root / "cat" / "0.png").unlink()  # no local file can have the long name: upload it directly
+    storage.upload_dir(root, uri)
+    storage.client.upload_file(str(root / "cat" / "1.png"), "trainq", f"tests/long-names/cat/{long_name}")
+    spec = ImageFolderDataset(uri=uri, image_size=8, val_fraction=0.25)
+    data = load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+    assert data.classes == ["cat", "dog"] and len(data.train) + len(data.val) == 4
+    storage.client.put_object(Bucket="trainq", Key=f"tests/long-names/dog/{'b' * 300}.png", Body=b"not a png")
+    with pytest.raises(DatasetError) as info:
+        load_image_folder(spec, storage, tmp_path / "cache", seed=0)
+    assert f"{uri}dog/{'b' * 300}.png (UnidentifiedImageError" in str(info.value)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_local_symlinks_out_of_data_root_are_refused_like_missing_files(tmp_path: Path, storage: Storage):
+    from shared.spec import JobSpec
+    from worker.training.data import load_data
+
+    root, elsewhere = tmp_path / "data-root", tmp_path / "elsewhere"
+    make_folder(root / "shapes", {"round": 3, "square": 3})
+    make_folder(elsewhere, {"stolen": 3})
+    (root / "tables").mkdir()
+    (tmp_path / "shadow.csv").write_text("x,y\n1,2\n3,4\n")
+    (root / "tables" / "link.csv").symlink_to(tmp_path / "shadow.csv")
+
+    def error(uri: str, **dataset) -> str:
+        spec = JobSpec.model_validate({"dataset": {"uri": uri, **dataset}})
+        with pytest.raises(DatasetError) as info:
+            load_data(spec, storage, tmp_path / "cache", data_root=root)
+        return str(info.value)
+
+    csv = {"type": "csv", "target": "y", "task": "regression"}
+    (root / "shapes" / "stolen").symlink_to(elsewhere / "stolen")  # a class folder linked out
+    assert error("local://shapes", image_size=8) == "local://shapes/stolen: no such file or folder under DATA_ROOT"
+    os.unlink(root / "shapes" / "stolen")
+    (root / "shapes" / "round" / "9.png").symlink_to(elsewhere / "stolen" / "0.png")  # one file linked out
+    assert error("local://shapes", image_size=8) == "local://shapes/round/9.png: no such file or folder under DATA_ROOT"
+    # The same words whether the file exists elsewhere or nowhere.
+    assert error("local://tables/link.csv", **csv) == "local://tables/link.csv: no such file or folder under DATA_ROOT"
+    assert error("local://tables/none.csv", **csv) == "local://tables/none.csv: no such file or folder under DATA_ROOT"
+    assert error("local://tables/../../shadow.csv", **csv).startswith("local://tables/../../shadow.csv: the path has a '.' or '..'")
+    (root / "tables" / "folder.csv").mkdir()
+    assert error("local://tables/folder.csv", **csv) == "local://tables/folder.csv is not a file"  # was IsADirectoryError, retried
+
+
+@pytest.mark.parametrize(
+    ("rows", "dataset", "message"),
+    [
+        ("x,y\n1,0\nhunter2,1\n3,0\n4,1\n", {"task": "classification"}, "line 3: column 'x' is not a number"),
+        ("x,y\n1,1.5\n2,hunter2\n3,0.5\n4,1\n", {"task": "regression"}, "line 3: target 'y' is not a finite number"),
+        ("x,y\n1,a\n2,b\n3,a\n4,b\n", {"task": "classification", "val_uri": "VAL"}, "line 3: the value of target 'y' is not a class"),
+    ],
+)
+def test_csv_errors_name_the_column_and_line_never_a_value(tmp_path: Path, storage: Storage, rows, dataset, message):
+    # Issue 7: a dry run on a table of secrets echoed a password.
+    from shared.spec import CsvDataset
+    from worker.training.data import load_csv
+
+    (tmp_path / "t.csv").write_text(rows)
+    (tmp_path / "v.csv").write_text("x,y\n1,a\n2,hunter2\n")
+    uri = storage.upload_file(tmp_path / "t.csv", f"s3://trainq/tests/secrets-{abs(hash(rows))}.csv")
+    if dataset.get("val_uri"):
+        dataset["val_uri"] = storage.upload_file(tmp_path / "v.csv", "s3://trainq/tests/secrets-val.csv")
+    spec = CsvDataset(type="csv", uri=uri, target="y", val_fraction=0.25, **dataset)
+    with pytest.raises(DatasetError) as info:
+        load_csv(spec, storage, tmp_path / "cache", seed=0)
+    assert message in str(info.value) and "hunter2" not in str(info.value)

@@ -181,3 +181,16 @@ def test_a_data_error_names_the_field_of_the_uri_at_fault(storage: Storage, sett
         dry_run(spec, storage, settings)
     assert error.value.loc == ["body", "dataset", "extra_uris", 0] and "local://more" in str(error.value)
     assert error.value.as_error()["type"] == "dataset_error"
+
+
+def test_the_dry_run_steps_in_the_jobs_precision(storage: Storage, settings: Settings):
+    write_images(settings.data_root / "imgs" / "a", 20)
+    write_images(settings.data_root / "imgs" / "b", 22)
+    bf16 = dry_run(local_spec(performance={"precision": "bf16", "channels_last": True}), storage, settings)
+    assert bf16.warnings == [] and 0.3 < bf16.loss < 1.5
+    if not torch.cuda.is_available():  # fp16 needs CUDA: a CPU worker checks the rest and says so
+        fp16 = dry_run(local_spec(performance={"precision": "fp16"}), storage, settings)
+        assert fp16.warnings == ["performance.precision 'fp16' needs a GPU: the dry run's step ran in fp32 on this worker's CPU"]
+        with pytest.raises(JobFailure) as error:
+            dry_run(local_spec(device="cpu", performance={"precision": "fp16"}), storage, settings)
+        assert error.value.loc == ["body", "performance", "precision"] and "needs a CUDA device" in str(error.value)

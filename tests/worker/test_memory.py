@@ -100,3 +100,13 @@ def test_an_image_with_too_many_pixels_is_refused_naming_the_file(settings: Sett
     assert "300x200 = 60,000 pixels is more than MAX_IMAGE_PIXELS (50,000)" in str(error.value)
     assert str(settings.data_root) not in str(error.value)  # never a worker-local path
     prepare(spec_for(), Storage(settings), settings, torch.device("cpu"), budget_bytes=None)  # the default cap lets it through
+
+
+def test_a_job_on_several_gpus_is_estimated_per_gpu(settings: Settings):
+    storage = Storage(settings)
+    one = prepare(spec_for(batch_size=4), storage, settings, torch.device("cpu"), budget_bytes=None)
+    two = prepare(spec_for(batch_size=8, resources={"gpus": 2}), storage, settings, torch.device("cpu"), budget_bytes=None)
+    assert two.memory == one.memory  # each of the 2 processes takes 4 of the global batch of 8
+    budget = one.memory.total_bytes - 1
+    with pytest.raises(JobFailure, match=r"batch_size 8 \(4 per GPU\) of 3x16x16 inputs"):
+        prepare(spec_for(batch_size=8, resources={"gpus": 2}), storage, settings, torch.device("cpu"), budget_bytes=budget)

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from shared.exceptions import DatasetError, Interrupted
 from shared.jobs import JobPhase
+from shared.paths import check_tree_inside, printable, read_names, resolve_inside
 from shared.settings import Settings
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
 from shared.storage import ShouldStop, Storage, TransferProgress
@@ -103,29 +104,28 @@ LOCAL_SCHEME = "local://"
 
 
 def resolve_local(uri: str, data_root: Path | None) -> Path:
-    """The path of a ``local://<path>`` URI inside ``data_root``.
+    """The real path of a ``local://<path>`` URI inside ``data_root`` (symlinks resolved).
 
     Raises:
-        DatasetError: no ``DATA_ROOT`` is configured, the path leaves it (``..``, a symlink
-            out), or nothing is there.
+        DatasetError: no ``DATA_ROOT`` is configured, the path is not relative, or it leaves
+            ``DATA_ROOT`` (``..``, a symlink out) or nothing is there — these two with one message.
     """
     if data_root is None:
         raise DatasetError(f"{uri}: this worker has no DATA_ROOT, so local datasets are refused")
-    root = data_root.resolve()
-    path = (root / uri[len(LOCAL_SCHEME):]).resolve()
-    if not path.is_relative_to(root):
-        raise DatasetError(f"{uri} points outside DATA_ROOT")
-    if not path.exists():
-        raise DatasetError(f"{uri} does not exist under DATA_ROOT")
-    return path
+    return resolve_inside(data_root, uri[len(LOCAL_SCHEME):], source=uri)
 
 
 def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None, options: LoadOptions | None = None) -> Path:
-    """A local folder holding ``uri``'s files: the download cache for S3, the folder itself for local."""
+    """A local folder holding ``uri``'s files: the download cache for S3, the folder itself for local.
+
+    Every entry of a local folder must lie inside ``DATA_ROOT`` (see
+    :func:`shared.paths.check_tree_inside`).
+    """
     if uri.startswith(LOCAL_SCHEME):
         path = resolve_local(uri, data_root)
         if not path.is_dir():
             raise DatasetError(f"{uri} is not a folder")
+        check_tree_inside(path, data_root, source=uri)
         return path
     options = options or LoadOptions()
     return storage.download_prefix(uri, cache_dir, on_progress=options.on_transfer, should_stop=options.should_stop)
@@ -134,7 +134,10 @@ def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | 
 def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None, options: LoadOptions | None = None) -> Path:
     """A local copy (or the local file itself) of the object ``uri``."""
     if uri.startswith(LOCAL_SCHEME):
-        return resolve_local(uri, data_root)
+        path = resolve_local(uri, data_root)
+        if not path.is_file():
+            raise DatasetError(f"{uri} is not a file")
+        return path
     options = options or LoadOptions()
     options.stop_if_asked()
     options.report(JobPhase.DOWNLOADING, 0, 1)
@@ -175,6 +178,7 @@ class _VisibleImageFolder(ImageFolder):
     ) -> None:
         self.source_uri = source_uri.rstrip("/")
         self.root_path = root
+        self.original_names = read_names(root)  # local path -> key, where a long name was shortened
         self.mode = mode
         self.class_index = class_index
         self.options = options or LoadOptions()
@@ -197,11 +201,12 @@ class _VisibleImageFolder(ImageFolder):
                 _check_pixels(image, self.options.max_image_pixels)
                 return to_mode(image, self.mode)
         except Exception as exc:  # PIL raises several types for truncated or non-image files
-            raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {exc}") from exc
+            raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {_without_path(str(exc), path)}") from exc
 
     def relative(self, path: str) -> str:
-        """``path`` relative to the dataset root, as in the S3 key."""
-        return Path(path).relative_to(self.root_path).as_posix()
+        """``path`` relative to the dataset root, as in the S3 key (never a worker-local path)."""
+        relative = Path(path).relative_to(self.root_path).as_posix()
+        return printable(self.original_names.get(relative, relative))
 
     def verify(self, max_listed: int = 10) -> None:
         """Decode every image once; fail listing the unreadable ones (never train on gray pixels).
@@ -219,13 +224,18 @@ class _VisibleImageFolder(ImageFolder):
         problems = _decode_problems([path for path, _ in self.samples], self.options)
         if problems:
             listed = "; ".join(
-                f"{self.source_uri}/{self.relative(path)} ({error.replace(repr(path), 'it').replace(path, 'it')})"
+                f"{self.source_uri}/{self.relative(path)} ({_without_path(error, path)})"
                 for path, error in problems[:max_listed]
             )
             more = f" and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
             raise DatasetError(f"{len(problems)} unreadable image(s) in {self.source_uri}/: {listed}{more}")
         if marker is not None:
             marker.touch()
+
+
+def _without_path(message: str, path: str) -> str:
+    """``message`` with the worker-local ``path`` replaced by "it" (PIL and OSError name the file)."""
+    return message.replace(repr(path), "it").replace(path, "it")
 
 
 def visible_class_folders(root: Path) -> list[str]:
@@ -341,7 +351,18 @@ class SeededTransform(Dataset):
 
     def __init__(self, base: Dataset, indices: list[int], transform: v2.Compose, seed: int) -> None:
         self.base, self.indices, self.transform, self.seed = base, indices, transform, seed
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers keep their copy of this dataset from
+        # one epoch to the next, and must still see the epoch set in the training process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations ``__getitem__`` draws (shared with DataLoader workers)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -349,9 +370,16 @@ class SeededTransform(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = self.indices[position]
         image, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+        # torchvision's random transforms draw from the CPU generator. Seed only that one and put
+        # its state back: torch.manual_seed + fork_rng also touch every accelerator's generator
+        # and cost ~140 µs a sample, more than decoding an 8x8 PNG (bench/README.md).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+        try:
             return self.transform(image), label
+        finally:
+            generator.set_state(state)
 
 
 def _image_folders(
@@ -440,7 +468,8 @@ def _read_csv(path: Path, uri: str, spec: CsvDataset, features: list[str] | None
                 values = [float(record[name]) for name in names]
             except (TypeError, ValueError):
                 bad = next(name for name in names if not _is_number(record[name]))
-                raise DatasetError(f"{uri} line {line}: column {bad!r} is {record[bad]!r}, not a number") from None
+                # The cell's value is never quoted: a table may hold secrets (issue 7).
+                raise DatasetError(f"{uri} line {line}: column {bad!r} is not a number") from None
             if not all(math.isfinite(value) for value in values):
                 raise DatasetError(f"{uri} line {line}: a feature is NaN or infinite")
             rows.append(values)
@@ -458,16 +487,23 @@ def _is_number(text: str | None) -> bool:
     return True
 
 
-def _targets(raw: list[str], spec: CsvDataset, classes: list[str], uri: str) -> torch.Tensor:
+def _targets(raw: list[str], spec: CsvDataset, classes: list[str], uri: str, lines: list[int]) -> torch.Tensor:
+    """Class indices ``(rows,)`` or regression targets ``(rows, 1)``; ``lines`` are the rows' CSV lines.
+
+    Errors name the column and line, never a cell's value.
+    """
     if spec.task == "classification":
         index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted(set(raw) - set(index))
+        unknown = [line for value, line in zip(raw, lines, strict=True) if value not in index]
         if unknown:
-            raise DatasetError(f"{uri}: target values {unknown[:10]} are not classes of the training set {classes[:20]}")
+            raise DatasetError(
+                f"{uri} line {min(unknown)}: the value of target {spec.target!r} is not a class of the training set "
+                f"({len(unknown)} row(s) like it)"
+            )
         return torch.tensor([index[value] for value in raw], dtype=torch.long)
-    bad = next((value for value in raw if not _is_number(value) or not math.isfinite(float(value))), None)
-    if bad is not None:
-        raise DatasetError(f"{uri}: target {spec.target!r} has {bad!r}; a regression target must be a finite number")
+    bad = [line for value, line in zip(raw, lines, strict=True) if not _is_number(value) or not math.isfinite(float(value))]
+    if bad:
+        raise DatasetError(f"{uri} line {min(bad)}: target {spec.target!r} is not a finite number, as a regression target must be")
     return torch.tensor([float(value) for value in raw], dtype=torch.float32).unsqueeze(1)
 
 
@@ -486,10 +522,12 @@ def load_csv(
         _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root, options), spec.val_uri, spec, names)
         train_x, train_raw = features, raw
         val_x = torch.tensor(val_rows, dtype=torch.float32)
+        train_lines, val_lines = [i + 2 for i in range(len(raw))], [i + 2 for i in range(len(val_raw))]
     else:
         train_idx, val_idx = _split(len(rows), spec.val_fraction, seed, spec.uri)
         train_x, val_x = features[train_idx], features[val_idx]
         train_raw, val_raw = [raw[i] for i in train_idx], [raw[i] for i in val_idx]
+        train_lines, val_lines = [i + 2 for i in train_idx], [i + 2 for i in val_idx]
     classes = sorted(set(train_raw)) if spec.task == "classification" else []
     if spec.task == "classification" and len(classes) < 2:
         raise DatasetError(f"{spec.uri}: target {spec.target!r} has {len(classes)} distinct value(s); classification needs at least 2")
@@ -497,8 +535,8 @@ def load_csv(
     std = train_x.std(dim=0, unbiased=False).clamp_min(1e-12)
     std = torch.where(std < 1e-8, torch.ones_like(std), std)  # constant columns stay as they are
     return TrainingData(
-        train=TensorDataset((train_x - mean) / std, _targets(train_raw, spec, classes, spec.uri)),
-        val=TensorDataset((val_x - mean) / std, _targets(val_raw, spec, classes, spec.val_uri or spec.uri)),
+        train=TensorDataset((train_x - mean) / std, _targets(train_raw, spec, classes, spec.uri, train_lines)),
+        val=TensorDataset((val_x - mean) / std, _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)),
         task=spec.task,
         classes=classes,
         input_shape=(len(names),),

@@ -23,6 +23,7 @@ from shared.jobs import DryRunReport
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
+from worker.training.cpu import training_threads
 from worker.training.data import TrainingData
 from worker.training.engine import Prepared, prepare, seed_everything
 from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
@@ -42,10 +43,15 @@ def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop:
         Interrupted: ``should_stop`` said so.
     """
     started = time.monotonic()
+    torch.set_num_threads(training_threads(0, settings.torch_threads))  # the batch is collated here, without workers
     seed_everything(spec.seed)
     cpu = torch.device("cpu")
     host_budget = int(host_memory_bytes() * CPU_BUDGET_FRACTION)
     warnings: list[str] = []
+    if spec.performance.precision == "fp16" and spec.device != "cpu" and not torch.cuda.is_available():
+        # fp16 needs CUDA: checked on the GPU the job gets; the step here runs in fp32.
+        spec = spec.model_copy(update={"performance": spec.performance.model_copy(update={"precision": "fp32"})})
+        warnings.append("performance.precision 'fp16' needs a GPU: the dry run's step ran in fp32 on this worker's CPU")
     budget = _job_budget(spec, settings)
     prepared = prepare(spec, storage, settings, cpu, should_stop=should_stop, budget_bytes=budget)
     if budget is None:
@@ -55,7 +61,7 @@ def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop:
         )
     batches = list(prepared.loader.batch_sampler)  # the first epoch's batches, as sample indices
     first, last = batches[0], batches[-1]
-    fits = _samples_that_fit(prepared, host_budget)
+    fits = _samples_that_fit(prepared, spec, host_budget)
     if fits < len(first):
         warnings.append(
             f"the step ran on {fits} of the first batch's {len(first)} samples: the whole batch needs more than this "
@@ -98,24 +104,28 @@ def _job_budget(spec: JobSpec, settings: Settings) -> int | None:
     return memory_budget(settings, torch.device("cpu"))
 
 
-def _samples_that_fit(prepared: Prepared, budget_bytes: int) -> int:
+def _samples_that_fit(prepared: Prepared, spec: JobSpec, budget_bytes: int) -> int:
     """How many samples of a batch a CPU step can take within ``budget_bytes`` (by the estimate)."""
     memory = prepared.memory
     fixed = memory.parameters_bytes + memory.gradients_bytes + memory.optimizer_bytes
+    # The estimate is one training process's: batch_size / resources.gpus samples.
+    per_sample = max(1, memory.activations_bytes // (spec.batch_size // spec.resources.gpus))
     batch_size = prepared.loader.batch_size or 1
-    per_sample = max(1, memory.activations_bytes // batch_size)
     return max(0, min(batch_size, (budget_bytes - fixed) // per_sample))
 
 
 def _batch(prepared: Prepared, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training samples ``indices``, decoded, transformed and collated as the DataLoader would."""
-    return prepared.loader.collate_fn([prepared.data.train[i] for i in indices])
+    """The training samples ``indices``, decoded, transformed and collated as the DataLoader would,
+    on the device as the loop moves them (``channels_last`` where the job uses it)."""
+    inputs, targets = prepared.loader.collate_fn([prepared.data.train[i] for i in indices])
+    return prepared.fast.to_device(inputs, targets)
 
 
 def _forward_backward(prepared: Prepared, inputs: torch.Tensor, targets: torch.Tensor, which: str, size: int) -> torch.Tensor:
     try:
-        loss = prepared.loss_fn(prepared.model(inputs), targets)
-        loss.backward()
+        with prepared.fast.autocast():
+            loss = prepared.loss_fn(prepared.model(inputs), targets)
+        prepared.fast.backward(loss)
     except Exception as exc:  # what torch says about this model and batch, e.g. BatchNorm and a batch of 1
         raise JobFailure(
             f"a training step on the epoch's {which} batch ({size} sample{'s' if size != 1 else ''}) failed: "
@@ -127,11 +137,13 @@ def _forward_backward(prepared: Prepared, inputs: torch.Tensor, targets: torch.T
 
 
 def _train_step(prepared: Prepared, spec: JobSpec, inputs: torch.Tensor, targets: torch.Tensor, which: str, size: int) -> float:
-    """Forward, backward, clip and one optimizer step, as the training loop does; return the loss."""
+    """Forward, backward, clip and one optimizer step, as the training loop does (in the job's
+    precision, :class:`worker.training.fastpath.FastPath`); return the loss."""
     loss = _forward_backward(prepared, inputs, targets, which, size)
     if spec.grad_clip_norm is not None:
+        prepared.fast.unscale(prepared.optimizer)
         nn.utils.clip_grad_norm_(prepared.model.parameters(), spec.grad_clip_norm)
-    prepared.optimizer.step()
+    prepared.fast.step(prepared.optimizer)
     prepared.optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 

@@ -21,6 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -34,13 +35,17 @@ from torch.utils.tensorboard import SummaryWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
 
+from shared.access import check_spec_access
 from shared.exceptions import DatasetError, Interrupted, JobFailure
 from shared.jobs import DatasetInfo, JobPhase, MemoryEstimate, Progress
 from shared.settings import Settings
 from shared.spec import CsvDataset, JobSpec
 from shared.storage import ShouldStop, Storage
-from worker.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.cpu import training_threads
 from worker.training.data import LoadOptions, TrainingData, load_data
+from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
+from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
 from worker.training.memory import check_memory, estimate_memory, memory_budget
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
@@ -170,13 +175,15 @@ def evaluate(
     loss_fn: nn.Module,
     device: torch.device,
     task: str = "classification",
+    fast: FastPath | None = None,
     should_stop: ShouldStop | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` over ``loader``, in eval mode.
 
     Classification: ``val_loss`` (mean per sample), ``val_accuracy`` and, with more than 5
     classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
-    and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot).
+    and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot). ``fast``: the run's
+    precision and memory format (default: fp32, as stored).
 
     Raises:
         Interrupted: ``should_stop`` (asked before every batch; it must be cheap) answered a reason.
@@ -186,12 +193,15 @@ def evaluate(
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct, top5, |err|, err²
     targets_all = []
     count = 0
+    fast = fast or FastPath(device)
     for inputs, targets in loader:
         if should_stop is not None and (reason := should_stop()):
             raise Interrupted(reason)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        outputs = model(inputs)
-        total_loss += loss_fn(outputs, targets).double() * targets.shape[0]
+        inputs, targets = fast.to_device(inputs, targets)
+        with fast.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        total_loss += loss.double() * targets.shape[0]
         if task == "classification":
             sums[0] += (outputs.argmax(dim=1) == targets).sum()
             if outputs.shape[1] > 5:
@@ -230,19 +240,22 @@ class _ScalarBuffer:
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
+        self.wall_times: list[float] = []
 
     def add(self, step: int, value: torch.Tensor) -> None:
+        """Keep ``value`` (a 0-dim tensor, on any device) for ``step``, stamped with the wall time now."""
         self.steps.append(step)
         self.values.append(value.detach())
+        self.wall_times.append(time.time())  # the step's own time, not the later drain's
 
     def drain(self, writer: SummaryWriter, tag: str) -> float | None:
         """Write buffered points to ``writer`` under ``tag``; return the newest value."""
         if not self.values:
             return None
         values = torch.stack(self.values).float().cpu().tolist()  # sync point
-        for step, value in zip(self.steps, values, strict=True):
-            writer.add_scalar(tag, value, step)
-        self.steps, self.values = [], []
+        for step, value, wall_time in zip(self.steps, values, self.wall_times, strict=True):
+            writer.add_scalar(tag, value, step, walltime=wall_time)
+        self.steps, self.values, self.wall_times = [], [], []
         return values[-1]
 
 
@@ -274,28 +287,45 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
             model.train()
 
 
-def _loaders(data: TrainingData, spec: JobSpec, device: torch.device) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+class _NullWriter:
+    """Stands in for the ``SummaryWriter`` on ranks other than 0: only rank 0 writes events."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _loaders(
+    data: TrainingData, spec: JobSpec, device: torch.device, group: ProcessGroup = SINGLE_PROCESS
+) -> tuple[StatefulDataLoader, DistributedSampler, DataLoader]:
+    performance = spec.performance
     common: dict[str, Any] = dict(
-        batch_size=spec.batch_size,
+        batch_size=spec.batch_size // group.world_size,  # batch_size is the global batch
         num_workers=spec.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda",  # with non_blocking copies: transfers overlap compute
         worker_init_fn=_seed_dataloader_worker,
     )
-    # The shuffle is a function of (seed, epoch) — DistributedSampler's rule, and the one DDP
-    # will need — so a resumed run replays exactly the order an uninterrupted one would. The
-    # loader has its own generator so iterating it never draws from the global torch RNG.
-    sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=spec.seed)
+    if spec.num_workers:
+        common.update(persistent_workers=performance.persistent_workers, prefetch_factor=performance.prefetch_factor)
+    # The shuffle is a function of (seed, epoch) — DistributedSampler's rule — so a resumed run
+    # replays exactly the order an uninterrupted one would, and rank r of N takes positions
+    # r, r + N, … of it (the union of the ranks' batches is the one-process batch). The loader
+    # has its own generator so iterating it never draws from the global torch RNG.
+    sampler = DistributedSampler(data.train, num_replicas=group.world_size, rank=group.rank, shuffle=True, seed=spec.seed)
     train = StatefulDataLoader(data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), **common)
     val = DataLoader(data.val, shuffle=False, **common)
     return train, sampler, val
 
 
 class _Run:
-    """State and helpers of one attempt at a job; :func:`run_training` drives it."""
+    """State and helpers of one attempt at a job (in one process of it); :func:`run_rank` drives it."""
 
-    def __init__(self, job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks):
+    def __init__(
+        self, job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks,
+        group: ProcessGroup = SINGLE_PROCESS,
+    ):
         self.job_id, self.spec, self.storage, self.settings, self.callbacks = job_id, spec, storage, settings, callbacks
-        self.workdir = settings.data_cache_dir / "jobs" / job_id
+        self.group = group
+        self.workdir = settings.data_cache_dir / "jobs" / (job_id if group.is_main else f"{job_id}.rank{group.rank}")
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.tb_dir = self.workdir / "tensorboard"
         self.tb_uri = storage.job_uri(job_id, "tensorboard")
@@ -312,7 +342,9 @@ class _Run:
         self.max_runtime_s = min(limits)
         # Set up by _train once the data and model exist.
         self.data: TrainingData | None = None
-        self.model: nn.Module | None = None
+        self.model: nn.Module | None = None  # the plain module: checkpoints, validation
+        self.train_model: nn.Module | None = None  # what the loop calls: DDP- and/or compile-wrapped
+        self.fast: FastPath | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.loader: StatefulDataLoader | None = None
@@ -326,11 +358,27 @@ class _Run:
         """Training seconds so far, this attempt and earlier ones."""
         return self.runtime_before_s + time.monotonic() - self.started
 
-    def stop_reason(self) -> StopReason | None:
+    def local_stop_reason(self) -> StopReason | None:
+        """Rank 0's answer (cancel, shutdown, lost lease, time limit); None on the other ranks.
+
+        Not a collective: what rank 0 alone asks while the others wait (data preparation, validation).
+        """
+        if not self.group.is_main:
+            return None
         reason = self.callbacks.stop_requested()
         if reason is None and self.runtime_s >= self.max_runtime_s:
             reason = StopReason.TIME_LIMIT
         return reason
+
+    def stop_reason(self) -> StopReason | None:
+        """Rank 0's answer (cancel, shutdown, lost lease, time limit), the same on every rank (a
+        collective when several processes train)."""
+        reason = self.local_stop_reason()
+        if not self.group.distributed:
+            return reason
+        reasons = list(StopReason)
+        code = self.group.share_int(0 if reason is None else reasons.index(reason) + 1)
+        return reasons[code - 1] if code else None
 
     def show_phase(
         self,
@@ -369,15 +417,24 @@ class _Run:
                     f"cannot resume: {self.spec.dataset.uri} now has classes {self.data.classes}, "
                     f"checkpoint {uri} was trained on {checkpoint['classes']}"
                 )
+            saved_world = checkpoint.get("world_size", 1)
+            if saved_world != self.group.world_size:
+                raise JobFailure(
+                    f"cannot resume: checkpoint {uri} was written by {saved_world} training process(es) "
+                    f"(resources.gpus); this run has {self.group.world_size}"
+                )
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.fast.load_state_dict(checkpoint.get("scaler"))
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(checkpoint["scheduler"])
             for name, tracker in self.trackers.items():
                 tracker.load_state_dict(checkpoint["trackers"][name])
-            if checkpoint["loader"] is not None:
-                self.loader.load_state_dict(checkpoint["loader"])
-            restore_rng_state(checkpoint["rng"])
+            # Rank 0's loader position and RNG states are the checkpoint's own; the others' are kept beside.
+            own = checkpoint if self.group.is_main else checkpoint["rank_states"][self.group.rank - 1]
+            if own["loader"] is not None:
+                self.loader.load_state_dict(own["loader"])
+            restore_rng_state(own["rng"])
             self.progress.epoch, self.progress.step = checkpoint["epoch"], checkpoint["step"]
             self.batch_in_epoch = checkpoint["batch_in_epoch"]
             self.start_step = checkpoint["step"]
@@ -397,13 +454,21 @@ class _Run:
         self.metrics.update(metrics)
         self._show_metrics()
 
-    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str:
+    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str | None:
         """Save a checkpoint locally and queue its upload; return the URI it will have.
 
         The TensorBoard events up to this step are queued first: uploads run in order, so once
         a checkpoint is in S3, so are the events a resume from it relies on (its ``purge_step``
         drops only what came after). ``mid_epoch`` also saves the DataLoader's position.
+        With several processes every rank calls this: rank 0 gathers the others' RNG states and
+        loader positions into its checkpoint and writes it; the others return None.
         """
+        rank_states = None
+        if self.group.distributed:
+            own = {"loader": self.loader.state_dict() if mid_epoch else None, "rng": capture_rng_state()}
+            rank_states = self.group.gather(own)
+            if not self.group.is_main:
+                return None
         self.upload_tensorboard(writer)
         # A local file per save: `best.pt` may be saved again while its last upload still waits.
         self.saves += 1
@@ -424,6 +489,9 @@ class _Run:
                 "trackers": {name: tracker.state_dict() for name, tracker in self.trackers.items()},
                 "batch_in_epoch": self.batch_in_epoch if mid_epoch else 0,
                 "data": self.data.metadata,
+                "scaler": self.fast.state_dict(),
+                "world_size": self.group.world_size,
+                "rank_states": rank_states[1:] if rank_states else [],
             },
         )
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
@@ -437,6 +505,8 @@ class _Run:
         wait with :class:`TrainingStopped` (a later attempt resumes from the newest complete
         checkpoint). With ``max_wait_s``, give up waiting after that many seconds (False).
         """
+        if not self.group.is_main:
+            return True  # only rank 0 uploads
         deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
         while not self.uploader.drain(timeout_s=self.settings.cancel_poll_interval_s):
             reason = self.callbacks.stop_requested() if stoppable else None
@@ -449,11 +519,15 @@ class _Run:
         return True
 
     def upload_tensorboard(self, writer: SummaryWriter) -> None:
+        if not self.group.is_main:
+            return
         writer.flush()
         self.uploader.submit_snapshot(self.tb_dir, self.tb_uri, key="tensorboard")
         self.last_tb_upload = time.monotonic()
 
     def report(self, writer: SummaryWriter, losses: _ScalarBuffer, *, force: bool = False) -> None:
+        if not self.group.is_main:
+            return
         now = time.monotonic()
         if not force and now - self.last_progress < self.settings.progress_interval_s:
             return
@@ -493,10 +567,44 @@ def run_training(
         TrainingStopped: cancelled, time limit, worker shutdown (a checkpoint was saved) or lease
             lost (nothing written).
         JobFailure: a fault of the job (its data, e.g. :class:`shared.exceptions.DatasetError`,
-            or its spec). Anything else is an infrastructure or programming error.
+            or its spec, e.g. more ``resources.gpus`` than the worker has). Anything else is an
+            infrastructure or programming error.
+
+    With ``resources.gpus`` > 1 the job trains in that many processes, one per GPU
+    (:mod:`worker.training.distributed`); this function then supervises them.
     """
     callbacks = callbacks or TrainingCallbacks()
-    run = _Run(job_id, spec, storage, settings, callbacks)
+    if spec.resources.gpus > 1:
+        return launch(job_id, spec, settings, callbacks, spec.resources.gpus, _distributed_backend(spec, settings))
+    return run_rank(job_id, spec, storage, settings, callbacks)
+
+
+def _distributed_backend(spec: JobSpec, settings: Settings) -> str:
+    """``nccl`` for a job on several GPUs, ``gloo`` for CPU processes where the worker allows them.
+
+    Raises:
+        JobFailure: the worker has fewer GPUs than ``resources.gpus`` (and no CPU processes are allowed).
+    """
+    gpus = spec.resources.gpus
+    device = resolve_device(spec.device)
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if gpus > available:
+            raise JobFailure(f"resources.gpus is {gpus} but this worker has {available} CUDA device(s)")
+        return "nccl"
+    if not settings.allow_cpu_ddp:
+        where = "spec.device is 'cpu'" if spec.device == "cpu" else "this worker has no CUDA device"
+        raise JobFailure(f"resources.gpus is {gpus} but {where}")
+    return "gloo"
+
+
+def run_rank(
+    job_id: str, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks,
+    group: ProcessGroup = SINGLE_PROCESS,
+) -> TrainResult:
+    """One process's part of :func:`run_training` (all of it in a one-process job): rank
+    ``group.rank`` of ``group.world_size``, in a process group already initialized."""
+    run = _Run(job_id, spec, storage, settings, callbacks, group)
     try:
         return _train(run, spec, storage, settings, callbacks)
     finally:
@@ -507,13 +615,17 @@ def run_training(
 class Prepared:
     """Everything a job needs before its first step, from :func:`prepare`.
 
-    ``loader`` yields training batches ``(inputs, targets)`` of ``spec.batch_size`` (the last
-    one may be smaller), shuffled by ``sampler`` per epoch; ``val_loader`` the validation set in
-    order. ``memory`` is the estimate the job was checked against.
+    ``loader`` yields this process's training batches ``(inputs, targets)`` of
+    ``spec.batch_size / world_size`` (the last one may be smaller), shuffled by ``sampler`` per
+    epoch; ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
+    with ``channels_last``), not yet wrapped for DDP or compiled (:func:`training_module`);
+    ``fast`` is how the loop moves batches and runs forward, backward and the optimizer step.
+    ``memory`` is the estimate the job was checked against.
     """
 
     data: TrainingData
     model: nn.Module
+    fast: FastPath
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -537,22 +649,29 @@ def prepare(
     budget_bytes: int | None,
     should_stop: ShouldStop | None = None,
     on_phase: PhaseCallback | None = None,
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> Prepared:
-    """Data, model (with initial weights), loss, optimizer, schedule and loaders of a job.
+    """Data, model (with initial weights), fast path, loss, optimizer, schedule and loaders of a job.
 
-    The one preparation path of a job, and of its dry run: list and download the data into
-    ``DATA_CACHE_DIR/datasets`` (cached by content), decode every image once, check the spec
+    The one preparation path of a job, and of its dry run: check the spec's queue and URIs
+    against the settings (:func:`shared.access.check_spec_access`), list and download the data
+    into ``DATA_CACHE_DIR/datasets`` (cached by content), decode every image once, check the spec
     against the data, build the model and load ``model.weights_uri`` (cached in
-    ``DATA_CACHE_DIR/weights``), probe the input size, estimate the training memory against
-    the budget (:mod:`worker.training.memory`), build loss, optimizer, schedule and loaders.
+    ``DATA_CACHE_DIR/weights``), set up the fast path (precision, ``channels_last``), probe the
+    input size, estimate the training memory of one process (``batch_size / resources.gpus``
+    samples) against the budget (:mod:`worker.training.memory`), build loss, optimizer,
+    schedule and loaders.
 
     Args:
         budget_bytes: memory the job may need by the estimate (a job passes
             :func:`worker.training.memory.memory_budget`); None: estimate only, do not refuse.
         should_stop: asked between files, pages and phases; a truthy answer (the reason) stops
-            preparation within seconds.
+            preparation within seconds. Never a collective: with several processes only rank 0
+            loads while the others wait.
         on_phase: told each phase (``downloading`` with file and byte counts, ``verifying``
             with file counts, ``building_model``) as it goes.
+        group: this process's rank of the job's processes: rank 0 downloads and verifies the
+            data first, the others then find it in the cache.
 
     Raises:
         JobFailure: the job cannot run; ``field`` names the spec field at fault.
@@ -564,13 +683,18 @@ def prepare(
         if should_stop is not None and (reason := should_stop()):
             raise Interrupted(reason)
 
+    check_spec_access(spec, settings)  # the queue and every URI, again: settings may have changed since submit
     report(JobPhase.DOWNLOADING, None, None, None, None)
+    if not group.is_main:
+        group.barrier()  # rank 0 downloads and verifies the data first; the others find it cached
     options = LoadOptions(max_image_pixels=settings.max_image_pixels, should_stop=should_stop, on_progress=report)
     try:
         data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root, options)
     except DatasetError as exc:
         exc.field = exc.field or _dataset_field(str(exc), spec)
         raise
+    if group.is_main:
+        group.barrier()
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
             f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}",
@@ -591,22 +715,27 @@ def prepare(
         except JobFailure as exc:
             raise JobFailure(str(exc), field="model.weights_uri") from exc
     stop_if_asked()
-    model = model.to(device)
+    try:
+        fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
+    except JobFailure as exc:
+        raise JobFailure(str(exc), field="performance.precision") from exc
+    model = prepare_model(model.to(device), fast)
     _check_input_size(model, spec, device)
-    memory = estimate_memory(model, spec, data.input_shape, budget_bytes)
-    check_memory(memory, spec, data.input_shape)
+    per_process = spec.batch_size // spec.resources.gpus  # batch_size is the global batch
+    memory = estimate_memory(model, spec, data.input_shape, budget_bytes, batch_size=per_process)
+    check_memory(memory, spec, data.input_shape, batch_size=per_process)
     try:
         loss_fn = build_loss(spec, data.num_outputs).to(device)
     except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
         raise JobFailure(str(exc), field="loss") from exc
     try:
         optimizer = build_optimizer(spec, model.parameters())
-        loader, sampler, val_loader = _loaders(data, spec, device)
+        loader, sampler, val_loader = _loaders(data, spec, device, group)
         steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation_steps)
         scheduler = build_scheduler(spec, optimizer, total_steps=spec.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     except ValueError as exc:
         raise JobFailure(str(exc)) from exc
-    return Prepared(data, model, loss_fn, optimizer, scheduler, loader, sampler, val_loader, steps_per_epoch, memory)
+    return Prepared(data, model, fast, loss_fn, optimizer, scheduler, loader, sampler, val_loader, steps_per_epoch, memory)
 
 
 def _dataset_field(message: str, spec: JobSpec) -> str:
@@ -620,11 +749,15 @@ def _dataset_field(message: str, spec: JobSpec) -> str:
 
 
 def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
-    """:func:`prepare` for ``run`` (its phases shown in the record, stoppable), then its trackers."""
+    """:func:`prepare` for ``run`` (its phases shown in the record, stoppable by rank 0), then its trackers."""
     budget = memory_budget(settings, device)
-    prepared = prepare(spec, storage, settings, device, budget_bytes=budget, should_stop=run.stop_reason, on_phase=run.show_phase)
-    run.data, run.model, run.loss_fn, run.optimizer = prepared.data, prepared.model, prepared.loss_fn, prepared.optimizer
-    run.loader, run.sampler, run.val_loader, run.scheduler = prepared.loader, prepared.sampler, prepared.val_loader, prepared.scheduler
+    prepared = prepare(
+        spec, storage, settings, device,
+        budget_bytes=budget, should_stop=run.local_stop_reason, on_phase=run.show_phase, group=run.group,
+    )
+    run.data, run.model, run.fast, run.loss_fn = prepared.data, prepared.model, prepared.fast, prepared.loss_fn
+    run.optimizer, run.scheduler = prepared.optimizer, prepared.scheduler
+    run.loader, run.sampler, run.val_loader = prepared.loader, prepared.sampler, prepared.val_loader
     run.progress.steps_per_epoch = prepared.steps_per_epoch
     run.progress.total_steps = spec.epochs * prepared.steps_per_epoch
     if spec.checkpoint.best_metric is not None:
@@ -634,30 +767,46 @@ def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, dev
 
 
 def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callbacks: TrainingCallbacks) -> TrainResult:
-    job_id = run.job_id
+    job_id, group = run.job_id, run.group
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
+    if device.type == "cuda" and group.distributed:
+        device = torch.device("cuda", group.rank)
+    configure_backends(spec.performance, device)
+    threads = training_threads(spec.num_workers, settings.torch_threads, processes=group.world_size)
+    torch.set_num_threads(threads)
+    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
     try:
         _prepare(run, spec, storage, settings, device)
     except Interrupted as stop:  # cancel, time limit or shutdown before training: nothing to save
         raise TrainingStopped(stop.reason, run.progress.step, run.runtime_s, None) from None
-    data, model, optimizer, loader, loss_fn = run.data, run.model, run.optimizer, run.loader, run.loss_fn
+    if group.rank:
+        seed_everything(spec.seed + group.rank)  # own dropout masks per rank (the model is rank 0's)
+    data, model, optimizer, loader, loss_fn, fast = run.data, run.model, run.optimizer, run.loader, run.loss_fn, run.fast
     resumed_from = run.resume(device)
-    callbacks.on_start(
-        device=describe_device(device),
-        dataset=DatasetInfo(
-            task=data.task, classes=data.classes, num_train=len(data.train), num_val=len(data.val),
-            features=data.metadata.get("features"),
-        ),
-        tensorboard_uri=run.tb_uri + "/",
-        resumed_from=resumed_from,
+    train_model = training_module(model, spec.performance, device, group.distributed)
+    if group.is_main:
+        callbacks.on_start(
+            device=describe_device(device) if not group.distributed else f"{group.world_size} × {describe_device(device)}",
+            dataset=DatasetInfo(
+                task=data.task, classes=data.classes, num_train=len(data.train), num_val=len(data.val),
+                features=data.metadata.get("features"),
+            ),
+            tensorboard_uri=run.tb_uri + "/",
+            resumed_from=resumed_from,
+        )
+    logger.info(
+        "job %s: training on %s in %s%s from step %d of %d", job_id, device, fast.precision,
+        ", channels_last" if fast.channels_last else "", run.progress.step, run.progress.total_steps,
     )
-    logger.info("job %s: training on %s from step %d of %d", job_id, device, run.progress.step, run.progress.total_steps)
 
     # purge_step: TensorBoard drops events at or after it from an earlier attempt's files, so a
     # resumed job shows each step once (one run per job, however many attempts). An attempt that
     # starts from scratch purges everything an earlier one may have uploaded before it died.
-    writer = SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
+    writer = (
+        SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
+        if group.is_main else _NullWriter()
+    )
     run.show_phase(JobPhase.TRAINING)
     accumulate = spec.grad_accumulation_steps
     try:
@@ -669,20 +818,24 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             data.set_epoch(epoch)
             batches = len(loader)
             for inputs, targets in loader:
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                inputs, targets = fast.to_device(inputs, targets)
                 if run.progress.step == 0 and run.batch_in_epoch == 0 and inputs.dim() == 4:
                     writer.add_image("inputs", make_grid(inputs[:64].cpu(), nrow=8, normalize=True), 0)
                 group_start = (run.batch_in_epoch // accumulate) * accumulate
                 group_size = min(accumulate, batches - group_start)  # the epoch's last group may be short
                 run.batch_in_epoch += 1
-                loss = loss_fn(model(inputs), targets)
-                (loss / group_size if group_size > 1 else loss).backward()
+                stepping = run.batch_in_epoch - group_start >= group_size
+                with _gradient_sync(train_model, stepping):
+                    with fast.autocast():
+                        loss = loss_fn(train_model(inputs), targets)
+                    fast.backward(loss / group_size if group_size > 1 else loss)
                 micro_losses.append(loss.detach())
-                if run.batch_in_epoch - group_start < group_size:
+                if not stepping:
                     continue  # accumulate more micro-batches before stepping
                 if spec.grad_clip_norm is not None:
+                    fast.unscale(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
-                optimizer.step()
+                fast.step(optimizer)
                 if run.scheduler is not None:
                     run.scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -728,14 +881,34 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     )
 
 
+def _gradient_sync(train_model: nn.Module, stepping: bool) -> AbstractContextManager:
+    """Context for a micro-batch's forward and backward: DDP's ``no_sync`` when the micro-batch
+    does not end its accumulation group (its gradients are all-reduced with the last one's)."""
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if stepping or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return ddp.no_sync()
+
+
 def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn: nn.Module, device: torch.device) -> bool:
-    """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early."""
+    """Validate, log, keep the best checkpoint, checkpoint on schedule; True to stop early.
+
+    With several processes rank 0 validates and shares the metrics, so every rank takes the same
+    decisions (best checkpoint, early stop) and joins the same checkpoints.
+    """
     spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
     run.show_phase(JobPhase.VALIDATING)
-    try:
-        metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task, should_stop=run.stop_reason)
-    except Interrupted as stop:  # the epoch's training is kept: a resumed job starts the next epoch
-        _stop(run, stop.reason, writer, losses)
+    metrics, stopped = None, None
+    if run.group.is_main:
+        try:
+            metrics = evaluate(
+                run.model, run.val_loader, loss_fn, device, run.data.task, run.fast, should_stop=run.local_stop_reason
+            )
+        except Interrupted as stop:  # the epoch's training is kept: a resumed job starts the next epoch
+            stopped = stop.reason
+    metrics, stopped = run.group.share((metrics, stopped))
+    if stopped is not None:
+        _stop(run, stopped, writer, losses)  # on every rank: they all join the stop checkpoint
     run.progress.phase = JobPhase.TRAINING
     run.record_validation(metrics)
     for name, value in metrics.items():
@@ -749,7 +922,8 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
         stop_early = tracker.stale_epochs >= spec.early_stopping.patience and epoch < spec.epochs
         run.progress.early_stopped = stop_early
     run.report(writer, losses, force=True)
-    logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if run.group.is_main:
+        logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "best" in run.trackers and run.trackers["best"].update(metrics):
         run.checkpoint(writer, BEST_CHECKPOINT)
     if epoch % spec.checkpoint.every_epochs == 0 and epoch < spec.epochs and not stop_early:

@@ -78,17 +78,21 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size:
     return sum(saved.values()) + _bytes([inputs, outputs])
 
 
-def estimate_memory(model: nn.Module, spec: JobSpec, input_shape: tuple[int, ...], budget_bytes: int | None) -> MemoryEstimate:
-    """The training memory of ``model`` for ``spec`` (its ``batch_size`` and optimizer); see the module doc.
+def estimate_memory(
+    model: nn.Module, spec: JobSpec, input_shape: tuple[int, ...], budget_bytes: int | None, *, batch_size: int | None = None
+) -> MemoryEstimate:
+    """The training memory of ``model`` for ``spec`` (its optimizer) and a batch; see the module doc.
 
-    ``budget_bytes`` is only recorded (None: no budget applies); :func:`check_memory` compares.
+    ``batch_size``: samples one training process takes at a time (default ``spec.batch_size``;
+    a job on ``resources.gpus`` processes passes ``batch_size / gpus``). ``budget_bytes`` is only
+    recorded (None: no budget applies); :func:`check_memory` compares.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     parameters = _bytes(model.parameters()) + _bytes(model.buffers())
     gradients = _bytes(trainable)
     optimizer = optimizer_state_per_parameter(spec) * gradients
     try:
-        activations = activation_bytes(model, input_shape, spec.batch_size)
+        activations = activation_bytes(model, input_shape, batch_size or spec.batch_size)
     except Exception:  # an op without a meta kernel (none among the spec's architectures): estimate without it
         logger.warning("activations of model.arch %r could not be measured on the meta device", spec.model.arch, exc_info=True)
         activations = 0
@@ -129,8 +133,9 @@ def format_bytes(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def check_memory(estimate: MemoryEstimate, spec: JobSpec, input_shape: tuple[int, ...]) -> None:
-    """Refuse a job whose estimate exceeds its budget, with the numbers.
+def check_memory(estimate: MemoryEstimate, spec: JobSpec, input_shape: tuple[int, ...], *, batch_size: int | None = None) -> None:
+    """Refuse a job whose estimate exceeds its budget, with the numbers; ``batch_size`` as in
+    :func:`estimate_memory`.
 
     Raises:
         JobFailure: field ``batch_size``, type ``memory_budget_exceeded``.
@@ -138,11 +143,13 @@ def check_memory(estimate: MemoryEstimate, spec: JobSpec, input_shape: tuple[int
     if estimate.budget_bytes is None or estimate.total_bytes <= estimate.budget_bytes:
         return
     shape = "x".join(str(n) for n in input_shape)
+    per_process = batch_size or spec.batch_size
+    batch = f"batch_size {spec.batch_size}" + (f" ({per_process} per GPU)" if per_process != spec.batch_size else "")
     raise JobFailure(
         f"the job needs about {format_bytes(estimate.total_bytes)} to train, more than this worker's budget of "
         f"{format_bytes(estimate.budget_bytes)} (MAX_JOB_MEMORY_BYTES): parameters {format_bytes(estimate.parameters_bytes)}, "
         f"gradients {format_bytes(estimate.gradients_bytes)}, optimizer state {format_bytes(estimate.optimizer_bytes)}, "
-        f"activations {format_bytes(estimate.activations_bytes)} for batch_size {spec.batch_size} of {shape} inputs. "
+        f"activations {format_bytes(estimate.activations_bytes)} for {batch} of {shape} inputs. "
         "Lower batch_size (use grad_accumulation_steps for the same effective batch), the image size or the model.",
         field="batch_size",
         error_type="memory_budget_exceeded",

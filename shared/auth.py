@@ -1,0 +1,154 @@
+"""Who is asking: bearer tokens, their owners, and which jobs an owner may see.
+
+A token is 32 random bytes (``secrets.token_urlsafe``) with the prefix ``tq_``. Only its SHA-256
+is stored, as the Redis hash ``trainq:token:<sha256 hex>`` with ``owner``, ``admin`` and
+``created_at``; the set ``trainq:tokens`` lists the hashes. A plain hash (no salt, no slow KDF)
+is enough because tokens are random, not passwords: nobody can guess one from its hash. Looking
+a token up by its hash leaks nothing through timing, as an attacker cannot choose the hash; the
+one comparison of secrets, against ``ADMIN_TOKEN``, uses :func:`hmac.compare_digest`.
+
+Issue tokens with ``python -m trainq.admin token create --owner <name> [--admin]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis
+
+TOKEN_KEY = "trainq:token:{}"
+TOKENS_KEY = "trainq:tokens"
+TOKEN_PREFIX = "tq_"
+#: Owner names: also part of Redis keys, so no ``:`` or spaces.
+OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
+#: The owner of every request while ``AUTH_REQUIRED`` is off (local, loopback-only use).
+ANONYMOUS_OWNER = "local"
+#: The owner of requests made with ``ADMIN_TOKEN``.
+ADMIN_OWNER = "admin"
+_MAX_TOKEN_CHARS = 512
+#: ``ADMIN_TOKEN`` shorter than this is ignored (the API warns at start).
+MIN_ADMIN_TOKEN_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The owner a request acts as; an admin sees and cancels every owner's jobs."""
+
+    owner: str
+    admin: bool = False
+
+    def can_see(self, owner: str) -> bool:
+        """True when this principal may read and cancel jobs of ``owner``."""
+        return self.admin or self.owner == owner
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A stored token, without the token: ``id`` is the first 12 hex digits of its SHA-256."""
+
+    id: str
+    digest: str
+    owner: str
+    admin: bool
+    created_at: float
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 of ``token`` in hex: the only form in which a token is stored."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_owner(owner: str) -> str:
+    """Return ``owner`` if it is a valid owner name.
+
+    Raises:
+        ValueError: not 1–64 characters of letters, digits, ``_ . @ -`` (starting with a letter or digit).
+    """
+    if not OWNER_PATTERN.match(owner):
+        raise ValueError(f"owner {owner!r} must match {OWNER_PATTERN.pattern}")
+    return owner
+
+
+class TokenStore:
+    """Creates, looks up, lists and revokes bearer tokens in Redis.
+
+    Args:
+        client: a ``redis.Redis`` on the job database (``REDIS_URL``).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, owner: str, *, admin: bool = False) -> str:
+        """Issue a new token for ``owner`` and return it (shown once; only its hash is kept).
+
+        Raises:
+            ValueError: ``owner`` is not a valid owner name.
+        """
+        check_owner(owner)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        digest = token_digest(token)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(TOKEN_KEY.format(digest), mapping={"owner": owner, "admin": int(admin), "created_at": time.time()})
+        pipe.sadd(TOKENS_KEY, digest)
+        pipe.execute()
+        return token
+
+    def lookup(self, token: str) -> Principal | None:
+        """The principal ``token`` authenticates, or None for an unknown or revoked token."""
+        if not token or len(token) > _MAX_TOKEN_CHARS:
+            return None
+        raw = self.redis.hgetall(TOKEN_KEY.format(token_digest(token)))
+        if not raw:
+            return None
+        return Principal(owner=raw[b"owner"].decode(), admin=raw.get(b"admin") == b"1")
+
+    def list(self) -> list[TokenInfo]:
+        """Every stored token (without the token itself), oldest first."""
+        infos = []
+        for member in self.redis.smembers(TOKENS_KEY):
+            digest = member.decode()
+            raw = self.redis.hgetall(TOKEN_KEY.format(digest))
+            if raw:
+                infos.append(
+                    TokenInfo(digest[:12], digest, raw[b"owner"].decode(), raw.get(b"admin") == b"1", float(raw[b"created_at"]))
+                )
+        return sorted(infos, key=lambda info: info.created_at)
+
+    def revoke(self, *, token_id: str | None = None, owner: str | None = None) -> list[TokenInfo]:
+        """Revoke the token whose hash starts with ``token_id``, or every token of ``owner``.
+
+        Returns the tokens revoked (empty when nothing matched).
+
+        Raises:
+            ValueError: neither or both given, ``token_id`` shorter than 8 hex digits, or it
+                matches more than one token.
+        """
+        if (token_id is None) == (owner is None):
+            raise ValueError("give a token id or an owner")
+        if token_id is not None:
+            if len(token_id) < 8:
+                raise ValueError("a token id has at least 8 hex digits (see `token list`)")
+            matches = [info for info in self.list() if info.digest.startswith(token_id.lower())]
+            if len(matches) > 1:
+                raise ValueError(f"token id {token_id!r} matches {len(matches)} tokens; give more digits")
+        else:
+            matches = [info for info in self.list() if info.owner == owner]
+        for info in matches:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(TOKEN_KEY.format(info.digest))
+            pipe.srem(TOKENS_KEY, info.digest)
+            pipe.execute()
+        return matches
+
+
+def authenticate(token: str, client: redis.Redis, admin_token: str | None = None) -> Principal | None:
+    """The principal of bearer ``token``: ``ADMIN_TOKEN`` (an admin) or a stored token; else None."""
+    if admin_token and len(admin_token) >= MIN_ADMIN_TOKEN_CHARS and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), admin_token.encode("utf-8")):
+        return Principal(owner=ADMIN_OWNER, admin=True)
+    return TokenStore(client).lookup(token)
