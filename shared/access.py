@@ -130,11 +130,15 @@ def check_spec_access(spec: JobSpec, settings: Settings) -> None:
     """The worker's check before it reads anything.
 
     Raises:
-        JobFailure: naming each refused field, e.g. ``dataset.uri: s3://other/x is not under…``.
+        JobFailure: naming each refused field, e.g. ``dataset.uri: s3://other/x is not under…``;
+            its ``field`` is the first one (a dry run's ``loc``).
     """
     problems = spec_access_problems(spec, settings)
     if problems:
-        raise JobFailure("; ".join(f"{_dotted(problem.loc)}: {problem.message}" for problem in problems))
+        raise JobFailure(
+            "; ".join(f"{_dotted(problem.loc)}: {problem.message}" for problem in problems),
+            field=".".join(str(part) for part in problems[0].loc),
+        )
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:

@@ -28,12 +28,49 @@ class InvalidTransitionError(TrainqError):
 class JobFailure(TrainqError):
     """An error caused by the job itself (its data or spec), not by the infrastructure.
 
-    Such a job fails at once with this message; retrying it would fail the same way.
+    Such a job fails at once with this message; retrying it would fail the same way. A dry run
+    answers it as a 422 in the shape of a validation error (:meth:`as_error`).
+
+    Args:
+        message: what is wrong, naming the spec field, S3 key, file or line at fault.
+        field: the spec field at fault as a dotted path (``"dataset.uri"``, ``"batch_size"``,
+            ``"dataset.extra_uris.0"``); None when no single field is (``loc`` is ``["body"]``).
+        error_type: a short machine-readable kind for the 422's ``type`` (default: the class's).
     """
+
+    error_type = "job_error"
+
+    def __init__(self, message: str, *, field: str | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        if error_type is not None:
+            self.error_type = error_type
+
+    @property
+    def loc(self) -> list[str | int]:
+        """The request path of :attr:`field`, as in a validation error: ``["body", "dataset", "uri"]``."""
+        parts = self.field.split(".") if self.field else []
+        return ["body", *(int(part) if part.isdigit() else part for part in parts)]
+
+    def as_error(self) -> dict[str, object]:
+        """``{"loc": [...], "msg": ..., "type": ...}``: one item of a 422's ``detail`` list."""
+        return {"loc": self.loc, "msg": str(self), "type": self.error_type}
 
 
 class DatasetError(JobFailure):
     """The dataset a spec points at is missing, empty or malformed. The message names the URI or file."""
+
+    error_type = "dataset_error"
+
+
+class Interrupted(TrainqError):
+    """A long step (listing, download, verification, validation) stopped early because its caller
+    asked it to (cancel, time limit, worker shutdown); ``reason`` is what the caller's
+    ``should_stop()`` returned."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(f"interrupted: {getattr(reason, 'value', reason)}")
+        self.reason = reason
 
 
 class IdempotencyConflictError(TrainqError):

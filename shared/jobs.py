@@ -91,9 +91,31 @@ class Transition(BaseModel):
     reason: str | None = None
 
 
+class JobPhase(str, Enum):
+    """What a running job is doing now (the record's ``progress.phase``), in the order it happens.
+
+    ``downloading``: listing and fetching the data set into the worker's cache (counts in
+    ``files_*``/``bytes_*``); ``verifying``: decoding every image once (``files_*``);
+    ``building_model``: building the network, loading ``model.weights_uri``, the memory estimate;
+    ``training``; ``validating`` (after each epoch); ``uploading``: the final checkpoint and events.
+    """
+
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    BUILDING_MODEL = "building_model"
+    TRAINING = "training"
+    VALIDATING = "validating"
+    UPLOADING = "uploading"
+
+
 class Progress(BaseModel):
     """How far a job has got. Losses are means over the batches named; times in seconds."""
 
+    phase: JobPhase | None = Field(None, description="What the job is doing now; null before it starts.")
+    files_done: int | None = Field(None, description="`downloading`/`verifying`: files done in the current folder.")
+    files_total: int | None = Field(None, description="`downloading`/`verifying`: files in the current folder.")
+    bytes_done: int | None = Field(None, description="`downloading`: bytes fetched so far.")
+    bytes_total: int | None = Field(None, description="`downloading`: bytes to fetch.")
     epoch: int = Field(0, description="Epochs completed.")
     epochs: int = Field(0, description="Epochs in the spec.")
     step: int = Field(0, description="Optimizer steps taken.")
@@ -614,6 +636,21 @@ return 1
 """
 
 
+class MemoryEstimate(BaseModel):
+    """Bytes a job is estimated to need on its device while training, and the budget it must fit.
+
+    ``total_bytes`` = parameters and buffers + gradients + optimizer state + activations (the
+    tensors autograd saves for backward in one forward pass of ``batch_size`` samples).
+    """
+
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    budget_bytes: int | None = Field(description="`MAX_JOB_MEMORY_BYTES` or the device's default; null when none applied.")
+
+
 class DryRunReport(BaseModel):
     """What ``POST /jobs?dry_run=true`` found: the data as listed in S3, the model, one batch."""
 
@@ -623,6 +660,11 @@ class DryRunReport(BaseModel):
     input_shape: list[int] = Field(description="Shape of one input, e.g. [3, 224, 224] or [10].")
     num_outputs: int
     parameters: int = Field(description="Trainable parameters of the model.")
-    batch_shape: list[int] = Field(description="Shape of the batch that went forward and backward.")
-    loss: float = Field(description="Loss of that batch (random weights unless `model.weights_uri`).")
+    num_val: int = Field(0, description="Validation samples.")
+    steps_per_epoch: int = Field(0, description="Optimizer steps per epoch.")
+    batch_shape: list[int] = Field(description="Shape of the epoch's first batch, which took one training step.")
+    last_batch_size: int = Field(0, description="Samples in the epoch's last batch (also run forward and backward).")
+    loss: float = Field(description="Loss of the first batch (random weights unless `model.weights_uri`).")
+    memory: MemoryEstimate | None = Field(None, description="Memory the job is estimated to need, and the budget.")
+    warnings: list[str] = Field(default_factory=list, description="What may surprise you, though the job would run.")
     seconds: float = Field(description="Time the dry run took.")

@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     max_runtime_s: float = Field(
         3 * 24 * 3600,
         gt=0,
-        description="Ceiling on any job's training time in seconds; a spec's `max_runtime_s` may only lower it.",
+        description="Ceiling on any job's run time in seconds (all attempts, download included); a spec's "
+        "`max_runtime_s` may only lower it.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Attempts per job before infrastructure failures (worker lost, S3 down) fail it."
@@ -111,6 +112,32 @@ class Settings(BaseSettings):
         900.0,
         gt=0,
         description="Seconds an artifact upload keeps retrying through an S3 outage before the attempt fails.",
+    )
+    dry_run_queue: str = Field(
+        "dry-run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="Celery queue of dry runs (`POST /jobs?dry_run=true`). A worker started without `-Q` consumes it "
+        "and `DEFAULT_QUEUE`; with `-Q`, name it too (`-Q default,dry-run`).",
+    )
+    dry_run_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the API waits for a worker's dry-run result before answering `504`."
+    )
+    max_job_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Memory a job may need by the estimate made before training (parameters, gradients, optimizer state, "
+            "activations), in bytes. Unset: 90% of the GPU's memory, or 75% of the worker's RAM (its cgroup limit "
+            "if lower) on a CPU. Set it on CPU workers that serve dry runs for GPU workers."
+        ),
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description=(
+            "Largest image a job may decode, in pixels (width × height); larger ones fail the job naming the file. "
+            "Below Pillow's own decompression-bomb limit (89,478,485)."
+        ),
     )
     torch_threads: int = Field(
         0,
@@ -153,7 +180,7 @@ class Settings(BaseSettings):
     def _queues_and_prefixes_are_safe(self) -> Settings:
         from shared.access import check_queue_name, check_s3_prefix  # imports this module
 
-        for queue in self.queues:
+        for queue in [*self.queues, self.dry_run_queue]:
             check_queue_name(queue)
         if self.default_queue not in self.queues:
             raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")

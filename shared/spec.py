@@ -642,8 +642,9 @@ class JobSpec(SpecModel):
         gt=0,
         description="Time limit in seconds on the job's run on workers, summed over attempts: every phase counts "
         "(data download and checks, model build, training, validation, uploads), time queued does not, nor an "
-        "attempt's time after its last checkpoint if its worker died. At the limit the job saves a checkpoint and "
-        "fails with reason `time limit`. Capped by the server's `MAX_RUNTIME_S`.",
+        "attempt's time after its last checkpoint if its worker died. At the limit the job stops in whatever phase "
+        "it is (saving a checkpoint once training has begun) and fails with reason `time limit`. Capped by the "
+        "server's `MAX_RUNTIME_S`.",
     )
     queue: str | None = Field(
         None,

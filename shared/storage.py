@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +21,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError, ParamValidationError
+from s3transfer.subscribers import BaseSubscriber
 
-from shared.exceptions import DatasetError
+from shared.exceptions import DatasetError, Interrupted
 from shared.paths import cache_path, check_key, local_relative, printable, write_names
 from shared.settings import Settings
 
@@ -47,6 +52,73 @@ def folder_prefix(uri: str) -> tuple[str, str]:
 
 def _is_hidden(relative_key: str) -> bool:
     return any(part.startswith(".") for part in relative_key.split("/"))
+
+
+#: Polled while a long listing or download runs: a reason to stop (anything truthy) or None.
+ShouldStop = Callable[[], object]
+#: Seconds between a download's progress reports and stop checks.
+_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """How far a folder download has got: files and bytes done, of the totals to fetch."""
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+class _Transfers(BaseSubscriber):
+    """Follows a folder's downloads: counts bytes (from the transfer threads) and finished files,
+    re-raises the first failure, reports progress and asks whether to stop."""
+
+    def __init__(
+        self, files_total: int, bytes_total: int, on_progress: Callable[[TransferProgress], None] | None, should_stop: ShouldStop | None
+    ) -> None:
+        self.files_total, self.bytes_total = files_total, bytes_total
+        self.report, self.should_stop = on_progress, should_stop
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.bytes_done = self.files_done = 0
+        self.last_report = 0.0
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        """s3transfer's hook: ``bytes_transferred`` more bytes arrived (on a transfer thread)."""
+        with self.lock:
+            self.bytes_done += bytes_transferred
+
+    def on_done(self, future, **kwargs) -> None:
+        """s3transfer's hook: ``future`` finished (done, failed or cancelled)."""
+        self.finished.put(future)
+
+    def poll(self, wait_s: float = 0.0) -> None:
+        """Take finished transfers (waiting up to ``wait_s`` for one), then check for a stop and report.
+
+        Raises:
+            Interrupted: ``should_stop`` answered a reason.
+            Exception: a failed transfer's error.
+        """
+        try:
+            future = self.finished.get(timeout=wait_s) if wait_s else self.finished.get_nowait()
+            while True:
+                self.files_done += 1
+                future.result()  # re-raises a failed download
+                future = self.finished.get_nowait()
+        except queue.Empty:
+            pass
+        if self.should_stop is not None and self.files_done < self.files_total and (reason := self.should_stop()):
+            raise Interrupted(reason)
+        now = time.monotonic()
+        if self.report is not None and (now - self.last_report >= _POLL_S or self.files_done == self.files_total):
+            self.last_report = now
+            self.report(TransferProgress(self.files_done, self.files_total, min(self.bytes_done, self.bytes_total), self.bytes_total))
+
+    def wait_all(self) -> None:
+        """Poll until every file is done."""
+        while self.files_done < self.files_total:
+            self.poll(_POLL_S)
 
 
 def _plan_download(
@@ -161,17 +233,20 @@ class Storage:
             self.client.create_bucket(Bucket=self.bucket)
 
     # -- reading ----------------------------------------------------------------------------
-    def list_objects(self, uri: str) -> list[ObjectInfo]:
+    def list_objects(self, uri: str, *, should_stop: ShouldStop | None = None) -> list[ObjectInfo]:
         """Every object whose key starts with ``uri``'s prefix, in key order.
 
         A prefix without a trailing slash is treated as a folder (``s3://b/data`` lists
-        ``data/...``, not ``database/...``).
+        ``data/...``, not ``database/...``). ``should_stop`` is asked before each page of 1,000
+        keys; a truthy answer raises :class:`shared.exceptions.Interrupted`.
         """
         bucket, prefix = folder_prefix(uri)
         paginator = self.client.get_paginator("list_objects_v2")
         objects: list[ObjectInfo] = []
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                if should_stop is not None and (reason := should_stop()):
+                    raise Interrupted(reason)
                 for item in page.get("Contents", []):
                     objects.append(
                         ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"].timestamp())
@@ -185,7 +260,9 @@ class Storage:
             raise DatasetError(f"{uri} is not a valid S3 prefix: {exc}") from exc
         return objects
 
-    def list_dataset(self, uri: str) -> tuple[str, list[tuple[ObjectInfo, str]], set[str]]:
+    def list_dataset(
+        self, uri: str, *, should_stop: ShouldStop | None = None
+    ) -> tuple[str, list[tuple[ObjectInfo, str]], set[str]]:
         """List a dataset prefix as :meth:`download_prefix` would download it, writing nothing.
 
         Returns:
@@ -194,14 +271,22 @@ class Storage:
 
         Raises:
             DatasetError: as :meth:`download_prefix`, with the same words (a dry run uses this).
+            Interrupted: ``should_stop`` answered a reason between pages of the listing.
         """
         bucket, prefix = folder_prefix(uri)
-        objects, folders = _plan_download(self.list_objects(uri), bucket, prefix, uri)
+        objects, folders = _plan_download(self.list_objects(uri, should_stop=should_stop), bucket, prefix, uri)
         if not objects:
             raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
         return bucket, objects, folders
 
-    def download_prefix(self, uri: str, cache_dir: Path) -> Path:
+    def download_prefix(
+        self,
+        uri: str,
+        cache_dir: Path,
+        *,
+        on_progress: Callable[[TransferProgress], None] | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> Path:
         """Download every object under ``uri`` into a local folder and return the folder.
 
         The folder is keyed by the objects' keys and ETags, so a second call for unchanged data
@@ -209,12 +294,18 @@ class Storage:
         is used only once complete (marked by a ``.complete`` file written last). Keys map to
         paths inside the folder through :func:`shared.paths.local_relative` (long names shortened).
 
+        Args:
+            on_progress: called about every 0.25 s (and at the end) while files are fetched.
+            should_stop: asked as often; a truthy answer cancels the transfers not yet done
+                (those in flight finish or abort within seconds) and raises.
+
         Raises:
             DatasetError: the prefix holds no objects (naming ``uri``), or cannot be listed; a key
                 is not a plain relative path (``//``, ``..``…), or an object has the name of a
                 folder (``cat`` beside ``cat/1.png``) — naming the keys.
+            Interrupted: ``should_stop`` said so; the folder stays incomplete (not used).
         """
-        bucket, objects, folders = self.list_dataset(uri)
+        bucket, objects, folders = self.list_dataset(uri, should_stop=should_stop)
         digest = hashlib.sha256(f"{bucket}\n".encode())
         for obj, _ in objects:
             digest.update(f"{obj.key}\t{obj.etag}\n".encode())
@@ -226,17 +317,24 @@ class Storage:
         # Many small files (an image folder) are latency-bound: fetch them concurrently with
         # boto3's transfer manager, each to a temporary name renamed once complete.
         parts: list[tuple[Path, Path]] = []
-        with create_transfer_manager(self.client, self.transfer_config) as manager:
-            futures = []
-            for obj, relative in objects:
-                target = dest / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # Unique per process: two workers sharing a cache may fetch the same object at once.
-                tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-                futures.append(manager.download(bucket, obj.key, str(tmp)))
-                parts.append((tmp, target))
-            for future in futures:
-                future.result()  # re-raises the first failed download
+        transfers = _Transfers(len(objects), sum(obj.size for obj, _ in objects), on_progress, should_stop)
+        try:
+            with create_transfer_manager(self.client, self.transfer_config) as manager:
+                for obj, relative in objects:
+                    target = dest / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    # Unique per process: two workers sharing a cache may fetch the same object at once.
+                    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+                    # Blocks while the manager's queue is full: most of the download happens in this loop.
+                    manager.download(bucket, obj.key, str(tmp), subscribers=[transfers])
+                    parts.append((tmp, target))
+                    transfers.poll()
+                transfers.wait_all()
+        except Interrupted:
+            # Leaving the manager's block with an exception cancelled every transfer not yet done.
+            for tmp, _ in parts:
+                tmp.unlink(missing_ok=True)
+            raise
         for tmp, target in parts:
             os.replace(tmp, target)
         for folder in folders:
@@ -303,3 +401,4 @@ class Storage:
             for future in futures:
                 future.result()  # re-raises the first failed upload
         return [f"s3://{bucket}/{key}" for key in keys]
+

@@ -218,7 +218,11 @@ def test_cancel_queued_and_running_jobs(faults: FaultStack):
 
 def test_time_limit_saves_a_checkpoint_and_fails(faults: FaultStack):
     worker = faults.start_worker()
-    job_id = faults.submit(resumable_spec(epochs=50, max_runtime_s=3))
+    spec = resumable_spec(epochs=50, max_runtime_s=3)
+    # The limit counts every phase, download included: a dry run on this worker fetches the data
+    # into its cache first, so that the job's 3 s are spent training.
+    assert faults.api.post("/jobs", params={"dry_run": "true"}, json=spec, timeout=150).status_code == 200
+    job_id = faults.submit(spec)
     record = wait_for_job(faults.api, job_id, timeout_s=60)
     faults.stack.stop_process(worker)
     assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "time limit"
@@ -315,3 +319,29 @@ def test_the_local_stack_restarts_a_worker_that_exits(faults: FaultStack, capsys
     record = wait_for_job(faults.api, faults.submit(resumable_spec(epochs=1)), timeout_s=120)
     faults.stack.stop_process(name)
     assert record["state"] == "succeeded" and record["worker"].startswith(f"{name}@")
+
+
+def test_cancel_while_downloading_ends_within_seconds_and_shows_the_phase(faults: FaultStack, tmp_path: Path):
+    from trainq.sample_data import write_digits
+
+    write_digits(tmp_path, limit=300)
+    uri = "s3://trainq/datasets/slow-download/"
+    faults.storage.upload_dir(tmp_path, uri)  # straight to S3, not through the proxy
+    faults.proxy.slow_marker, faults.proxy.slow_delay_s = b"/datasets/slow-download/", 1.0  # each GET of it waits 1 s
+    worker = faults.start_worker()
+    try:
+        spec = resumable_spec()
+        spec["dataset"] = spec["dataset"] | {"uri": uri}
+        job_id = faults.submit(spec)
+        faults.wait_until(job_id, lambda r: r["progress"]["phase"] == "downloading" and (r["progress"]["files_done"] or 0) > 0)
+        asked = time.monotonic()
+        faults.api.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+        stopped_after_s = time.monotonic() - asked
+    finally:
+        faults.proxy.slow_marker, faults.proxy.slow_delay_s = None, 0.05
+        faults.stack.stop_process(worker)
+    assert record["state"] == "cancelled" and stopped_after_s < 8  # the whole download takes about 20 s
+    progress = record["progress"]
+    assert progress["phase"] == "downloading" and progress["files_total"] == 300 and 0 < progress["files_done"] < 300
+    assert 0 < progress["bytes_done"] < progress["bytes_total"]

@@ -69,7 +69,7 @@ def test_a_csv_row_that_does_not_fit_fails_once_naming_the_line(api: httpx.Clien
 def test_missing_weights_fail_once_naming_the_uri(api: httpx.Client, storage: Storage):
     uri = "s3://trainq/tests/faults/no-such-weights.pt"
     spec = fast_digits_spec(epochs=1, model={"arch": "small_cnn", "weights_uri": uri})
-    assert failed_once(run_job(api, spec)) == f"model.weights_uri {uri} does not exist (404)"
+    assert failed_once(run_job(api, spec)) == f"model.weights_uri {uri} does not exist or cannot be read (404)"
 
 
 def test_empty_weights_fail_once_with_a_reason(api: httpx.Client, storage: Storage):

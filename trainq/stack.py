@@ -73,7 +73,7 @@ class LocalStack:
         workdir: holds logs (``logs/<name>.log``), Redis's append-only file and the worker cache.
         api_port: port of the API on 127.0.0.1 (0 picks a free one).
         workers: Celery worker processes to start.
-        queue: the queue the workers consume.
+        queue: the job queue the workers consume (with the dry-run queue, ``DRY_RUN_QUEUE``).
         env: extra environment for every process (e.g. ``{"LEASE_TTL_S": "2"}``).
         isolated: always start a Redis and an S3 server of its own, even when ``REDIS_URL`` or
             ``S3_ENDPOINT_URL`` are set (tests: a stack must never share another one's state).
@@ -202,7 +202,8 @@ class LocalStack:
         """Start one ``celery -A worker worker`` process; with ``wait``, return once it is ready.
 
         ``env`` overrides the stack's environment for this worker only (e.g. another S3 endpoint).
-        ``queues`` (or one ``queue``; default: the stack's queue) are the queues it consumes.
+        ``queues`` (or one ``queue``; default: the stack's queue) are the queues it consumes; without
+        ``queues`` it consumes the dry-run queue too, as the local stack's workers do.
         ``own_cache`` gives it its own ``DATA_CACHE_DIR`` (``<workdir>/cache-<name>``), as a worker
         on another node has.
         """
@@ -210,10 +211,11 @@ class LocalStack:
         offset = log.stat().st_size if log.exists() else 0
         if own_cache:
             env = {"DATA_CACHE_DIR": str(self.workdir / f"cache-{name}"), **(env or {})}
+        queues = queues or [queue or self.queue, self.settings.dry_run_queue]
         self.workers.add(name)
         process = self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues or [queue or self.queue]),
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO", "-Q", ",".join(queues),
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
             env=env,
         )
@@ -341,7 +343,8 @@ class LocalStack:
                 f"S3 endpoint  {env['S3_ENDPOINT_URL']}   bucket: {env['S3_BUCKET']}",
                 f"logs         {self.logs}/",
                 "",
-                "To use the stack from another shell (another worker: `celery -A worker worker`; aws CLI; TensorBoard):",
+                "To use the stack from another shell (another worker: `celery -A worker worker -Q default,dry-run`; aws CLI;"
+                " TensorBoard):",
                 f"  export REDIS_URL={env['REDIS_URL']} S3_ENDPOINT_URL={env['S3_ENDPOINT_URL']} S3_ENDPOINT={env['S3_ENDPOINT_URL']}"
                 f" AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}"
                 f" AWS_DEFAULT_REGION={env['AWS_DEFAULT_REGION']}",

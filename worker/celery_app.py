@@ -4,7 +4,10 @@
 so a spec's DataLoader may start its own worker processes (``num_workers > 0``); a prefork child
 would fail with "daemonic processes are not allowed to have children". One job at a time per
 worker process; run one worker per GPU (``CUDA_VISIBLE_DEVICES``) to use several. torch is
-imported once when the worker starts (``worker.tasks``), not per job.
+imported once when the worker starts (``worker.tasks``), not per job. Workers also serve dry
+runs (``worker.dryrun_task``) from ``DRY_RUN_QUEUE``: a worker started without ``-Q`` consumes
+``default`` and ``dry-run``; with ``-Q`` name both (``-Q default,dry-run``) or a dedicated worker
+serves ``-Q dry-run``.
 
 Each worker also runs a reaper thread (requeues jobs whose worker died), and on a warm shutdown
 (SIGTERM) its running job checkpoints and goes back to the queue.
@@ -13,15 +16,20 @@ Each worker also runs a reaper thread (requeues jobs whose worker died), and on 
 from __future__ import annotations
 
 from celery import signals
+from kombu import Exchange, Queue
 
 from shared.queue import make_celery
 from shared.settings import get_settings
 
-app = make_celery(get_settings())
+_settings = get_settings()
+app = make_celery(_settings)
 app.conf.update(
     worker_pool="solo",
     worker_concurrency=1,
-    include=["worker.tasks"],
+    include=["worker.tasks", "worker.dryrun_task"],
+    # What a worker started without -Q consumes: jobs and dry runs. Declared as Celery declares a
+    # queue a sender names (exchange and routing key = the name).
+    task_queues=[Queue(name, Exchange(name), routing_key=name) for name in (_settings.default_queue, _settings.dry_run_queue)],
 )
 
 

@@ -11,8 +11,10 @@ import logging
 import math
 from typing import Annotated
 
+from celery import Celery
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
@@ -20,7 +22,7 @@ from shared.access import spec_access_problems
 from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobStore
-from shared.queue import enqueue
+from shared.queue import enqueue, request_dry_run
 from shared.quotas import count_submission
 from shared.sanitize import public_message
 from shared.schemas import ErrorDetail
@@ -68,7 +70,11 @@ def create_job(
         ),
     ] = None,
     dry_run: Annotated[
-        bool, Query(description="Only check: list the data, build the model, run one batch on the CPU. Queues nothing.")
+        bool,
+        Query(
+            description="Only check, on a worker: the job's own preparation (data, model, weights, memory) and one "
+            "training step on the CPU. Queues no job."
+        ),
     ] = False,
 ) -> JobRecord | DryRunReport:
     """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
@@ -81,7 +87,7 @@ def create_job(
     _check_access(spec, settings)
     if dry_run:
         response.status_code = status.HTTP_200_OK
-        return _dry_run(spec, settings)
+        return _dry_run(spec, settings, store, celery)
     queue = spec.queue or settings.default_queue
     try:
         record, created = store.create(
@@ -119,24 +125,24 @@ def _check_access(spec: JobSpec, settings: Settings) -> None:
         raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
-def _dry_run(spec: JobSpec, settings) -> DryRunReport:
-    # Imported here: torch loads only in an API process that serves dry runs.
-    from shared.exceptions import JobFailure
-    from shared.storage import Storage
-    from worker.training.dryrun import dry_run
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery) -> DryRunReport:
+    """Run the dry run on a worker (``DRY_RUN_QUEUE``) and wait for it; this process never imports torch."""
     try:
-        return dry_run(spec, Storage(settings), settings.data_cache_dir / "dry-run", settings.data_root)
-    except JobFailure as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-    except (BotoCoreError, ClientError) as exc:
-        logger.warning("dry run: S3 error: %s: %s", type(exc).__name__, exc)  # the endpoint stays in the log
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"S3 error: {public_message(exc)}") from exc
-    except Exception as exc:  # torch refusing the spec's model or data in a way we did not foresee
-        logger.exception("dry run failed")
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"dry run failed: {type(exc).__name__}: {exc}") from exc
+        reply = request_dry_run(celery, store.redis, spec.model_dump(mode="json"), settings.dry_run_queue, settings.dry_run_timeout_s)
+    except OperationalError as exc:
+        logger.error("dry run: could not enqueue: %s", exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again later") from exc
+    if reply is None:
+        raise HTTPException(
+            status.HTTP_504_GATEWAY_TIMEOUT,
+            f"no worker finished the dry run within {settings.dry_run_timeout_s:g} s (DRY_RUN_TIMEOUT_S): workers may be "
+            f"busy training, or none consumes the queue {settings.dry_run_queue!r} (start one with -Q default,{settings.dry_run_queue})",
+        )
+    if "report" in reply:
+        return DryRunReport.model_validate(reply["report"])
+    if "errors" in reply:  # what would fail the job, shaped as a validation error
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, reply["errors"])
+    raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reply["unavailable"])
 
 
 def _visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord:

@@ -135,27 +135,32 @@ def test_dry_run_reports_data_and_model_and_queues_nothing(api: httpx.Client):
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["task"] == "classification" and report["classes"] == [str(d) for d in range(10)]
-    assert sum(report["counts"].values()) == 1797 and report["counts"]["0"] == 178
+    assert sum(report["counts"].values()) == 1438 and report["num_val"] == 359  # 1,797 images, 20% held out
     assert report["input_shape"] == [1, 8, 8] and report["num_outputs"] == 10
-    assert report["batch_shape"] == [8, 1, 8, 8] and report["parameters"] > 10_000
+    assert report["batch_shape"] == [32, 1, 8, 8] and report["last_batch_size"] == 1438 % 32
+    assert report["steps_per_epoch"] == 45 and report["parameters"] > 10_000
     assert 1.0 < report["loss"] < 4.0  # random init: about ln(10) = 2.3
     assert api.get("/jobs").json()["count"] == before
 
 
 @pytest.mark.parametrize(
-    ("mutate", "message"),
+    ("mutate", "loc", "message"),
     [
-        (lambda s: s["dataset"].update(uri="s3://trainq/datasets/nothing-here/"), "s3://trainq/datasets/nothing-here/ is empty"),
-        (lambda s: s["model"].update(num_classes=7), "model.num_classes is 7 but"),
-        (lambda s: s.update(batch_size=5000), "batch_size 5000 is larger than the 1438 training samples"),
-        (lambda s: s.update(model={"arch": "alexnet"}, dataset=s["dataset"] | {"channels": 3}), "cannot take 3x8x8 images"),
+        (lambda s: s["dataset"].update(uri="s3://trainq/datasets/nothing-here/"), ["body", "dataset", "uri"],
+         "s3://trainq/datasets/nothing-here/ is empty"),
+        (lambda s: s["model"].update(num_classes=7), ["body", "model", "num_classes"], "model.num_classes is 7 but"),
+        (lambda s: s.update(batch_size=5000), ["body", "batch_size"], "batch_size 5000 is larger than the 1438 training samples"),
+        (lambda s: s.update(model={"arch": "alexnet"}, dataset=s["dataset"] | {"channels": 3}), ["body", "dataset", "image_size"],
+         "cannot take 3x8x8 images"),
     ],
 )
-def test_dry_run_names_what_would_fail(api: httpx.Client, mutate, message):
+def test_dry_run_names_what_would_fail(api: httpx.Client, mutate, loc, message):
     spec = example_spec()
     mutate(spec)
     response = api.post("/jobs", params={"dry_run": "true"}, json=spec)
-    assert response.status_code == 422 and message in response.json()["detail"]
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]  # the shape of a validation error
+    assert error["loc"] == loc and message in error["msg"] and error["type"] in {"job_error", "dataset_error"}
 
 
 def test_dry_run_of_a_csv_regression(api: httpx.Client, storage, tmp_path):
@@ -168,4 +173,6 @@ def test_dry_run_of_a_csv_regression(api: httpx.Client, storage, tmp_path):
     assert report["task"] == "regression" and report["classes"] == []
     assert report["counts"] == {"rows": 442 - round(442 * 0.2)} and report["input_shape"] == [10]
     missing = api.post("/jobs", params={"dry_run": "true"}, json=spec | {"dataset": spec["dataset"] | {"target": "y"}})
-    assert missing.status_code == 422 and "no column 'y' (dataset.target)" in missing.json()["detail"]
+    assert missing.status_code == 422
+    [error] = missing.json()["detail"]
+    assert error["loc"] == ["body", "dataset", "target"] and "no column 'y' (dataset.target)" in error["msg"]

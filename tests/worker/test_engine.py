@@ -37,6 +37,8 @@ class Recorder(TrainingCallbacks):
         self.checkpoints.append(uri)
 
     def stop_requested(self) -> StopReason | None:
+        if self.progress is None or self.progress.phase != "training":
+            return None  # also asked while preparing and validating; count optimizer steps only
         self.step += 1
         return StopReason.SHUTDOWN if self.step == self.stop_at_step else None
 

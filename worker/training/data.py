@@ -13,9 +13,9 @@ one would.
 from __future__ import annotations
 
 import csv
-import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,49 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from shared.exceptions import DatasetError
+from shared.exceptions import DatasetError, Interrupted
+from shared.jobs import JobPhase
 from shared.paths import check_tree_inside, printable, read_names, resolve_inside
+from shared.settings import Settings
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
-from shared.storage import Storage
+from shared.storage import ShouldStop, Storage, TransferProgress
 from worker.faults import in_stage
+
+#: The ``MAX_IMAGE_PIXELS`` setting's default (width × height), below Pillow's 89,478,485.
+DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
+
+
+@dataclass
+class LoadOptions:
+    """How :func:`load_data` checks images, reports progress and learns that it must stop.
+
+    Attributes:
+        max_image_pixels: an image with more pixels (width × height, read from its header
+            before decoding) fails the job naming the file: a decompression bomb must not take
+            the worker's memory.
+        should_stop: asked between files while listing, downloading and verifying; a truthy
+            answer (the reason) stops loading with :class:`shared.exceptions.Interrupted`.
+        on_progress: ``(phase, files_done, files_total, bytes_done, bytes_total)`` while
+            downloading (bytes known) and verifying (bytes None), about every 0.25 s.
+    """
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    should_stop: ShouldStop | None = None
+    on_progress: Callable[[JobPhase, int, int, int | None, int | None], None] | None = None
+
+    def stop_if_asked(self) -> None:
+        """Raise :class:`Interrupted` if :attr:`should_stop` answers a reason."""
+        if self.should_stop is not None and (reason := self.should_stop()):
+            raise Interrupted(reason)
+
+    def report(self, phase: JobPhase, done: int, total: int, bytes_done: int | None = None, bytes_total: int | None = None) -> None:
+        """Pass progress to :attr:`on_progress`, if any."""
+        if self.on_progress is not None:
+            self.on_progress(phase, done, total, bytes_done, bytes_total)
+
+    def on_transfer(self, progress: TransferProgress) -> None:
+        """:meth:`Storage.download_prefix`'s progress, as ``downloading``."""
+        self.report(JobPhase.DOWNLOADING, progress.files_done, progress.files_total, progress.bytes_done, progress.bytes_total)
 
 
 @dataclass
@@ -80,7 +118,7 @@ def resolve_local(uri: str, data_root: Path | None) -> Path:
 
 
 @in_stage("download")
-def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
+def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None, options: LoadOptions | None = None) -> Path:
     """A local folder holding ``uri``'s files: the download cache for S3, the folder itself for local.
 
     Every entry of a local folder must lie inside ``DATA_ROOT`` (see
@@ -92,31 +130,41 @@ def fetch_folder(uri: str, storage: Storage, cache_dir: Path, data_root: Path | 
             raise DatasetError(f"{uri} is not a folder")
         check_tree_inside(path, data_root, source=uri)
         return path
-    return storage.download_prefix(uri, cache_dir)
+    options = options or LoadOptions()
+    return storage.download_prefix(uri, cache_dir, on_progress=options.on_transfer, should_stop=options.should_stop)
 
 
 @in_stage("download")
-def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None) -> Path:
+def fetch_file(uri: str, storage: Storage, cache_dir: Path, data_root: Path | None, options: LoadOptions | None = None) -> Path:
     """A local copy (or the local file itself) of the object ``uri``."""
     if uri.startswith(LOCAL_SCHEME):
         path = resolve_local(uri, data_root)
         if not path.is_file():
             raise DatasetError(f"{uri} is not a file")
         return path
-    return storage.download_cached(uri, cache_dir)
+    options = options or LoadOptions()
+    options.stop_if_asked()
+    options.report(JobPhase.DOWNLOADING, 0, 1)
+    path = storage.download_cached(uri, cache_dir)
+    options.report(JobPhase.DOWNLOADING, 1, 1)
+    return path
 
 
 @in_stage("read data")
-def load_data(spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None) -> TrainingData:
+def load_data(
+    spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None, options: LoadOptions | None = None
+) -> TrainingData:
     """Download (or find under ``data_root``) and build the job's datasets.
 
     Raises:
         DatasetError: a prefix or file is missing or empty, a class has no image, an image or
             a row cannot be read, or the validation set does not match the training set.
+        Interrupted: ``options.should_stop`` said so.
     """
+    options = options or LoadOptions()
     if isinstance(spec.dataset, CsvDataset):
-        return load_csv(spec.dataset, storage, cache_dir, spec.seed, data_root)
-    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed, data_root)
+        return load_csv(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
+    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
 
 
 # -- image folders -----------------------------------------------------------------------------
@@ -130,12 +178,15 @@ class _VisibleImageFolder(ImageFolder):
     their classes); this folder's own classes must each hold at least one image.
     """
 
-    def __init__(self, root: Path, source_uri: str, mode: str, class_index: dict[str, int]) -> None:
+    def __init__(
+        self, root: Path, source_uri: str, mode: str, class_index: dict[str, int], options: LoadOptions | None = None
+    ) -> None:
         self.source_uri = source_uri.rstrip("/")
         self.root_path = root
         self.original_names = read_names(root)  # local path -> key, where a long name was shortened
         self.mode = mode
         self.class_index = class_index
+        self.options = options or LoadOptions()
         try:
             super().__init__(str(root), loader=self._load, is_valid_file=self._is_valid)
         except FileNotFoundError as exc:  # "Found no valid file for the classes dog, bird. "
@@ -152,6 +203,7 @@ class _VisibleImageFolder(ImageFolder):
     def _load(self, path: str) -> Image.Image:
         try:
             with Image.open(path) as image:
+                _check_pixels(image, self.options.max_image_pixels)
                 return to_mode(image, self.mode)
         except Exception as exc:  # PIL raises several types for truncated or non-image files
             raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {_without_path(str(exc), path)}") from exc
@@ -175,9 +227,7 @@ class _VisibleImageFolder(ImageFolder):
         marker = self.root_path / ".verified" if (self.root_path / ".complete").exists() else None
         if marker is not None and marker.exists():
             return
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            check = functools.partial(_decode_problem, mode=self.mode)
-            problems = [p for p in pool.map(check, (path for path, _ in self.samples)) if p]
+        problems = _decode_problems([path for path, _ in self.samples], self.options, self.mode)
         if problems:
             listed = "; ".join(
                 f"{self.source_uri}/{self.relative(path)} ({_without_path(error, path)})"
@@ -245,14 +295,65 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image | torch.Tensor:
         raise ImageModeError(f"mode {image.mode!r} cannot be converted to {mode} ({exc})") from exc
 
 
-def _decode_problem(path: str, mode: str = "RGB") -> tuple[str, str] | None:
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image larger than ``max_pixels`` from its header, before decoding it.
+
+    Raises:
+        ValueError: naming the size and the ``MAX_IMAGE_PIXELS`` limit.
+    """
+    if image.width * image.height > max_pixels:
+        raise ValueError(
+            f"{image.width}x{image.height} = {image.width * image.height:,} pixels is more than MAX_IMAGE_PIXELS ({max_pixels:,})"
+        )
+
+
+def _decode_problem(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB") -> tuple[str, str] | None:
     try:
         with Image.open(path) as image:
+            _check_pixels(image, max_pixels)
             image.load()  # a full decode: catches truncated files, not just bad headers
             to_mode(image, mode)  # and a mode or value range that cannot be scaled to [0, 1]
     except Exception as exc:
         return path, f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _decode_problems(paths: list[str], options: LoadOptions, mode: str = "RGB", threads: int = 8) -> list[tuple[str, str]]:
+    """Decode every file of ``paths`` on ``threads`` threads (PIL releases the GIL while decoding)
+    and check it converts to ``mode`` with values in [0, 1]; return ``(path, error)`` of the
+    unreadable ones, in ``paths`` order.
+
+    At most ``4 * threads`` decodes are queued at a time, so a stop (``options.should_stop``,
+    asked as decodes finish and every 0.25 s) waits for a few images only.
+
+    Raises:
+        Interrupted: ``options.should_stop`` said so.
+    """
+    problems: dict[int, tuple[str, str]] = {}
+    pending: dict[Any, int] = {}
+    done, total = 0, len(paths)
+    queued = iter(enumerate(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            while True:
+                for index, path in queued:
+                    pending[pool.submit(_decode_problem, path, options.max_image_pixels, mode)] = index
+                    if len(pending) >= 4 * threads:
+                        break
+                if not pending:
+                    break
+                finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    if (problem := future.result()) is not None:
+                        problems[index] = problem
+                done += len(finished)
+                options.stop_if_asked()
+                options.report(JobPhase.VERIFYING, done, total)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [problems[index] for index in sorted(problems)]
 
 
 def _transform_op(spec: Transform) -> v2.Transform:
@@ -325,21 +426,26 @@ class SeededTransform(Dataset):
 
 
 def _image_folders(
-    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None
+    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None, options: LoadOptions | None = None
 ) -> tuple[Dataset, list[str]]:
-    roots = [(uri, fetch_folder(uri, storage, cache_dir, data_root)) for uri in uris]
+    roots = [(uri, fetch_folder(uri, storage, cache_dir, data_root, options)) for uri in uris]
     classes = sorted({name for _, root in roots for name in visible_class_folders(root)})
     if not classes:
         raise DatasetError(f"no class folders under {', '.join(uris)} (expected <class_name>/<image> files)")
     index = {name: i for i, name in enumerate(classes)}
-    folders = [_VisibleImageFolder(root, uri, mode, index) for uri, root in roots]
+    folders = [_VisibleImageFolder(root, uri, mode, index, options) for uri, root in roots]
     for folder in folders:
         folder.verify()
     return (folders[0] if len(folders) == 1 else ConcatDataset(folders)), classes
 
 
 def load_image_folder(
-    spec: ImageFolderDataset, storage: Storage, cache_dir: Path, seed: int, data_root: Path | None = None
+    spec: ImageFolderDataset,
+    storage: Storage,
+    cache_dir: Path,
+    seed: int,
+    data_root: Path | None = None,
+    options: LoadOptions | None = None,
 ) -> TrainingData:
     """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
 
@@ -351,15 +457,17 @@ def load_image_folder(
     """
     mode = "L" if spec.channels == 1 else "RGB"
     uris = [spec.uri, *spec.extra_uris]
-    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root)
+    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root, options)
     if len(classes) < 2:
         raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
     train_transform = build_transform(spec.train_transforms, spec)
     eval_transform = build_transform(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root)
+        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root, options)
         if val_classes != classes:
-            raise DatasetError(f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}")
+            raise DatasetError(
+                f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}", field="dataset.val_uri"
+            )
         train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
     else:
         train_indices, val_indices = _split(len(full), spec.val_fraction, seed, spec.uri)
@@ -392,11 +500,11 @@ def _read_csv(path: Path, uri: str, spec: CsvDataset, features: list[str] | None
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         if spec.target not in header:
-            raise DatasetError(f"{uri}: no column {spec.target!r} (dataset.target); columns are {header}")
+            raise DatasetError(f"{uri}: no column {spec.target!r} (dataset.target); columns are {header}", field="dataset.target")
         names = features or spec.features or [name for name in header if name != spec.target]
         missing = [name for name in names if name not in header]
         if missing:
-            raise DatasetError(f"{uri}: no column(s) {missing} (dataset.features); columns are {header}")
+            raise DatasetError(f"{uri}: no column(s) {missing} (dataset.features); columns are {header}", field="dataset.features")
         rows, targets = [], []
         for record in reader:
             line = reader.line_num  # the physical line (a quoted cell may span several)
@@ -448,17 +556,19 @@ def _targets(raw: list[str], spec: CsvDataset, classes: list[str], uri: str, lin
     return torch.tensor([float(value) for value in raw], dtype=torch.float32).unsqueeze(1)
 
 
-def load_csv(spec: CsvDataset, storage: Storage, cache_dir: Path, seed: int, data_root: Path | None = None) -> TrainingData:
+def load_csv(
+    spec: CsvDataset, storage: Storage, cache_dir: Path, seed: int, data_root: Path | None = None, options: LoadOptions | None = None
+) -> TrainingData:
     """Download and parse the CSV(s); standardize features with the training split's statistics.
 
     Raises:
         DatasetError: a missing file, column or class, a non-numeric feature or regression
             target (naming the line and column), or too few rows.
     """
-    names, rows, raw = _read_csv(fetch_file(spec.uri, storage, cache_dir, data_root), spec.uri, spec, None)
+    names, rows, raw = _read_csv(fetch_file(spec.uri, storage, cache_dir, data_root, options), spec.uri, spec, None)
     features = torch.tensor(rows, dtype=torch.float32)
     if spec.val_uri is not None:
-        _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root), spec.val_uri, spec, names)
+        _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root, options), spec.val_uri, spec, names)
         train_x, train_raw = features, raw
         val_x = torch.tensor(val_rows, dtype=torch.float32)
         train_lines, val_lines = [i + 2 for i in range(len(raw))], [i + 2 for i in range(len(val_raw))]

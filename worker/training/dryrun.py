@@ -1,139 +1,162 @@
-"""A dry run of a spec: list the data, build the model, push one small batch forward and back.
+"""A dry run of a spec: the job's own preparation, then one training step, on the CPU.
 
-Runs on the CPU in the caller's process (the API's, for ``POST /jobs?dry_run=true``), reads
-image folders by listing S3 and downloading only the few images of the batch, and queues
-nothing. A spec that would fail at the start of training fails here, with the same message.
+Runs on a worker (the Celery task ``trainq.dry_run`` on the ``DRY_RUN_QUEUE``), never in the
+API. It calls :func:`worker.training.engine.prepare`, the code every job starts with — listing
+and downloading the data into the worker's cache (which is then warm for the job), decoding
+every image, the spec's checks against the data, the model with its ``model.weights_uri``, the
+input-size probe, the memory estimate, loss, optimizer and loaders — so whatever would fail the
+job's preparation fails the dry run with the same message and the spec field at fault. Then the
+epoch's real first batch takes one training step (forward, backward, optimizer step) and its
+real last batch (e.g. a final batch of 1) goes forward and backward. Nothing is uploaded or queued.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
 
-from shared.exceptions import DatasetError, JobFailure
+from shared.exceptions import JobFailure
 from shared.jobs import DryRunReport
-from shared.spec import CsvDataset, ImageFolderDataset, JobSpec
-from shared.storage import Storage, folder_prefix
-from worker.training.data import IMG_EXTENSIONS, LOCAL_SCHEME, build_transform, load_data, to_mode
-from worker.training.engine import _check_input_size, seed_everything
-from worker.training.models import build_model
-from worker.training.recipe import build_loss
-
-#: Images downloaded for the dry run's batch (at most).
-DRY_RUN_BATCH = 8
+from shared.settings import Settings
+from shared.spec import JobSpec
+from shared.storage import ShouldStop, Storage
+from worker.training.cpu import training_threads
+from worker.training.data import TrainingData
+from worker.training.engine import Prepared, prepare, seed_everything
+from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
 
 
-def _listed_images(spec: ImageFolderDataset, storage: Storage) -> tuple[list[str], dict[str, list[str]]]:
-    """Classes and image URIs per class, from S3 listings only (hidden files skipped)."""
-    per_class: dict[str, list[str]] = {}
-    empty: set[str] = set()
-    for uri in [spec.uri, *spec.extra_uris]:
-        bucket, prefix = folder_prefix(uri)
-        objects = storage.list_objects(uri)
-        if not objects:
-            raise DatasetError(f"dataset prefix {uri} is empty or does not exist")
-        for obj in objects:
-            parts = obj.key[len(prefix):].split("/")
-            if len(parts) < 2 or parts[0].startswith("."):
-                continue
-            name = parts[0]
-            if any(part.startswith(".") for part in parts[1:]) or not parts[-1].lower().endswith(IMG_EXTENSIONS):
-                empty.add(name)
-                continue
-            per_class.setdefault(name, []).append(f"s3://{bucket}/{obj.key}")
-    missing = sorted(empty - set(per_class))
-    if missing:
-        raise DatasetError(f"{spec.uri}: Found no valid file for the classes {', '.join(missing)}.")
-    classes = sorted(per_class)
-    if len(classes) < 2:
-        raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
-    return classes, per_class
+def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop: ShouldStop | None = None) -> DryRunReport:
+    """Prepare ``spec`` exactly as its job would, on the CPU, and take one training step.
 
-
-def _labels(data) -> list[tuple[int, int]]:
-    """(position, label) of every training sample, without decoding images."""
-    train = data.train
-    if hasattr(train, "tensors"):
-        return [(i, int(t)) for i, t in enumerate(train.tensors[1].flatten().tolist())] if data.classes else []
-    samples = train.base.samples if hasattr(train.base, "samples") else [s for d in train.base.datasets for s in d.samples]
-    return [(i, samples[index][1]) for i, index in enumerate(train.indices)]
-
-
-def _image_batch(spec: JobSpec, storage: Storage, per_class: dict[str, list[str]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = spec.dataset
-    transform = build_transform(dataset.train_transforms, dataset)
-    picks = [(name, uris[i]) for i in range(DRY_RUN_BATCH) for name, uris in sorted(per_class.items()) if i < len(uris)]
-    picks = picks[: max(2, min(DRY_RUN_BATCH, spec.batch_size))]
-    images, labels = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, (name, uri) in enumerate(picks):
-            path = storage.download_file(uri, Path(tmp) / f"{index}")
-            try:
-                from PIL import Image
-
-                with Image.open(path) as image:
-                    images.append(transform(to_mode(image, "L" if dataset.channels == 1 else "RGB")))
-            except Exception as exc:
-                raise DatasetError(f"cannot read image {uri}: {exc}") from exc
-            labels.append(classes.index(name))
-    return torch.stack(images), torch.tensor(labels)
-
-
-def dry_run(spec: JobSpec, storage: Storage, cache_dir: Path, data_root: Path | None = None) -> DryRunReport:
-    """Check ``spec`` against its data and model without training; return what was found.
-
-    S3 image folders are only listed (and a batch of images fetched); CSV files and local
-    folders (``local://`` under ``data_root``) are read whole.
+    The memory estimate is checked against ``MAX_JOB_MEMORY_BYTES``; when that is unset, against
+    the budget the job would have on a worker like this one (its GPU, or its RAM), except for a
+    ``"device": "cuda"`` job on a worker without CUDA (the report then carries the estimate and a
+    warning). A batch too large for this worker's RAM is cut for the step, with a warning, so a
+    dry run never takes its worker down.
 
     Raises:
-        JobFailure: (including :class:`shared.exceptions.DatasetError`) what would fail the job.
+        JobFailure: (``field`` set where one is at fault) what would fail the job.
+        Interrupted: ``should_stop`` said so.
     """
     started = time.monotonic()
+    torch.set_num_threads(training_threads(0, settings.torch_threads))  # the batch is collated here, without workers
     seed_everything(spec.seed)
-    dataset = spec.dataset
-    batch = max(2, min(DRY_RUN_BATCH, spec.batch_size))
-    uris = [dataset.uri, *getattr(dataset, "extra_uris", [])]
-    if isinstance(dataset, CsvDataset) or any(uri.startswith(LOCAL_SCHEME) for uri in uris):
-        data = load_data(spec, storage, cache_dir, data_root)
-        classes, input_shape, num_outputs = data.classes, data.input_shape, data.num_outputs
-        inputs, targets = next(iter(DataLoader(data.train, batch_size=min(batch, len(data.train)))))
-        labels = [label for _, label in _labels(data)]
-        counts = dict(Counter(classes[i] for i in labels)) if classes else {"rows": len(data.train)}
-        num_train = len(data.train)
-    else:
-        classes, per_class = _listed_images(dataset, storage)
-        counts = {name: len(found) for name, found in per_class.items()}
-        input_shape = (dataset.channels, dataset.image_size, dataset.image_size)
-        num_outputs = len(classes)
-        inputs, targets = _image_batch(spec, storage, per_class, classes)
-        total = sum(counts.values())
-        num_train = total if dataset.val_uri is not None else total - max(1, round(total * dataset.val_fraction))
-    if spec.batch_size > num_train:
-        raise JobFailure(f"batch_size {spec.batch_size} is larger than the {num_train} training samples of {dataset.uri}")
-    if spec.model.num_classes is not None and classes and spec.model.num_classes != len(classes):
-        raise JobFailure(f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {len(classes)} classes: {classes}")
-    model = build_model(spec.model, input_shape=input_shape, num_outputs=num_outputs)
-    _check_input_size(model, spec, torch.device("cpu"))
-    try:
-        loss_fn = build_loss(spec, num_outputs)
-    except ValueError as exc:
-        raise JobFailure(str(exc)) from exc
-    model.train()
-    loss = loss_fn(model(inputs), targets)
-    loss.backward()
+    cpu = torch.device("cpu")
+    host_budget = int(host_memory_bytes() * CPU_BUDGET_FRACTION)
+    warnings: list[str] = []
+    if spec.performance.precision == "fp16" and spec.device != "cpu" and not torch.cuda.is_available():
+        # fp16 needs CUDA: checked on the GPU the job gets; the step here runs in fp32.
+        spec = spec.model_copy(update={"performance": spec.performance.model_copy(update={"precision": "fp32"})})
+        warnings.append("performance.precision 'fp16' needs a GPU: the dry run's step ran in fp32 on this worker's CPU")
+    budget = _job_budget(spec, settings)
+    prepared = prepare(spec, storage, settings, cpu, should_stop=should_stop, budget_bytes=budget)
+    if budget is None:
+        warnings.append(
+            "memory not checked: MAX_JOB_MEMORY_BYTES is unset and this dry-run worker has no GPU to measure; "
+            f"the job needs about {format_bytes(prepared.memory.total_bytes)}"
+        )
+    batches = list(prepared.loader.batch_sampler)  # the first epoch's batches, as sample indices
+    first, last = batches[0], batches[-1]
+    fits = _samples_that_fit(prepared, spec, host_budget)
+    if fits < len(first):
+        warnings.append(
+            f"the step ran on {fits} of the first batch's {len(first)} samples: the whole batch needs more than this "
+            f"dry-run worker's {format_bytes(host_budget)}"
+        )
+    prepared.data.set_epoch(0)
+    prepared.model.train()
+    inputs, targets = _batch(prepared, first[: max(fits, 1)])
+    loss = _train_step(prepared, spec, inputs, targets, "first", len(first))
+    if len(batches) > 1 and len(last) <= fits:
+        last_inputs, last_targets = _batch(prepared, last)
+        _forward_backward(prepared, last_inputs, last_targets, "last", len(last))
+    data = prepared.data
     return DryRunReport(
-        task=spec.task,
-        classes=classes,
-        counts=counts,
-        input_shape=list(input_shape),
-        num_outputs=num_outputs,
-        parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        batch_shape=list(inputs.shape),
-        loss=float(loss.detach()),
+        task=data.task,
+        classes=data.classes,
+        counts=_counts(data),
+        input_shape=list(data.input_shape),
+        num_outputs=data.num_outputs,
+        num_val=len(data.val),
+        steps_per_epoch=prepared.steps_per_epoch,
+        parameters=sum(p.numel() for p in prepared.model.parameters() if p.requires_grad),
+        batch_shape=[len(first), *inputs.shape[1:]],
+        last_batch_size=len(last),
+        loss=loss,
+        memory=prepared.memory,
+        warnings=warnings,
         seconds=time.monotonic() - started,
     )
+
+
+def _job_budget(spec: JobSpec, settings: Settings) -> int | None:
+    """The memory budget the job would have on a worker like this one; None when that is unknown here."""
+    if settings.max_job_memory_bytes is not None:
+        return settings.max_job_memory_bytes
+    if spec.device != "cpu" and torch.cuda.is_available():
+        return memory_budget(settings, torch.device("cuda"))
+    if spec.device == "cuda":
+        return None
+    return memory_budget(settings, torch.device("cpu"))
+
+
+def _samples_that_fit(prepared: Prepared, spec: JobSpec, budget_bytes: int) -> int:
+    """How many samples of a batch a CPU step can take within ``budget_bytes`` (by the estimate)."""
+    memory = prepared.memory
+    fixed = memory.parameters_bytes + memory.gradients_bytes + memory.optimizer_bytes
+    # The estimate is one training process's: batch_size / resources.gpus samples.
+    per_sample = max(1, memory.activations_bytes // (spec.batch_size // spec.resources.gpus))
+    batch_size = prepared.loader.batch_size or 1
+    return max(0, min(batch_size, (budget_bytes - fixed) // per_sample))
+
+
+def _batch(prepared: Prepared, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples ``indices``, decoded, transformed and collated as the DataLoader would,
+    on the device as the loop moves them (``channels_last`` where the job uses it)."""
+    inputs, targets = prepared.loader.collate_fn([prepared.data.train[i] for i in indices])
+    return prepared.fast.to_device(inputs, targets)
+
+
+def _forward_backward(prepared: Prepared, inputs: torch.Tensor, targets: torch.Tensor, which: str, size: int) -> torch.Tensor:
+    try:
+        with prepared.fast.autocast():
+            loss = prepared.loss_fn(prepared.model(inputs), targets)
+        prepared.fast.backward(loss)
+    except Exception as exc:  # what torch says about this model and batch, e.g. BatchNorm and a batch of 1
+        raise JobFailure(
+            f"a training step on the epoch's {which} batch ({size} sample{'s' if size != 1 else ''}) failed: "
+            f"{type(exc).__name__}: {exc}",
+            field="batch_size" if size == 1 else None,
+            error_type="training_step_error",
+        ) from exc
+    return loss
+
+
+def _train_step(prepared: Prepared, spec: JobSpec, inputs: torch.Tensor, targets: torch.Tensor, which: str, size: int) -> float:
+    """Forward, backward, clip and one optimizer step, as the training loop does (in the job's
+    precision, :class:`worker.training.fastpath.FastPath`); return the loss."""
+    loss = _forward_backward(prepared, inputs, targets, which, size)
+    if spec.grad_clip_norm is not None:
+        prepared.fast.unscale(prepared.optimizer)
+        nn.utils.clip_grad_norm_(prepared.model.parameters(), spec.grad_clip_norm)
+    prepared.fast.step(prepared.optimizer)
+    prepared.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _counts(data: TrainingData) -> dict[str, int]:
+    """Training samples per class (classification) or ``{"rows": n}`` (regression), without decoding."""
+    if not data.classes:
+        return {"rows": len(data.train)}
+    train = data.train
+    if hasattr(train, "tensors"):  # CSV: a TensorDataset of (features, labels)
+        labels = train.tensors[1].flatten().tolist()
+    else:  # image folders: a SeededTransform over an ImageFolder or a ConcatDataset of them
+        base = train.base
+        targets = base.targets if hasattr(base, "targets") else [t for folder in base.datasets for t in folder.targets]
+        labels = [targets[index] for index in train.indices]
+    return dict(sorted(Counter(data.classes[int(label)] for label in labels).items()))

@@ -21,11 +21,12 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -36,18 +37,19 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
 
 from shared.access import check_spec_access
-from shared.exceptions import JobFailure
-from shared.jobs import DatasetInfo, Progress
+from shared.exceptions import DatasetError, Interrupted, JobFailure
+from shared.jobs import DatasetInfo, JobPhase, MemoryEstimate, Progress
 from shared.settings import Settings
-from shared.spec import JobSpec
-from shared.storage import Storage
+from shared.spec import CsvDataset, JobSpec
+from shared.storage import ShouldStop, Storage
 from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from worker.training.cpu import training_threads
-from worker.training.data import TrainingData, load_data
+from worker.training.data import LoadOptions, TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
-from worker.training.models import build_model, download_weights, load_initial_weights
+from worker.training.memory import check_memory, estimate_memory, memory_budget
+from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
 
@@ -95,13 +97,14 @@ class TrainingCallbacks:
         """Data loaded, model built (and restored); training is about to begin on ``device``."""
 
     def on_progress(self, progress: Progress) -> None:
-        """Called every ``progress_interval_s`` seconds and after every epoch."""
+        """Called every ``progress_interval_s`` seconds, after every epoch and when ``progress.phase`` changes."""
 
     def on_checkpoint(self, uri: str) -> None:
         """A checkpoint is complete in S3 at ``uri``."""
 
     def stop_requested(self) -> StopReason | None:
-        """Polled after every optimizer step; must be cheap (no I/O). None means go on."""
+        """Polled after every optimizer step, before every validation batch and between the files
+        and phases of preparation; must be cheap (no I/O). None means go on."""
         return None
 
 
@@ -177,6 +180,7 @@ def evaluate(
     device: torch.device,
     task: str = "classification",
     fast: FastPath | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` over ``loader``, in eval mode.
 
@@ -184,6 +188,9 @@ def evaluate(
     classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
     and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot). ``fast``: the run's
     precision and memory format (default: fp32, as stored).
+
+    Raises:
+        Interrupted: ``should_stop`` (asked before every batch; it must be cheap) answered a reason.
     """
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -192,6 +199,8 @@ def evaluate(
     count = 0
     fast = fast or FastPath(device)
     for inputs, targets in loader:
+        if should_stop is not None and (reason := should_stop()):
+            raise Interrupted(reason)
         inputs, targets = fast.to_device(inputs, targets)
         with fast.autocast():
             outputs = model(inputs)
@@ -285,7 +294,8 @@ def _check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> 
             hint = f"; the smallest dataset.image_size it takes is {smallest}" if smallest else ""
             raise JobFailure(
                 f"model.arch {spec.model.arch!r} cannot take {channels}x{size}x{size} images "
-                f"(dataset.image_size={size}){hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                f"(dataset.image_size={size}){hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                field="dataset.image_size",
             ) from exc
         finally:
             model.train()
@@ -431,6 +441,7 @@ class _Run:
         self.loader: StatefulDataLoader | None = None
         self.sampler: DistributedSampler | None = None
         self.val_loader: DataLoader | None = None
+        self.loss_fn: nn.Module | None = None
         self.trackers: dict[str, MetricTracker] = {}
 
     @property
@@ -438,18 +449,48 @@ class _Run:
         """Training seconds so far, this attempt and earlier ones."""
         return self.runtime_before_s + time.monotonic() - self.started
 
+    def local_stop_reason(self) -> StopReason | None:
+        """Rank 0's answer (cancel, shutdown, lost lease, time limit); None on the other ranks.
+
+        Not a collective: what rank 0 alone asks while the others wait (data preparation, validation).
+        """
+        if not self.group.is_main:
+            return None
+        reason = self.callbacks.stop_requested()
+        if reason is None and self.runtime_s >= self.max_runtime_s:
+            reason = StopReason.TIME_LIMIT
+        return reason
+
     def stop_reason(self) -> StopReason | None:
-        """Rank 0's answer (cancel, shutdown, lost lease, time limit), the same on every rank."""
-        reason = None
-        if self.group.is_main:
-            reason = self.callbacks.stop_requested()
-            if reason is None and self.runtime_s >= self.max_runtime_s:
-                reason = StopReason.TIME_LIMIT
+        """Rank 0's answer (cancel, shutdown, lost lease, time limit), the same on every rank (a
+        collective when several processes train)."""
+        reason = self.local_stop_reason()
         if not self.group.distributed:
             return reason
         reasons = list(StopReason)
         code = self.group.share_int(0 if reason is None else reasons.index(reason) + 1)
         return reasons[code - 1] if code else None
+
+    def show_phase(
+        self,
+        phase: JobPhase,
+        files_done: int | None = None,
+        files_total: int | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None:
+        """Record what the job is doing: written at once when the phase changes or its files are all done,
+        else at most every ``progress_interval_s``."""
+        changed = phase != self.progress.phase or (files_total is not None and files_done == files_total)
+        self.progress.phase = phase
+        self.progress.files_done, self.progress.files_total = files_done, files_total
+        self.progress.bytes_done, self.progress.bytes_total = bytes_done, bytes_total
+        now = time.monotonic()
+        if changed or now - self.last_progress >= self.settings.progress_interval_s:
+            self.progress.runtime_s = self.runtime_s
+            self.progress.updated_at = time.time()
+            self.callbacks.on_progress(self.progress.model_copy())
+            self.last_progress = now
 
     @in_stage("resume")
     def resume(self, device: torch.device) -> str | None:
@@ -709,33 +750,158 @@ def run_rank(
         run.uploader.close()
 
 
-def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
-    """Data, model (with initial weights), fast path, loss, optimizer, schedule and trackers for ``run``."""
+@dataclass
+class Prepared:
+    """Everything a job needs before its first step, from :func:`prepare`.
+
+    ``loader`` yields this process's training batches ``(inputs, targets)`` of
+    ``spec.batch_size / world_size`` (the last one may be smaller), shuffled by ``sampler`` per
+    epoch; ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
+    with ``channels_last``), not yet wrapped for DDP or compiled (:func:`training_module`);
+    ``fast`` is how the loop moves batches and runs forward, backward and the optimizer step.
+    ``memory`` is the estimate the job was checked against.
+    """
+
+    data: TrainingData
+    model: nn.Module
+    fast: FastPath
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: StatefulDataLoader
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    steps_per_epoch: int
+    memory: MemoryEstimate
+
+
+#: ``(phase, files_done, files_total, bytes_done, bytes_total)``: what preparation is doing.
+PhaseCallback = Callable[[JobPhase, int | None, int | None, int | None, int | None], None]
+
+
+def prepare(
+    spec: JobSpec,
+    storage: Storage,
+    settings: Settings,
+    device: torch.device,
+    *,
+    budget_bytes: int | None,
+    should_stop: ShouldStop | None = None,
+    on_phase: PhaseCallback | None = None,
+    group: ProcessGroup = SINGLE_PROCESS,
+) -> Prepared:
+    """Data, model (with initial weights), fast path, loss, optimizer, schedule and loaders of a job.
+
+    The one preparation path of a job, and of its dry run: check the spec's queue and URIs
+    against the settings (:func:`shared.access.check_spec_access`), list and download the data
+    into ``DATA_CACHE_DIR/datasets`` (cached by content), decode every image once, check the spec
+    against the data, build the model and load ``model.weights_uri`` (cached in
+    ``DATA_CACHE_DIR/weights``), set up the fast path (precision, ``channels_last``), probe the
+    input size, estimate the training memory of one process (``batch_size / resources.gpus``
+    samples) against the budget (:mod:`worker.training.memory`), build loss, optimizer,
+    schedule and loaders.
+
+    Args:
+        budget_bytes: memory the job may need by the estimate (a job passes
+            :func:`worker.training.memory.memory_budget`); None: estimate only, do not refuse.
+        should_stop: asked between files, pages and phases; a truthy answer (the reason) stops
+            preparation within seconds. Never a collective: with several processes only rank 0
+            loads while the others wait.
+        on_phase: told each phase (``downloading`` with file and byte counts, ``verifying``
+            with file counts, ``building_model``) as it goes.
+        group: this process's rank of the job's processes: rank 0 downloads and verifies the
+            data first, the others then find it in the cache.
+
+    Raises:
+        JobFailure: the job cannot run; ``field`` names the spec field at fault.
+        Interrupted: ``should_stop`` said so.
+    """
+    report = on_phase or (lambda *_: None)
+
+    def stop_if_asked() -> None:
+        if should_stop is not None and (reason := should_stop()):
+            raise Interrupted(reason)
+
     check_spec_access(spec, settings)  # the queue and every URI, again: settings may have changed since submit
-    if not run.group.is_main:
-        run.group.barrier()  # rank 0 downloads and verifies the data first; the others find it cached
-    run.data = data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
-    if run.group.is_main:
-        run.group.barrier()
+    report(JobPhase.DOWNLOADING, None, None, None, None)
+    if not group.is_main:
+        group.barrier()  # rank 0 downloads and verifies the data first; the others find it cached
+    options = LoadOptions(max_image_pixels=settings.max_image_pixels, should_stop=should_stop, on_progress=report)
+    try:
+        data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root, options)
+    except DatasetError as exc:
+        exc.field = exc.field or _dataset_field(str(exc), spec)
+        raise
+    if group.is_main:
+        group.barrier()
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
         raise JobFailure(
-            f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}"
+            f"model.num_classes is {spec.model.num_classes} but {spec.dataset.uri} has {data.num_outputs} classes: {data.classes}",
+            field="model.num_classes",
         )
     if spec.batch_size > len(data.train):
-        raise JobFailure(f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}")
+        raise JobFailure(
+            f"batch_size {spec.batch_size} is larger than the {len(data.train)} training samples of {spec.dataset.uri}",
+            field="batch_size",
+        )
+    stop_if_asked()
+    report(JobPhase.BUILDING_MODEL, None, None, None, None)
     model = build_model(spec.model, input_shape=data.input_shape, num_outputs=data.num_outputs)
     if spec.model.weights_uri is not None:
-        path = download_weights(storage, spec.model.weights_uri, run.workdir / "initial-weights.pt")
-        load_initial_weights(model, path, spec.model.weights_uri)
-    run.fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
-    run.model = prepare_model(model.to(device), run.fast)
-    _check_input_size(run.model, spec, device)
-    run.optimizer = build_optimizer(spec, run.model.parameters())
-    run.loader, run.sampler, run.val_loader = _loaders(data, spec, device, run.group, model=run.model)
-    steps_per_epoch = math.ceil(len(run.loader) / spec.grad_accumulation_steps)
-    run.progress.steps_per_epoch = steps_per_epoch
-    run.progress.total_steps = spec.epochs * steps_per_epoch
-    run.scheduler = build_scheduler(spec, run.optimizer, total_steps=run.progress.total_steps, steps_per_epoch=steps_per_epoch)
+        try:
+            path = storage.download_cached(spec.model.weights_uri, settings.data_cache_dir / "weights")
+        except DatasetError as exc:  # missing or unreadable: name the field, fail once
+            raise JobFailure(f"model.weights_uri {exc}", field="model.weights_uri") from exc
+        try:
+            load_initial_weights(model, path, spec.model.weights_uri)
+        except JobFailure as exc:
+            raise JobFailure(str(exc), field="model.weights_uri") from exc
+    stop_if_asked()
+    try:
+        fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
+    except JobFailure as exc:
+        raise JobFailure(str(exc), field="performance.precision") from exc
+    model = prepare_model(model.to(device), fast)
+    _check_input_size(model, spec, device)
+    per_process = spec.batch_size // spec.resources.gpus  # batch_size is the global batch
+    memory = estimate_memory(model, spec, data.input_shape, budget_bytes, batch_size=per_process)
+    check_memory(memory, spec, data.input_shape, batch_size=per_process)
+    try:
+        loss_fn = build_loss(spec, data.num_outputs).to(device)
+    except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
+        raise JobFailure(str(exc), field="loss") from exc
+    try:
+        optimizer = build_optimizer(spec, model.parameters())
+        loader, sampler, val_loader = _loaders(data, spec, device, group, model=model)
+        steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation_steps)
+        scheduler = build_scheduler(spec, optimizer, total_steps=spec.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    except ValueError as exc:
+        raise JobFailure(str(exc)) from exc
+    return Prepared(data, model, fast, loss_fn, optimizer, scheduler, loader, sampler, val_loader, steps_per_epoch, memory)
+
+
+def _dataset_field(message: str, spec: JobSpec) -> str:
+    """The dataset field whose URI a data error names (the longest URI found), else ``dataset.uri``."""
+    dataset = spec.dataset
+    named = [("dataset.uri", dataset.uri), ("dataset.val_uri", dataset.val_uri)]
+    if not isinstance(dataset, CsvDataset):
+        named += [(f"dataset.extra_uris.{i}", uri) for i, uri in enumerate(dataset.extra_uris)]
+    found = [(len(uri.rstrip("/")), field) for field, uri in named if uri and uri.rstrip("/") in message]
+    return max(found)[1] if found else "dataset.uri"
+
+
+def _prepare(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, device: torch.device) -> None:
+    """:func:`prepare` for ``run`` (its phases shown in the record, stoppable by rank 0), then its trackers."""
+    budget = memory_budget(settings, device)
+    prepared = prepare(
+        spec, storage, settings, device,
+        budget_bytes=budget, should_stop=run.local_stop_reason, on_phase=run.show_phase, group=run.group,
+    )
+    run.data, run.model, run.fast, run.loss_fn = prepared.data, prepared.model, prepared.fast, prepared.loss_fn
+    run.optimizer, run.scheduler = prepared.optimizer, prepared.scheduler
+    run.loader, run.sampler, run.val_loader = prepared.loader, prepared.sampler, prepared.val_loader
+    run.progress.steps_per_epoch = prepared.steps_per_epoch
+    run.progress.total_steps = spec.epochs * prepared.steps_per_epoch
     if spec.checkpoint.best_metric is not None:
         run.trackers["best"] = MetricTracker(spec.checkpoint.best_metric)
     if spec.early_stopping is not None:
@@ -752,14 +918,13 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     threads = training_threads(spec.num_workers, settings.torch_threads, processes=group.world_size)
     torch.set_num_threads(threads)
     logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
-    _prepare(run, spec, storage, settings, device)
     try:
-        loss_fn = build_loss(spec, run.data.num_outputs).to(device)
-    except ValueError as exc:  # a spec that does not fit the data (class_weights length…)
-        raise JobFailure(str(exc)) from exc
+        _prepare(run, spec, storage, settings, device)
+    except Interrupted as stop:  # cancel, time limit or shutdown before training: nothing to save
+        raise TrainingStopped(stop.reason, run.progress.step, run.runtime_s, None) from None
     if group.rank:
         seed_everything(spec.seed + group.rank)  # own dropout masks per rank (the model is rank 0's)
-    data, model, optimizer, loader, fast = run.data, run.model, run.optimizer, run.loader, run.fast
+    data, model, optimizer, loader, loss_fn, fast = run.data, run.model, run.optimizer, run.loader, run.loss_fn, run.fast
     resumed_from = run.resume(device)
     train_model = training_module(model, spec.performance, device, group.distributed)
     if group.is_main:
@@ -784,6 +949,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         SummaryWriter(log_dir=str(run.tb_dir), purge_step=run.progress.step + 1 if resumed_from else 0)
         if group.is_main else _NullWriter()
     )
+    run.show_phase(JobPhase.TRAINING)
     accumulate = spec.grad_accumulation_steps
     try:
         losses = _ScalarBuffer()
@@ -832,6 +998,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             if stop_early:
                 break
         writer.close()
+        run.show_phase(JobPhase.UPLOADING)
         final_uri = run.checkpoint(writer, FINAL_CHECKPOINT)
         run.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
@@ -877,8 +1044,19 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
     """
     spec, step, epoch = run.spec, run.progress.step, run.progress.epoch
     run.end_epoch_loss(writer, losses)  # a diverged epoch fails here, before validation and checkpoints
-    metrics = evaluate(run.model, run.val_loader, loss_fn, device, run.data.task, run.fast) if run.group.is_main else None
-    metrics = run.group.share(metrics)
+    run.show_phase(JobPhase.VALIDATING)
+    metrics, stopped = None, None
+    if run.group.is_main:
+        try:
+            metrics = evaluate(
+                run.model, run.val_loader, loss_fn, device, run.data.task, run.fast, should_stop=run.local_stop_reason
+            )
+        except Interrupted as stop:  # the epoch's training is kept: a resumed job starts the next epoch
+            stopped = stop.reason
+    metrics, stopped = run.group.share((metrics, stopped))
+    if stopped is not None:
+        _stop(run, stopped, writer, losses)  # on every rank: they all join the stop checkpoint
+    run.progress.phase = JobPhase.TRAINING
     run.record_validation(metrics)
     for name, value in metrics.items():
         writer.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
@@ -903,14 +1081,15 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
     return stop_early
 
 
-def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarBuffer) -> None:
+def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarBuffer) -> NoReturn:
     """End the run at this step boundary: checkpoint and upload (unless the lease is lost), raise."""
     logger.warning("job %s: stopping at step %d: %s", run.job_id, run.progress.step, reason.value)
     uri = None
     if reason.saves_checkpoint:
         run.report(writer, losses, force=True)
         writer.close()
-        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
+        # Between epochs (stopped while validating) the DataLoader has no position to keep.
+        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=run.batch_in_epoch > 0)
         # Give the checkpoint and events a minute to land; an S3 outage must not hold a cancel.
         if not run.drain(stoppable=False, max_wait_s=STOP_UPLOAD_WAIT_S):
             uri = None
