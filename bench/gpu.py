@@ -236,7 +236,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if value is not None:
-            env[name.upper()] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list | dict):
+                value = json.dumps(value)  # list settings (QUEUES…) read JSON; str() of a list is not JSON
+            env[name.upper()] = str(value)
     return env
 
 

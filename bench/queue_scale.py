@@ -18,6 +18,7 @@ import httpx
 import redis
 
 from bench.common import Table, percentile
+from shared.auth import ANONYMOUS_OWNER
 from shared.jobs import JobStore
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
@@ -25,17 +26,20 @@ from trainq.stack import LocalStack
 
 
 def _page_latencies(api: httpx.Client, reads: int) -> list[float]:
-    latencies = []
+    """Seconds per ``GET /jobs?limit=20`` page, walking the pages with ``cursor`` (50 deep, then again)."""
+    latencies, cursor = [], None
     for index in range(reads):
+        params = {"limit": 20} | ({"cursor": cursor} if cursor and index % 50 else {})
         started = time.perf_counter()
-        api.get("/jobs", params={"limit": 20, "offset": (index * 20) % 1000}).raise_for_status()
+        page = api.get("/jobs", params=params).raise_for_status().json()
         latencies.append(time.perf_counter() - started)
+        cursor = page.get("next_cursor")
     return latencies
 
 
 def _fill(store: JobStore, spec: JobSpec, count: int) -> None:
     for _ in range(count):
-        store.create(spec, "default")
+        store.create(spec, "default", owner=ANONYMOUS_OWNER)
 
 
 def bench(jobs: int, reads: int, workdir: Path) -> Table:
