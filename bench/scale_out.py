@@ -32,6 +32,7 @@ from trainq.stack import LocalStack
 QUEUES = ("gpu-a", "gpu-b")
 #: Short leases and scans so a killed worker's job is requeued within seconds.
 FAST_ENV = {
+    "QUEUES": ",".join(["default", *QUEUES]),  # a spec may name only configured queues
     "LEASE_TTL_S": "2",
     "REAPER_INTERVAL_S": "0.5",
     "PROGRESS_INTERVAL_S": "0.2",

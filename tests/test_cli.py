@@ -59,8 +59,26 @@ def test_submit_wait_prints_a_line_per_epoch_off_a_terminal(waited):
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
     assert all("loss " in line and "val_accuracy " in line and "ETA " in line for line in epochs)
-    assert any(line.startswith(f"job {job_id} succeeded on cpu: 2 epochs") for line in lines)
+    summary = next(line for line in lines if line.startswith(f"job {job_id} succeeded on cpu: 2 epochs"))
+    # The last epoch's line shows that epoch's validation, not the one before (a fresh user saw
+    # "epoch 10/10" printed with epoch 9's val_accuracy while epoch 10 still validated).
+    final_accuracy = summary.split("val_accuracy ")[1].split(",")[0]
+    assert f"val_accuracy {final_accuracy}" in epochs[-1]
     assert f"final checkpoint s3://trainq/jobs/{job_id}/checkpoints/final.pt" in lines
+
+
+def test_submit_dry_run_checks_without_queueing(env, spec_file: Path, tmp_path: Path):
+    before = json.loads(trainq(env, "list", "--json", "--limit", "500").stdout)
+    result = trainq(env, "submit", str(spec_file), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("dry run ok: classification, 10 classes, input [1, 8, 8]")
+    report = json.loads(trainq(env, "submit", str(spec_file), "--dry-run", "--json").stdout)
+    assert report["batch_shape"][1:] == [1, 8, 8] and report["num_outputs"] == 10
+    assert len(json.loads(trainq(env, "list", "--json", "--limit", "500").stdout)) == len(before)  # nothing queued
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(fast_digits_spec(dataset={"type": "image_folder", "uri": "s3://trainq/datasets/nothing-here/", "image_size": 8, "channels": 1})))
+    result = trainq(env, "submit", str(bad), "--dry-run")
+    assert result.exit_code == 1 and "s3://trainq/datasets/nothing-here/" in result.output
 
 
 def test_list_status_and_json(env, waited):

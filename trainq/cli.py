@@ -166,7 +166,9 @@ class _Watcher:
         if record.state != self.last_state:
             self.last_state = record.state
             self.console.print(f"{record.state.value}" + (f" on {record.worker}" if record.state is JobState.RUNNING and record.worker else ""))
-        if p.epoch > self.last_epoch:  # one line per epoch completed
+        # One line per epoch completed, once its validation is in: the record counts the epoch
+        # as done while it validates, and shows the previous epoch's metrics until then.
+        if p.epoch > self.last_epoch and p.phase != "validating":
             self.last_epoch = p.epoch
             self.console.print(f"{_metrics_text(record)}  ETA {_duration(p.eta_s)}")
 
@@ -191,10 +193,25 @@ def submit(
     spec: Annotated[Path, typer.Argument(help="The job spec, a JSON file (see examples/).")],
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Show progress until the job ends; exit 1 unless it succeeds.")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Resubmitting with the same key returns the same job.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only check the spec on a worker (data, model, one step); queue nothing.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Submit a training spec; with --wait, follow it to the end."""
+    """Submit a training spec; with --wait, follow it to the end; with --dry-run, only check it."""
     client = _client(ctx)
+    if dry_run:
+        report = client.dry_run(spec)
+        if as_json:
+            _print_json(report)
+        else:
+            out = _console()
+            out.print(f"dry run ok: {report.task}, {len(report.classes) or report.counts.get('rows', 0)} "
+                      f"{'classes' if report.classes else 'rows'}, input {report.input_shape}, {report.parameters:,} parameters, "
+                      f"batch {report.batch_shape}, loss {report.loss:.4f}")
+            for warning in report.warnings:
+                out.print(f"warning: {warning}")
+        return
     job = client.submit(spec, idempotency_key=idempotency_key)
     out = _console(stderr=as_json)
     if not wait:

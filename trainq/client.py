@@ -26,7 +26,7 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from pydantic import BaseModel, ValidationError
 
-from shared.jobs import JobRecord, JobsPage, JobState, JobSummary
+from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobSummary
 from shared.schemas import ArtifactList, QueueList, Readiness, TensorBoardConfig, WorkerList
 from shared.spec import JobSpec
 from shared.workers import WorkerStatus
@@ -161,6 +161,16 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self.request("POST", "/jobs", json=load_spec(spec), headers=headers)
         return Job(self, _parse(JobRecord, response), replayed=response.headers.get("idempotent-replayed") == "true")
+
+    def dry_run(self, spec: JobSpec | dict[str, Any] | str | Path) -> DryRunReport:
+        """Check ``spec`` on a worker as the job's own preparation would (data, model, weights,
+        memory, one training step on the first and last batches); nothing is queued.
+
+        Raises:
+            TrainqClientError: what the job would fail on (422 naming the field), no worker for
+                dry runs answered in time (504), …
+        """
+        return _parse(DryRunReport, self.request("POST", "/jobs", params={"dry_run": "true"}, json=load_spec(spec)))
 
     def get(self, job_id: str) -> JobRecord:
         """The whole record of ``job_id``."""

@@ -115,7 +115,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         logger.warning("job %s: another lease exists; this attempt will stop at its first heartbeat", job_id)
     monitor = JobMonitor(store, lease, job_id, settings.cancel_poll_interval_s, settings.lease_ttl_s)
     monitor.start()
-    job_log = JobLog.start(job_id, attempt, worker_name, storage, settings)
+    job_log = _start_job_log(job_id, attempt, worker_name, storage, settings)
     STATS.job_started(job_id)
     logger.info("job %s: attempt %d started on %s", job_id, attempt, worker_name)
 
@@ -166,8 +166,20 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             lease.release()
         except redis.RedisError:
             pass  # it expires by itself
-        job_log.close()
+        if job_log is not None:
+            job_log.close()
         STATS.job_ended()
+
+
+def _start_job_log(job_id: str, attempt: int, worker_name: str, storage: Storage, settings: Settings) -> JobLog | None:
+    """Start capturing the attempt's log; None when it cannot (say, an unwritable cache): a log
+    never fails a job, and a failure here, before the attempt's ``try``, would leave the job
+    ``running`` with no one to finish it."""
+    try:
+        return JobLog.start(job_id, attempt, worker_name, storage, settings)
+    except Exception:
+        logger.exception("job %s: the attempt's log cannot be captured; training without it", job_id)
+        return None
 
 
 def _requeue(store: JobStore, celery: Celery, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:

@@ -87,7 +87,7 @@ def test_other_routes_refuse_unknown_parameters(api: httpx.Client, path: str):
 def test_workers_report_themselves(api: httpx.Client):
     workers = api.get("/workers").json()["data"]
     worker = next(w for w in workers if w["name"].startswith("worker1@"))
-    assert worker["queues"] == ["default"] and worker["pid"] > 0 and worker["host"]
+    assert worker["queues"] == ["default", "dry-run"] and worker["pid"] > 0 and worker["host"]
     assert isinstance(worker["device"]["cuda_available"], bool) and worker["device"]["torch_version"]
     assert (len(worker["device"]["gpus"]) > 0) == worker["device"]["cuda_available"]
     assert time.time() - worker["last_heartbeat"] < 10  # reported every second on this stack
