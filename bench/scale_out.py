@@ -209,7 +209,8 @@ def run_faults(cluster: Cluster, jobs_per_queue: tuple[int, int] = (20, 10), epo
     }
     return FaultRun(
         jobs=jobs,
-        records={r["id"]: r for r in records},
+        # The list view is a summary: the whole records (transitions, deliveries) for the checks.
+        records={r["id"]: cluster.api.get(f"/jobs/{r['id']}").raise_for_status().json() for r in records},
         drained=first,
         drained_job=drained_job,
         drained_exit=drained_exit,

@@ -188,7 +188,9 @@ class JobRecord(BaseModel):
 
 
 #: Fields of the list view: what ``GET /jobs`` returns per job (no spec, dataset or artifacts).
-SUMMARY_FIELDS = ("id", "owner", "name", "state", "queue", "created_at", "started_at", "finished_at", "attempts", "progress", "error")
+SUMMARY_FIELDS = (
+    "id", "owner", "name", "state", "queue", "created_at", "started_at", "finished_at", "attempts", "worker", "progress", "error",
+)
 
 
 class JobSummary(BaseModel):
@@ -203,6 +205,7 @@ class JobSummary(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    worker: str | None = Field(None, description="Celery worker that runs (or ran) the latest attempt.")
     progress: Progress = Field(default_factory=Progress)
     error: str | None = None
 
