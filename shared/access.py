@@ -68,19 +68,29 @@ def check_s3_prefix(uri: str) -> None:
         raise ValueError(f"DATA_URIS_ALLOWED: {printable(uri)!r} is not s3://<bucket>/<prefix>/ with a plain relative prefix")
 
 
-def allowed_data_prefixes(settings: Settings) -> list[str]:
-    """The S3 prefixes specs may read: ``DATA_URIS_ALLOWED``, or ``datasets/``, ``tables/`` and
-    ``weights/`` of ``S3_BUCKET``. Each ends with ``/`` (or is a whole bucket, ``s3://b/``)."""
+def allowed_data_prefixes(settings: Settings, owner: str | None = None) -> list[str]:
+    """The S3 prefixes ``owner``'s specs may read: ``DATA_URIS_ALLOWED`` (or ``datasets/``,
+    ``tables/`` and ``weights/`` of ``S3_BUCKET``) and the owner's own entries of
+    ``DATA_URIS_ALLOWED_BY_OWNER``. Each ends with ``/`` (or is a whole bucket, ``s3://b/``)."""
     uris = settings.data_uris_allowed or [f"s3://{settings.s3_bucket}/{prefix}" for prefix in DEFAULT_DATA_PREFIXES]
+    uris = [*uris, *settings.data_uris_allowed_by_owner.get(owner or "", [])]
     return [uri if uri.endswith("/") else f"{uri}/" for uri in uris]
 
 
-def check_uri_allowed(uri: str, settings: Settings) -> None:
+def settings_for_owner(settings: Settings, owner: str | None) -> Settings:
+    """``settings`` with ``DATA_URIS_ALLOWED`` set to what ``owner`` may read, and no per-owner
+    entries: what a worker hands the training engine, which checks a spec without knowing whose it is."""
+    return settings.model_copy(
+        update={"data_uris_allowed": allowed_data_prefixes(settings, owner), "data_uris_allowed_by_owner": {}}
+    )
+
+
+def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) -> None:
     """Raise ValueError unless a spec may read ``uri``: a ``local://`` URI with a plain relative
     path, or an S3 URI under an allowed prefix (:func:`allowed_data_prefixes`) whose key is a
     plain relative path (see :func:`shared.paths.key_problem`).
 
-    The one place that decides which data a spec reaches (per-owner rules belong here too). A
+    The one place that decides which data a spec reaches (``owner``'s prefixes included). A
     prefix is a folder: ``s3://b/data/`` allows ``s3://b/data``, ``s3://b/data/x.csv``, not
     ``s3://b/database/``. Another job's artifacts (``s3://<bucket>/<S3_PREFIX>/<job_id>/…``) are
     readable only when an allowed prefix covers them.
@@ -97,7 +107,7 @@ def check_uri_allowed(uri: str, settings: Settings) -> None:
     problem = key_problem(key.removesuffix("/")) if key else None
     if problem is not None:
         raise ValueError(f"the key of {printable(uri)} {problem}")
-    allowed = allowed_data_prefixes(settings)
+    allowed = allowed_data_prefixes(settings, owner)
     for prefix in allowed:
         allowed_bucket, allowed_key = _split(prefix)  # type: ignore[misc]
         if bucket == allowed_bucket and (key.startswith(allowed_key) or f"{key}/" == allowed_key):
@@ -105,8 +115,8 @@ def check_uri_allowed(uri: str, settings: Settings) -> None:
     raise ValueError(f"{printable(uri)} is not under a prefix this service may read ({', '.join(allowed)}; see DATA_URIS_ALLOWED)")
 
 
-def spec_access_problems(spec: JobSpec, settings: Settings) -> list[AccessProblem]:
-    """Every field of ``spec`` that names a queue or a URI the settings do not allow."""
+def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = None) -> list[AccessProblem]:
+    """Every field of ``spec`` that names a queue or a URI the settings do not allow ``owner``."""
     problems = []
     queue = spec.queue or settings.default_queue
     if queue not in settings.queues:
@@ -120,7 +130,7 @@ def spec_access_problems(spec: JobSpec, settings: Settings) -> list[AccessProble
         if uri is None:
             continue
         try:
-            check_uri_allowed(uri, settings)
+            check_uri_allowed(uri, settings, owner)
         except ValueError as exc:
             problems.append(AccessProblem(loc, uri, str(exc)))
     return problems

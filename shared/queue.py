@@ -82,7 +82,9 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
     return sum(pipe.execute())
 
 
-def request_dry_run(app: Celery, client: redis.Redis, spec: dict[str, Any], queue: str, timeout_s: float) -> dict[str, Any] | None:
+def request_dry_run(
+    app: Celery, client: redis.Redis, spec: dict[str, Any], queue: str, timeout_s: float, *, owner: str | None = None
+) -> dict[str, Any] | None:
     """Send a dry run of ``spec`` to a worker on ``queue``; wait up to ``timeout_s`` seconds for its reply.
 
     The reply comes back on a Redis list (``BLPOP``), so no Celery result backend is needed and
@@ -93,7 +95,8 @@ def request_dry_run(app: Celery, client: redis.Redis, spec: dict[str, Any], queu
         The reply (see :func:`send_dry_run_reply`), or None when none came in time.
     """
     request_id = uuid.uuid4().hex
-    app.send_task(DRY_RUN_TASK, args=[request_id, spec, time.time() + timeout_s], queue=queue, expires=timeout_s)
+    # The owner goes along: the worker checks the spec's URIs against what that owner may read.
+    app.send_task(DRY_RUN_TASK, args=[request_id, spec, time.time() + timeout_s, owner], queue=queue, expires=timeout_s)
     key, deadline = DRY_RUN_REPLY_KEY.format(request_id), time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         # Short blocking pops: redis-py's socket timeout (5 s by default) would cut a longer one.

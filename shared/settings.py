@@ -165,6 +165,13 @@ class Settings(BaseSettings):
             "`s3://trainq/datasets/,s3://team-data/`. Unset: `datasets/`, `tables/` and `weights/` of `S3_BUCKET`."
         ),
     )
+    data_uris_allowed_by_owner: dict[str, list[str]] = Field(
+        {},
+        description=(
+            "More S3 prefixes per owner, as JSON: `{\"alice\": [\"s3://team-a/\"]}`. An owner's specs may read "
+            "`DATA_URIS_ALLOWED` and its own entries here; other owners' entries stay closed to it."
+        ),
+    )
 
     @field_validator("queues", "data_uris_allowed", mode="before")
     @classmethod
@@ -176,6 +183,12 @@ class Settings(BaseSettings):
             return None if not items and info.field_name == "data_uris_allowed" else items
         return value
 
+    @field_validator("data_uris_allowed_by_owner", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        # From the environment (or a dict of environment strings, as LocalStack.settings builds).
+        return json.loads(value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _queues_and_prefixes_are_safe(self) -> Settings:
         from shared.access import check_queue_name, check_s3_prefix  # imports this module
@@ -184,7 +197,7 @@ class Settings(BaseSettings):
             check_queue_name(queue)
         if self.default_queue not in self.queues:
             raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")
-        for prefix in self.data_uris_allowed or []:
+        for prefix in [*(self.data_uris_allowed or []), *(p for ps in self.data_uris_allowed_by_owner.values() for p in ps)]:
             check_s3_prefix(prefix)
         return self
 

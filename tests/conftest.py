@@ -34,6 +34,8 @@ STACK_ENV = {
     "SUBMISSIONS_PER_MINUTE": "100000",
     "QUEUES": "default,test-nobody-listens,ddp",
     "DATA_URIS_ALLOWED": "s3://trainq/datasets/,s3://trainq/tables/,s3://trainq/weights/,s3://trainq/tests/,s3://no-such-bucket-xyz/",
+    # The `api` fixture's owner also reads its team's prefix; no other owner does.
+    "DATA_URIS_ALLOWED_BY_OWNER": '{"tester": ["s3://trainq/teams/tester/"]}',
     # Quick worker status reports and log uploads, so tests see them within seconds.
     "WORKER_HEARTBEAT_INTERVAL_S": "1",
     "LOG_UPLOAD_INTERVAL_S": "1",

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from shared.exceptions import Interrupted, JobFailure
+from shared.access import settings_for_owner
 from shared.queue import DRY_RUN_TASK, send_dry_run_reply
 from shared.sanitize import public_message
 from shared.settings import Settings, get_settings
@@ -68,7 +69,7 @@ _storage: Storage | None = None
 
 
 @app.task(name=DRY_RUN_TASK, acks_late=False, ignore_result=True)
-def dry_run_task(request_id: str, spec: dict[str, Any], deadline: float) -> None:
+def dry_run_task(request_id: str, spec: dict[str, Any], deadline: float, owner: str | None = None) -> None:
     """Celery entry point (task ``trainq.dry_run``): dry-run ``spec``, push the reply for ``request_id``."""
     global _redis, _storage
     settings = get_settings()
@@ -76,6 +77,6 @@ def dry_run_task(request_id: str, spec: dict[str, Any], deadline: float) -> None
         _redis = redis.Redis.from_url(settings.redis_url)
         _storage = Storage(settings)
     started = time.monotonic()
-    reply = run_dry_run(spec, _storage, settings, deadline)
+    reply = run_dry_run(spec, _storage, settings_for_owner(settings, owner), deadline)
     logger.info("dry run %s: %s in %.1f s", request_id, next(iter(reply)), time.monotonic() - started)
     send_dry_run_reply(_redis, request_id, reply)

@@ -21,6 +21,7 @@ from typing import TypeVar
 import redis
 from celery import Celery
 
+from shared.access import settings_for_owner
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
 from shared.jobs import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, JobStore, Progress
 from shared.lease import JobLease
@@ -132,7 +133,8 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         callbacks = RecordCallbacks(store, job_id, monitor)
         if record.cancel_requested_at is not None:
             return finish(JobState.CANCELLED, reason="cancelled before the attempt started")
-        result = run_training(job_id, spec, storage, settings, callbacks)
+        # The engine checks the spec's URIs again, against what this job's owner may read.
+        result = run_training(job_id, spec, storage, settings_for_owner(settings, record.owner), callbacks)
     except TrainingStopped as stop:
         if stop.reason is StopReason.CANCELLED:
             return finish(JobState.CANCELLED, reason=f"cancelled by request at step {stop.step}")

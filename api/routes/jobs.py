@@ -84,10 +84,10 @@ def create_job(
         count_submission(store.redis, principal.owner, settings.submissions_per_minute)
     except QuotaExceededError as exc:
         raise _too_many(exc) from exc
-    _check_access(spec, settings)
+    _check_access(spec, settings, principal.owner)
     if dry_run:
         response.status_code = status.HTTP_200_OK
-        return _dry_run(spec, settings, store, celery)
+        return _dry_run(spec, settings, store, celery, principal.owner)
     queue = spec.queue or settings.default_queue
     try:
         record, created = store.create(
@@ -117,18 +117,20 @@ def _too_many(exc: QuotaExceededError) -> HTTPException:
     )
 
 
-def _check_access(spec: JobSpec, settings: Settings) -> None:
-    """422, shaped as a validation error, for each queue or URI the settings do not allow."""
-    problems = spec_access_problems(spec, settings)
+def _check_access(spec: JobSpec, settings: Settings, owner: str) -> None:
+    """422, shaped as a validation error, for each queue or URI the settings do not allow ``owner``."""
+    problems = spec_access_problems(spec, settings, owner)
     if problems:
         errors = [{"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": p.value} for p in problems]
         raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
-def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery) -> DryRunReport:
+def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
     """Run the dry run on a worker (``DRY_RUN_QUEUE``) and wait for it; this process never imports torch."""
     try:
-        reply = request_dry_run(celery, store.redis, spec.model_dump(mode="json"), settings.dry_run_queue, settings.dry_run_timeout_s)
+        reply = request_dry_run(
+            celery, store.redis, spec.model_dump(mode="json"), settings.dry_run_queue, settings.dry_run_timeout_s, owner=owner
+        )
     except OperationalError as exc:
         logger.error("dry run: could not enqueue: %s", exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again later") from exc

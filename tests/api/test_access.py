@@ -49,3 +49,20 @@ def test_a_uri_outside_the_allowed_prefixes_is_422_naming_the_field(api: httpx.C
 def test_the_allowed_weights_prefix_is_accepted(api: httpx.Client):
     spec = example_spec() | {"model": {"arch": "small_cnn", "weights_uri": "s3://trainq/weights/cnn.pt"}, "queue": "test-nobody-listens"}
     assert api.post("/jobs", json=spec).status_code == 202
+
+
+def test_an_owners_own_prefix_is_readable_by_that_owner_only(api: httpx.Client, stack, storage, tmp_path):
+    # DATA_URIS_ALLOWED_BY_OWNER (issue 7 item 4, per owner): the session stack opens
+    # s3://trainq/teams/tester/ to the `api` fixture's owner only.
+    from trainq.sample_data import write_digits
+
+    write_digits(tmp_path, limit=60)
+    uri = "s3://trainq/teams/tester/digits/"
+    storage.upload_dir(tmp_path, uri)
+    spec = with_dataset(example_spec() | {"batch_size": 8, "epochs": 1}, uri=uri)
+    # The dry run runs on a worker, whose own check must also see the owner's prefix.
+    response = api.post("/jobs", params={"dry_run": "true"}, json=spec)
+    assert response.status_code == 200, response.text
+    other = stack.create_token("someone-else")
+    response = api.post("/jobs", params={"dry_run": "true"}, json=spec, headers={"Authorization": f"Bearer {other}"})
+    assert "is not under a prefix this service may read" in errors(response)[("body", "dataset", "uri")]

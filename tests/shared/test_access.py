@@ -7,7 +7,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from shared.access import allowed_data_prefixes, check_spec_access, check_uri_allowed
+from shared.access import allowed_data_prefixes, check_spec_access, check_uri_allowed, settings_for_owner
 from shared.exceptions import JobFailure
 from shared.jobs import FINAL_STATES, JobStore
 from shared.queue import enqueue, make_celery
@@ -96,3 +96,22 @@ def test_a_job_that_reaches_the_worker_unchecked_fails_once(stack, storage):
         time.sleep(0.2)
     assert record.state.value == "failed" and record.attempts == 1, record
     assert record.error.startswith("dataset.uri: s3://trainq/private/ is not under a prefix this service may read")
+
+
+def test_an_owner_reads_its_own_prefixes_and_no_one_elses(monkeypatch):
+    monkeypatch.setenv("DATA_URIS_ALLOWED_BY_OWNER", '{"alice": ["s3://team-a/"], "bob": ["s3://team-b/data"]}')
+    settings = Settings(s3_bucket="trainq")
+    check_uri_allowed("s3://team-a/x.csv", settings, "alice")
+    check_uri_allowed("s3://trainq/datasets/digits/", settings, "bob")  # the shared prefixes stay open
+    check_uri_allowed("s3://team-b/data/y.csv", settings, "bob")
+    for uri, owner in [("s3://team-a/x.csv", "bob"), ("s3://team-b/data/y.csv", "alice"), ("s3://team-a/x.csv", None)]:
+        with pytest.raises(ValueError, match="is not under a prefix this service may read"):
+            check_uri_allowed(uri, settings, owner)
+    # What the worker hands the engine: alice's view, with no one else's entries left in it.
+    engine_settings = settings_for_owner(settings, "alice")
+    assert engine_settings.data_uris_allowed_by_owner == {}
+    check_uri_allowed("s3://team-a/x.csv", engine_settings)
+    with pytest.raises(ValueError):
+        check_uri_allowed("s3://team-b/data/y.csv", engine_settings)
+    with pytest.raises(ValidationError, match="not s3://<bucket>/<prefix>/"):
+        Settings(data_uris_allowed_by_owner={"carol": ["s3://x/../y/"]})
