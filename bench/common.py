@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
+#: Every bench stack's environment: the per-owner quotas (60 submissions a minute by default) are
+#: out of the way, since a bench submits hundreds of jobs as one owner.
+BENCH_ENV = {"SUBMISSIONS_PER_MINUTE": "100000000", "MAX_ACTIVE_JOBS_PER_OWNER": "100000000"}
 
 
 def describe_machine() -> str:

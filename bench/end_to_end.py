@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import Table, median, percentile
+from bench.common import BENCH_ENV, Table, median, percentile
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI, example_spec
 from trainq.sample_data import write_digits
@@ -78,7 +78,7 @@ def bench(epochs: int, first_step_jobs: int, workdir: Path) -> list[Table]:
     spec = example_spec() | {"epochs": epochs}
     end_to_end = Table("End to end: digits through trainq ÷ the plain script")
     first = Table("Submit → first optimizer step (warm worker)")
-    with LocalStack(workdir / "stack", isolated=True) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
+    with LocalStack(workdir / "stack", isolated=True, env=BENCH_ENV) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
         storage = Storage(stack.settings)
         storage.upload_dir(data, DIGITS_URI)
         warm = api.post("/jobs", json=example_spec() | {"epochs": 1}).raise_for_status().json()

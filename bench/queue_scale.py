@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.common import Table, percentile
+from bench.common import BENCH_ENV, Table, percentile
 from shared.auth import ANONYMOUS_OWNER
 from shared.jobs import JobStore
 from shared.spec import JobSpec
@@ -45,7 +45,7 @@ def _fill(store: JobStore, spec: JobSpec, count: int) -> None:
 def bench(jobs: int, reads: int, workdir: Path) -> Table:
     """Fill the store to ``jobs`` records and read pages; return the table."""
     table = Table(f"Queue scale: {jobs:,} recorded jobs")
-    with LocalStack(workdir, workers=0, isolated=True) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
+    with LocalStack(workdir, workers=0, isolated=True, env=BENCH_ENV) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
         client = redis.Redis.from_url(stack.env["REDIS_URL"])
         store, spec = JobStore(client), JobSpec.model_validate(example_spec())
         before = client.info("memory")["used_memory"]

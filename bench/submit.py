@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import Table, median, percentile
+from bench.common import BENCH_ENV, Table, median, percentile
 from shared.queue import TRAIN_TASK, make_celery
 from tests.fixtures import example_spec
 from trainq.stack import LocalStack
@@ -61,7 +61,7 @@ def _send_raw(redis_url: str, requests: int, clients: int) -> float:
 def bench(requests: int, clients: int, api_workers: int, workdir: Path) -> Table:
     """Measure both in one stack; return the table."""
     table = Table(f"POST /jobs: {requests} requests from {clients} concurrent clients, API with {api_workers} uvicorn worker(s)")
-    env = {"API_WORKERS": str(api_workers)}
+    env = BENCH_ENV | {"API_WORKERS": str(api_workers)}
     with LocalStack(workdir, workers=0, isolated=True, env=env) as stack:
         asyncio.run(_post_all(stack.api_url, min(200, requests), clients))  # warm-up (imports, connections)
         elapsed, latencies = asyncio.run(_post_all(stack.api_url, requests, clients))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import Table
+from bench.common import BENCH_ENV, Table
 from bench.end_to_end import run_plain_script, wait_final
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI, example_spec
@@ -89,7 +89,7 @@ def bench(photos: int, workdir: Path) -> list[Table]:
     digits_dir, photo_dir = workdir / "digits", workdir / "photos"
     write_digits(digits_dir)
     write_photo_folder(photo_dir, photos)
-    with LocalStack(workdir / "stack", isolated=True) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
+    with LocalStack(workdir / "stack", isolated=True, env=BENCH_ENV) as stack, httpx.Client(base_url=stack.api_url, timeout=60) as api:
         storage = Storage(stack.settings)
         storage.upload_dir(digits_dir, DIGITS_URI)
         storage.upload_dir(photo_dir, PHOTOS_URI)
