@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -223,8 +224,11 @@ class LocalStack:
             _wait_until(lambda: b" ready." in log.read_bytes()[offset:], 120, f"Celery {name}", process, log)
         return process
 
-    def start(self) -> LocalStack:
+    def start(self, before_serving: Callable[[], None] | None = None) -> LocalStack:
         """Start every service; return self. On failure, whatever started is stopped.
+
+        ``before_serving`` runs once Redis and S3 are up and before the API starts, e.g. to upload
+        the sample data: a client that sees ``/healthz`` answer then finds the data there.
 
         Raises:
             RuntimeError: the API port is taken (another stack is running?).
@@ -235,6 +239,8 @@ class LocalStack:
         try:
             self.start_redis()
             self.start_s3()
+            if before_serving is not None:
+                before_serving()
             self.start_api()
             for index in range(self.num_workers):
                 self.start_worker(f"worker{index + 1}")
@@ -365,16 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting redis, S3 (moto), API and worker…", flush=True)
+
+    def seed() -> None:
+        # Before the API serves: the README's first curl, right after start-up, finds the data.
+        counts = stack.seed_digits()
+        print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
+        print(f"uploaded tables {', '.join(stack.seed_tables())}", flush=True)
+
     try:
-        stack.start()
+        stack.start(before_serving=None if args.no_seed else seed)
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        if not args.no_seed:
-            counts = stack.seed_digits()
-            print(f"uploaded {sum(counts.values())} digit images ({len(counts)} classes) to {DEMO_DATASET_URI}")
-            print(f"uploaded tables {', '.join(stack.seed_tables())}")
         print(stack.describe())
         auth = ""
         if stack.settings.auth_required:
