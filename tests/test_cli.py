@@ -57,7 +57,10 @@ def test_submit_wait_prints_a_line_per_epoch_off_a_terminal(waited):
     lines = result.stdout.splitlines()
     assert lines[0] == f"job {job_id} submitted to queue default"
     epochs = [line for line in lines if line.startswith("epoch ")]
-    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
+    # A line per epoch the once-a-second poll sees validated; an epoch shorter than a poll can fold
+    # into the next line, but the lines count up and end with the last epoch.
+    seen = [line.split()[1] for line in epochs]
+    assert seen in (["1/2", "2/2"], ["2/2"]), seen
     assert all("loss " in line and "val_accuracy " in line and "ETA " in line for line in epochs)
     summary = next(line for line in lines if line.startswith(f"job {job_id} succeeded on cpu: 2 epochs"))
     # The last epoch's line shows that epoch's validation, not the one before (a fresh user saw
