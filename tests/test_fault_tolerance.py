@@ -131,7 +131,9 @@ def test_killed_worker_resumes_exactly_once_bit_identical(faults: FaultStack, re
     if kill_point == "before_first_checkpoint":
         # Hold every checkpoint upload back, and kill once this attempt's TensorBoard events are
         # in S3: the next attempt starts from scratch and must hide them (each step shown once).
-        faults.proxy.slow_marker = f"/jobs/{job_id}/checkpoints/".encode()
+        # 2 s per 16 KiB: no checkpoint can land between the events and the kill, however loaded
+        # the machine (at the default 0.05 s one did once, under load, and the job resumed from it).
+        faults.proxy.slow_marker, faults.proxy.slow_delay_s = f"/jobs/{job_id}/checkpoints/".encode(), 2.0
         faults.wait_until(job_id, lambda r: faults.storage.list_objects(f"s3://trainq/jobs/{job_id}/tensorboard/"))
     elif kill_point in ("mid_epoch", "sigterm"):
         faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 50 and len(r["artifacts"]["checkpoints"]) >= 2)
@@ -145,7 +147,7 @@ def test_killed_worker_resumes_exactly_once_bit_identical(faults: FaultStack, re
         assert faults.get(job_id)["state"] == "retrying"
     else:
         faults.kill(victim)
-    faults.proxy.slow_marker = None
+    faults.proxy.slow_marker, faults.proxy.slow_delay_s = None, 0.05
     rescuer = faults.start_worker()
     record = wait_for_job(faults.api, job_id)
     faults.stack.stop_process(rescuer)
