@@ -219,6 +219,24 @@ def exact_resume(storage: Storage, settings: Settings, uri: str, precision: str,
     return equal, detail
 
 
+def compiled_matches_eager(storage: Storage, settings: Settings, uri: str) -> tuple[bool, str]:
+    """The MLP job in bf16 with ``compile: true`` against the same job eager: does it run, and land
+    near the same validation loss (within 10%: compiled kernels round differently)?"""
+    results = {}
+    for compiled in (False, True):
+        raw = mlp_spec(uri, "bf16").model_dump(mode="json")
+        raw["performance"] |= {"deterministic": False, "compile": compiled}
+        spec = JobSpec.model_validate(raw)
+        started = time.perf_counter()
+        result = run_training(f"compile-{compiled}", spec, storage, settings, StopAt())
+        results[compiled] = (result, time.perf_counter() - started)
+    (eager, eager_s), (compiled, compiled_s) = results[False], results[True]
+    ok = abs(compiled.val_loss - eager.val_loss) <= 0.1 * eager.val_loss and compiled.steps == eager.steps
+    detail = (f"val_loss {compiled.val_loss:.4f} compiled vs {eager.val_loss:.4f} eager; "
+              f"job {compiled_s:.1f} s compiled (compilation included) vs {eager_s:.1f} s eager")
+    return ok, detail
+
+
 def cuda_rng_round_trip(tmp: Path) -> bool:
     """Capture the CUDA RNG into a file, draw, scramble, restore from the file: the same draws?"""
     torch.cuda.manual_seed_all(7)
@@ -335,6 +353,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Table]:
         if device.type == "cuda":
             ok = cuda_rng_round_trip(workdir)
             checks.add("CUDA RNG state restored from a checkpoint file", "yes" if ok else "no", "", None, "yes", ok)
+        log("torch.compile")
+        ok, detail = compiled_matches_eager(storage, settings, uri)
+        checks.add(f"compile: true runs on {device.type} and matches eager", "yes" if ok else "no", detail, None, "yes", ok)
         log("checkpoint of this device resumed by a CPU-only process")
         ok, detail = resume_on_cpu(storage, settings, uri, workdir)
         checks.add(f"{device.type} checkpoint resumes on a CPU worker", "yes" if ok else "no", detail, None, "yes", ok)
