@@ -493,12 +493,14 @@ class _Run:
             self.last_progress = now
 
     @in_stage("resume")
-    def resume(self, device: torch.device) -> str | None:
+    def resume(self) -> str | None:
         """Restore the newest loadable checkpoint of this job, if any; return its URI."""
         for uri in checkpoint_uris(self.storage, self.job_id):
             path = self.workdir / "resume.pt"
             try:
-                checkpoint = load_checkpoint(self.storage.download_file(uri, path), map_location=device)
+                # Onto the CPU: load_state_dict copies weights and optimizer state to the model's device,
+                # while the RNG and loader states must stay CPU tensors (numpy cannot read a CUDA one).
+                checkpoint = load_checkpoint(self.storage.download_file(uri, path), map_location="cpu")
             except Exception as exc:  # never expected (S3 writes are atomic), but an older one will do
                 if classify(exc) is Fault.TRANSIENT:
                     raise  # S3 unreachable: retry the job later rather than start it over
@@ -925,7 +927,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
     if group.rank:
         seed_everything(spec.seed + group.rank)  # own dropout masks per rank (the model is rank 0's)
     data, model, optimizer, loader, loss_fn, fast = run.data, run.model, run.optimizer, run.loader, run.loss_fn, run.fast
-    resumed_from = run.resume(device)
+    resumed_from = run.resume()
     train_model = training_module(model, spec.performance, device, group.distributed)
     if group.is_main:
         callbacks.on_start(
