@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +13,7 @@ from PIL import Image
 from shared.exceptions import DatasetError
 from shared.spec import ImageFolderDataset
 from shared.storage import Storage
-from worker.training.data import SeededTransform, load_image_folder
+from worker.training.data import SeededTransform, build_transform, load_image_folder
 
 
 def make_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
@@ -36,7 +37,9 @@ def test_hidden_folders_and_files_are_not_classes(tmp_path: Path, storage: Stora
     assert data.classes == ["cat", "dog"]
     assert len(data.train) + len(data.val) == 5 and len(data.val) == 1
     image, label = data.train[0]
-    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8  # 8-bit images travel as uint8
+    model_input = data.finish(image)
+    assert model_input.dtype == torch.float32 and 0 <= model_input.min() <= model_input.max() <= 1
 
 
 def test_split_is_seeded_and_the_download_is_cached(tmp_path: Path, storage: Storage):
@@ -91,11 +94,41 @@ def test_every_image_mode_becomes_three_channels_and_batches_stack(tmp_path: Pat
     full = data.train.base
     assert {Path(path).name for path, _ in full.samples} >= {"rgb.jpg", "gray.png", "palette.png", "rgba.png", "cmyk.jpg", "bits.png"}
     everything = SeededTransform(full, list(range(len(full))), data.train.transform, seed=0)
-    images, labels = next(iter(torch.utils.data.DataLoader(everything, batch_size=len(full))))
+    images, labels = next(iter(torch.utils.data.DataLoader(everything, batch_size=len(full), collate_fn=data.collate)))
     assert images.shape == (len(full), 3, 8, 8) and labels.tolist().count(0) == 6
-    by_name = {Path(path).name: everything[i][0] for i, (path, _) in enumerate(full.samples)}
+    by_name = {Path(path).name: data.finish(everything[i][0]) for i, (path, _) in enumerate(full.samples)}
     assert by_name["palette.png"][0].max() > 0.9  # the red palette entry survived as red
     assert by_name["cmyk.jpg"][0].mean() > 0.9 and by_name["cmyk.jpg"][1].mean() < 0.1  # CMYK (0,255,255,0) is red
+
+
+def test_batches_finished_on_the_device_equal_the_whole_transform_per_image(tmp_path: Path, storage: Storage):
+    # The workers send uint8 (a quarter of the bytes); the training process scales and normalizes.
+    # A folder mixing 8-bit and 16-bit images must give the same values as the one-image pipeline.
+    root = make_folder(tmp_path / "src", {"a": 3, "b": 3})
+    Image.fromarray(np.arange(100, dtype=np.uint16).reshape(10, 10) * 600).save(root / "a" / "deep.png")
+    storage.upload_dir(root, "s3://trainq/tests/finish/")
+    spec = ImageFolderDataset(
+        uri="s3://trainq/tests/finish/", val_fraction=0.1, image_size=8, channels=3,
+        train_transforms=[{"name": "random_resized_crop", "size": 8}, {"name": "horizontal_flip"}],
+        normalize={"preset": "imagenet"},
+    )
+    data = load_image_folder(spec, storage, tmp_path / "cache", seed=3)
+    data.set_epoch(2)
+    samples = [data.train[i] for i in range(len(data.train))]
+    assert {image.dtype for image, _ in samples} == {torch.uint8, torch.float32}  # the 16-bit one stays float
+    batch, _ = data.collate(samples)
+    assert batch.dtype == torch.float32  # mixed: scaled before stacking, never uint8 values beside floats
+    only_8_bit, _ = data.collate([sample for sample in samples if sample[0].dtype == torch.uint8])
+    assert only_8_bit.dtype == torch.uint8
+    whole = build_transform(spec.train_transforms, spec)
+    for position, model_input in enumerate(data.finish(batch)):
+        index = data.train.indices[position]
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(hash((3, 2, index)) & (2**63 - 1))  # SeededTransform's draw for (seed, epoch, index)
+        want = whole(data.train.base[index][0])
+        generator.set_state(state)
+        assert torch.equal(model_input, want), data.train.base.samples[index][0]
 
 
 def test_separate_val_prefix_must_have_the_same_classes(tmp_path: Path, storage: Storage):

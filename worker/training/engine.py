@@ -388,6 +388,7 @@ def _loaders(
         num_workers=spec.num_workers,
         pin_memory=device.type == "cuda",  # with non_blocking copies: transfers overlap compute
         worker_init_fn=_seed_dataloader_worker,
+        collate_fn=data.collate,
     )
     if spec.num_workers:
         common.update(persistent_workers=performance.persistent_workers, prefetch_factor=performance.prefetch_factor)
@@ -860,7 +861,7 @@ def prepare(
             raise JobFailure(str(exc), field="model.weights_uri") from exc
     stop_if_asked()
     try:
-        fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3)
+        fast = build_fast_path(spec.performance, device, image_inputs=len(data.input_shape) == 3, finish=data.finish)
     except JobFailure as exc:
         raise JobFailure(str(exc), field="performance.precision") from exc
     model = prepare_model(model.to(device), fast)
