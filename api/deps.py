@@ -9,29 +9,29 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from shared.auth import ANONYMOUS_OWNER, Principal, authenticate
+from shared.auth import ANONYMOUS_OWNER, Principal, authenticate_async
 from shared.exceptions import JobNotFoundError
 from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
 from shared.storage import Storage
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     """The process's :class:`JobStore` (set up by the app's lifespan)."""
     return request.app.state.store
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     """The process's Celery app, used only to send tasks."""
     return request.app.state.celery
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     """The process's S3 :class:`Storage` (logs, artifacts, readiness)."""
     return request.app.state.storage
 
@@ -58,7 +58,7 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     store: StoreDep,
@@ -72,7 +72,7 @@ def get_principal(
     """
     if credentials is not None:
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        principal = authenticate(credentials.credentials, store.redis, admin_token)
+        principal = await authenticate_async(credentials.credentials, store.aredis, admin_token)
         if principal is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

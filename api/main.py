@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         _warn_about_auth(settings)
-        app.state.store = JobStore.from_url(settings.redis_url)
+        app.state.store = JobStore.from_url(settings.redis_url, with_async=True)
         app.state.celery = make_celery(settings)
         app.state.storage = Storage(settings)
         # Readiness must answer within a probe's timeout: one try, short timeouts.
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.presigner = Storage(settings, endpoint_url=settings.s3_public_endpoint_url)
         yield
         app.state.store.redis.close()
+        await app.state.store.aredis.aclose()
 
     app = FastAPIOffline(
         title="trainq",

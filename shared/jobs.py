@@ -25,10 +25,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+import redis.asyncio
 from pydantic import BaseModel, Field
 
 from shared.auth import ANONYMOUS_OWNER
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
 from shared.spec import JobSpec
 
 JOB_KEY = "trainq:job:{}"
@@ -273,50 +275,53 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return {key.decode(): json.loads(value) for key, value in raw.items()}
 
 
-class JobStore:
-    """Creates, reads and updates job records in Redis.
+#: Records a submission atomically; KEYS: rate window, idempotency key (or ``""``), the owner's
+#: active set, the job's hash, the queues set, then every index the new job goes into. ARGV: now,
+#: window (s), submissions allowed per window (-1: none counted), the window's member, the
+#: idempotency value (``[id, spec digest]`` as JSON), the spec digest, max active jobs (-1: no
+#: limit), the TTL of the idempotency key (s), the job id, its creation time (the index score),
+#: its queue, then the record's field/value pairs. Returns ``{"created"}``, ``{"rate", wait_s}``,
+#: ``{"replay", id, fields...}``, ``{"conflict", id}`` or ``{"quota", active}``.
+_SUBMIT = COUNT_CALL_LUA + """
+local now, window, per_minute = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if per_minute >= 0 then
+  local wait = count_call(KEYS[1], now, window, per_minute, ARGV[4])
+  if wait then return {'rate', wait} end
+end
+if KEYS[2] ~= '' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then
+    local claimed = cjson.decode(existing)
+    if claimed[2] ~= ARGV[6] then return {'conflict', tostring(claimed[1])} end
+    local reply = {'replay', tostring(claimed[1])}
+    for _, item in ipairs(redis.call('HGETALL', JOB_PREFIX .. claimed[1])) do reply[#reply + 1] = item end
+    return reply
+  end
+end
+local max_active = tonumber(ARGV[7])
+if max_active >= 0 then
+  local active = redis.call('SCARD', KEYS[3])
+  if active >= max_active then return {'quota', tostring(active)} end
+end
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[8]) end
+redis.call('HSET', KEYS[4], unpack(ARGV, 12))
+local id, score = ARGV[9], ARGV[10]
+for i = 6, #KEYS do redis.call('ZADD', KEYS[i], score, id) end
+redis.call('SADD', KEYS[3], id)
+redis.call('SADD', KEYS[5], ARGV[11])
+return {'created'}
+""".replace("JOB_PREFIX", repr(JOB_KEY.format("")))
 
-    Args:
-        client: a ``redis.Redis`` connected to the job database (``REDIS_URL``).
-    """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
+class _Submission:
+    """The keys and arguments of one :data:`_SUBMIT` call, and what its reply means."""
 
-    @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        """A store on a new connection pool to ``url`` (``redis://host:port/db``)."""
-        return cls(redis.Redis.from_url(url, health_check_interval=30))
-
-    def create(
-        self,
-        spec: JobSpec,
-        queue: str,
-        *,
-        owner: str = ANONYMOUS_OWNER,
-        idempotency_key: str | None = None,
-        max_active: int | None = None,
-    ) -> tuple[JobRecord, bool]:
-        """Record a new ``queued`` job of ``owner`` for ``spec`` on ``queue``.
-
-        With ``idempotency_key``, the first call records the job and later calls by the same
-        owner with the same key (for 24 hours) return that job instead of a new one. Keys are
-        per owner: another owner's key never returns, or reveals, someone else's job.
-
-        Args:
-            max_active: refuse when ``owner`` already has this many jobs queued, running or
-                retrying (checked in the transaction that records the job).
-
-        Returns:
-            ``(record, created)``; ``created`` is False when the key returned an existing job.
-
-        Raises:
-            IdempotencyConflictError: the owner used the key before with a different spec.
-            QuotaExceededError: ``owner`` is at ``max_active``.
-        """
+    def __init__(
+        self, spec: JobSpec, queue: str, owner: str, idempotency_key: str | None, max_active: int | None,
+        per_minute: int | None, window_s: float = 60.0,
+    ) -> None:
         now = time.time()
-        record = JobRecord(
+        self.record = JobRecord(
             id=uuid.uuid4().hex,
             owner=owner,
             name=spec.name,
@@ -327,58 +332,122 @@ class JobStore:
             progress=Progress(epochs=spec.epochs),
             transitions=[Transition(state=JobState.QUEUED, at=now)],
         )
+        self.idempotency_key, self.per_minute, self.max_active, self.window_s = idempotency_key, per_minute, max_active, window_s
+        digest, idempotency = "", ""
         if idempotency_key is not None:
             digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
-            key = IDEMPOTENCY_KEY.format(f"{owner}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}")
-            claimed = self.redis.set(key, json.dumps([record.id, digest]), nx=True, ex=IDEMPOTENCY_TTL_S)
-            if not claimed:
-                existing_id, existing_digest = json.loads(self.redis.get(key) or "[null, null]")
-                if existing_digest != digest:
-                    raise IdempotencyConflictError(idempotency_key, existing_id)
-                return self._get_eventually(existing_id), False
-        try:
-            self._insert(record, max_active)
-        except QuotaExceededError:
-            if idempotency_key is not None:
-                self.redis.delete(key)  # the key may be used again once the owner is under quota
-            raise
-        return record, True
+            idempotency = IDEMPOTENCY_KEY.format(f"{owner}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}")
+        record = self.record
+        fields = _encode(record.model_dump(mode="json", exclude_none=True))
+        self.keys = [
+            RATE_KEY.format(owner), idempotency, ACTIVE_KEY.format(owner), JOB_KEY.format(record.id), QUEUES_KEY,
+            INDEX_KEY, OWNER_INDEX_KEY.format(owner),
+            *index_keys(owner, state=record.state.value, queue=record.queue, name=record.name),
+        ]
+        self.args = [
+            now, window_s, -1 if per_minute is None else per_minute, uuid.uuid4().hex, json.dumps([record.id, digest]),
+            digest, -1 if max_active is None else max_active, IDEMPOTENCY_TTL_S, record.id, record.created_at, queue,
+            *(item for pair in fields.items() for item in pair),
+        ]
 
-    def _insert(self, record: JobRecord, max_active: int | None) -> None:
-        active_key = ACTIVE_KEY.format(record.owner)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(active_key)
-                    if max_active is not None and (active := pipe.scard(active_key)) >= max_active:
-                        raise QuotaExceededError(
-                            f"owner {record.owner!r} has {active} jobs queued or running; the limit is {max_active} "
-                            "(MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one",
-                            retry_after_s=60,
-                        )
-                    pipe.multi()
-                    pipe.hset(JOB_KEY.format(record.id), mapping=_encode(record.model_dump(mode="json", exclude_none=True)))
-                    pipe.zadd(INDEX_KEY, {record.id: record.created_at})
-                    pipe.zadd(OWNER_INDEX_KEY.format(record.owner), {record.id: record.created_at})
-                    for key in index_keys(record.owner, state=record.state.value, queue=record.queue, name=record.name):
-                        pipe.zadd(key, {record.id: record.created_at})
-                    pipe.sadd(active_key, record.id)
-                    pipe.sadd(QUEUES_KEY, record.queue)
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
+    def outcome(self, reply: list) -> tuple[JobRecord, bool]:
+        """``(record, created)`` from the script's reply, or the error it stands for."""
+        kind = reply[0].decode()
+        if kind == "created":
+            return self.record, True
+        if kind == "rate":
+            raise rate_exceeded(self.record.owner, self.per_minute, self.window_s, reply[1])
+        if kind == "conflict":
+            raise IdempotencyConflictError(self.idempotency_key, reply[1].decode())
+        if kind == "quota":
+            raise QuotaExceededError(
+                f"owner {self.record.owner!r} has {int(reply[1])} jobs queued or running; the limit is {self.max_active} "
+                "(MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one",
+                retry_after_s=60,
+            )
+        fields = dict(zip(reply[2::2], reply[3::2]))  # "replay": the job the key returned
+        if not fields:
+            raise JobNotFoundError(reply[1].decode())
+        return JobRecord.model_validate(_decode(fields)), False
 
-    def _get_eventually(self, job_id: str, timeout_s: float = 5.0) -> JobRecord:
-        # The request that claimed the idempotency key writes the record a moment later.
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.get(job_id)
-            except JobNotFoundError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+
+class JobStore:
+    """Creates, reads and updates job records in Redis.
+
+    Args:
+        client: a ``redis.Redis`` connected to the job database (``REDIS_URL``).
+    """
+
+    def __init__(self, client: redis.Redis, async_client: redis.asyncio.Redis | None = None) -> None:
+        self.redis = client
+        #: The same database for the API's ``async`` routes (None outside the API).
+        self.aredis = async_client
+        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
+        self._submit = client.register_script(_SUBMIT)
+        self._asubmit = async_client.register_script(_SUBMIT) if async_client is not None else None
+
+    @classmethod
+    def from_url(cls, url: str, *, with_async: bool = False) -> JobStore:
+        """A store on a new connection pool to ``url`` (``redis://host:port/db``); ``with_async``:
+        also an asyncio client (:attr:`aredis`, for :meth:`create_async`)."""
+        async_client = redis.asyncio.Redis.from_url(url, health_check_interval=30) if with_async else None
+        return cls(redis.Redis.from_url(url, health_check_interval=30), async_client)
+
+    def create(
+        self,
+        spec: JobSpec,
+        queue: str,
+        *,
+        owner: str = ANONYMOUS_OWNER,
+        idempotency_key: str | None = None,
+        max_active: int | None = None,
+        per_minute: int | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Record a new ``queued`` job of ``owner`` for ``spec`` on ``queue``.
+
+        With ``idempotency_key``, the first call records the job and later calls by the same
+        owner with the same key (for 24 hours) return that job instead of a new one. Keys are
+        per owner: another owner's key never returns, or reveals, someone else's job.
+
+        Every check and write is one Lua script (:data:`_SUBMIT`), so it is atomic and one round
+        trip: the rate window, the idempotency key, the active-job quota, then the record and
+        its indexes. A refused call writes nothing but its place in the rate window.
+
+        Args:
+            max_active: refuse when ``owner`` already has this many jobs queued, running or
+                retrying.
+            per_minute: first count the call in ``owner``'s submission window
+                (:func:`shared.quotas.count_submission`); refuse past this many a minute.
+
+        Returns:
+            ``(record, created)``; ``created`` is False when the key returned an existing job.
+
+        Raises:
+            IdempotencyConflictError: the owner used the key before with a different spec.
+            QuotaExceededError: ``owner`` is at ``max_active`` or over ``per_minute``.
+        """
+        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute)
+        return submission.outcome(self._submit(keys=submission.keys, args=submission.args))
+
+    async def create_async(
+        self,
+        spec: JobSpec,
+        queue: str,
+        *,
+        owner: str = ANONYMOUS_OWNER,
+        idempotency_key: str | None = None,
+        max_active: int | None = None,
+        per_minute: int | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """:meth:`create` on the asyncio client (:attr:`aredis`), for the API's event loop.
+
+        Raises:
+            RuntimeError: the store has no asyncio client (``from_url(..., with_async=True)``).
+        """
+        if self._asubmit is None:
+            raise RuntimeError("this JobStore has no asyncio client")
+        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute)
+        return submission.outcome(await self._asubmit(keys=submission.keys, args=submission.args))
 
     def get(self, job_id: str) -> JobRecord:
         """The record of ``job_id``.

@@ -18,18 +18,35 @@ from shared.exceptions import QuotaExceededError
 
 RATE_KEY = "trainq:rate:{}"
 
-# Returns nil when the call is counted, else the seconds until the oldest call leaves the window.
-_SLIDING_WINDOW = """
-local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return tostring(tonumber(oldest[2]) + window - now)
+#: Lua: ``count_call(key, now, window, limit, member)`` counts one call in the sliding window of
+#: ``key``; it returns false when the call is counted, else the seconds (a string) until the oldest
+#: call leaves the window. Shared by :func:`count_submission` and the submission script of
+#: :meth:`shared.jobs.JobStore.create`, so the two count alike.
+COUNT_CALL_LUA = """
+local function count_call(key, now, window, limit, member)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= limit then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    return tostring(tonumber(oldest[2]) + window - now)
+  end
+  redis.call('ZADD', key, now, member)
+  redis.call('EXPIRE', key, math.ceil(window) + 1)
+  return false
 end
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('EXPIRE', KEYS[1], math.ceil(window) + 1)
-return false
 """
+
+_SLIDING_WINDOW = COUNT_CALL_LUA + """
+return count_call(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
+"""
+
+
+def rate_exceeded(owner: str, per_minute: int, window_s: float, wait_s: str | bytes | float) -> QuotaExceededError:
+    """The error for ``owner`` over ``per_minute`` submissions; ``wait_s``: what ``count_call`` returned."""
+    return QuotaExceededError(
+        f"owner {owner!r} submitted {per_minute} jobs in the last {window_s:g} s (SUBMISSIONS_PER_MINUTE); "
+        "try again later",
+        retry_after_s=max(1.0, float(wait_s)),
+    )
 
 
 def count_submission(client: redis.Redis, owner: str, per_minute: int, *, window_s: float = 60.0) -> None:
@@ -42,8 +59,4 @@ def count_submission(client: redis.Redis, owner: str, per_minute: int, *, window
     script = client.register_script(_SLIDING_WINDOW)
     wait = script(keys=[RATE_KEY.format(owner)], args=[time.time(), window_s, per_minute, uuid.uuid4().hex])
     if wait is not None:
-        raise QuotaExceededError(
-            f"owner {owner!r} submitted {per_minute} jobs in the last {window_s:g} s (SUBMISSIONS_PER_MINUTE); "
-            "try again later",
-            retry_after_s=max(1.0, float(wait)),
-        )
+        raise rate_exceeded(owner, per_minute, window_s, wait)

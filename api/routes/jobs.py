@@ -11,8 +11,10 @@ import logging
 import math
 from typing import Annotated
 
+import anyio
 from celery import Celery
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,7 +58,7 @@ class JobsQuery(BaseModel):
         429: {"description": "Over the owner's quota (jobs queued or running, or submissions per minute); see `Retry-After`."},
     },
 )
-def create_job(
+async def create_job(
     spec: JobSpec,
     principal: PrincipalDep,
     store: StoreDep,
@@ -80,35 +82,57 @@ def create_job(
     """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
-    try:
-        count_submission(store.redis, principal.owner, settings.submissions_per_minute)
-    except QuotaExceededError as exc:
-        raise _too_many(exc) from exc
-    _check_access(spec, settings, principal.owner)
+    # An async route: FastAPI would run a sync one in its threadpool. What blocks (a dry run's wait,
+    # kombu's publish) goes to the threadpool below; the record is one Lua script on redis.asyncio.
     if dry_run:
         response.status_code = status.HTTP_200_OK
-        return _dry_run(spec, settings, store, celery, principal.owner)
+        return await run_in_threadpool(_checked_dry_run, spec, settings, store, celery, principal.owner)
+    if spec_access_problems(spec, settings, principal.owner):
+        await run_in_threadpool(_count_submission, store, principal.owner, settings)  # a refused submission counts too
+        _check_access(spec, settings, principal.owner)
     queue = spec.queue or settings.default_queue
-    try:
-        record, created = store.create(
-            spec, queue, owner=principal.owner, idempotency_key=idempotency_key, max_active=settings.max_active_jobs_per_owner
-        )
-    except IdempotencyConflictError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    except QuotaExceededError as exc:
-        raise _too_many(exc) from exc
+    # Shielded: a cancelled request (server shutdown) must not stop between recording and enqueueing.
+    with anyio.CancelScope(shield=True):
+        try:
+            record, created = await store.create_async(
+                spec, queue, owner=principal.owner, idempotency_key=idempotency_key,
+                max_active=settings.max_active_jobs_per_owner, per_minute=settings.submissions_per_minute,
+            )
+        except IdempotencyConflictError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        except QuotaExceededError as exc:
+            raise _too_many(exc) from exc
+        if created:
+            await run_in_threadpool(_enqueue_or_fail, celery, store, record)
     response.headers["Location"] = f"/jobs/{record.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-        return record
+    return record
+
+
+def _count_submission(store: JobStore, owner: str, settings: Settings) -> None:
     try:
-        enqueue(celery, record.id, queue)
+        count_submission(store.redis, owner, settings.submissions_per_minute)
+    except QuotaExceededError as exc:
+        raise _too_many(exc) from exc
+
+
+def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
+    """A dry run counts as a submission and is checked like one (429, then 422), then runs on a worker."""
+    _count_submission(store, owner, settings)
+    _check_access(spec, settings, owner)
+    return _dry_run(spec, settings, store, celery, owner)
+
+
+def _enqueue_or_fail(celery: Celery, store: JobStore, record: JobRecord) -> None:
+    """Send ``record``'s message (kombu's publish blocks); if it cannot be sent, fail the job and answer 503."""
+    try:
+        enqueue(celery, record.id, record.queue)
     except Exception as exc:
         # Never leave a job recorded as queued that no worker will ever see.
         logger.exception("job %s: enqueue failed", record.id)
         store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {public_message(exc)}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again shortly") from exc
-    return record
 
 
 def _too_many(exc: QuotaExceededError) -> HTTPException:

@@ -152,3 +152,34 @@ def test_rebuild_indexes_restores_the_filter_indexes(store: JobStore):
 def test_a_bad_cursor_is_a_value_error(store: JobStore):
     with pytest.raises(ValueError, match="not a cursor"):
         store.list(cursor="!!not-base64")
+
+
+def test_concurrent_submissions_with_one_idempotency_key_record_one_job(store: JobStore):
+    # The key, the quota check and the record are one Lua script: no request sees the key
+    # claimed before the job it names exists, and none records a second job.
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = JobSpec.model_validate(example_spec())
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: store.create(spec, "default", owner="erin", idempotency_key="k", max_active=100), range(16)))
+    assert len({record.id for record, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert all(record == store.get(record.id) for record, _ in results)
+    assert store.list(owner="erin").count == 1
+
+
+def test_a_refused_submission_writes_nothing_but_its_place_in_the_rate_window(store: JobStore):
+    from shared.exceptions import IdempotencyConflictError, QuotaExceededError
+
+    spec = JobSpec.model_validate(example_spec())
+    store.create(spec, "default", owner="finn", max_active=1, per_minute=3)
+    with pytest.raises(QuotaExceededError, match="MAX_ACTIVE_JOBS_PER_OWNER"):
+        store.create(spec, "default", owner="finn", idempotency_key="a", max_active=1, per_minute=3)
+    assert store.redis.keys("trainq:idempotency:finn:*") == []  # the key may be used again later
+    first, _ = store.create(spec, "default", owner="finn", idempotency_key="b", per_minute=3)
+    with pytest.raises(QuotaExceededError, match="SUBMISSIONS_PER_MINUTE") as refused:
+        store.create(spec, "default", owner="finn", idempotency_key="b", per_minute=3)
+    assert 1 <= refused.value.retry_after_s <= 60
+    with pytest.raises(IdempotencyConflictError):
+        store.create(spec.model_copy(update={"seed": 7}), "default", owner="finn", idempotency_key="b")
+    assert store.list(owner="finn").count == 2 and store.get(first.id).state == JobState.QUEUED
