@@ -119,11 +119,12 @@ def photo_spec(args: argparse.Namespace) -> JobSpec:
 
 
 def data_alone(spec: JobSpec, storage: Storage, settings: Settings, device: torch.device, epochs: int) -> float:
-    """Images/s of the job's training DataLoader alone (with the copy to ``device``), after one warm-up epoch."""
+    """Images/s of the job's training DataLoader alone (with the copy to ``device`` and the data's
+    ``finish`` there), after one warm-up epoch."""
     data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root)
     loader = DataLoader(
         data.train, batch_size=spec.batch_size, shuffle=True, num_workers=spec.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=True, prefetch_factor=spec.performance.prefetch_factor,
+        persistent_workers=True, prefetch_factor=spec.performance.prefetch_factor, collate_fn=data.collate,
     )
     started, samples = 0.0, 0
     for epoch in range(epochs + 1):
@@ -132,14 +133,15 @@ def data_alone(spec: JobSpec, storage: Storage, settings: Settings, device: torc
             sync(device)
             started, samples = time.perf_counter(), 0
         for inputs, _ in loader:
-            inputs.to(device, non_blocking=True)
+            data.finish(inputs.to(device, non_blocking=True))
             samples += inputs.shape[0]
     sync(device)
     return samples / (time.perf_counter() - started)
 
 
 def per_image_ms(spec: JobSpec, storage: Storage, settings: Settings, count: int = 200) -> tuple[float, float]:
-    """Milliseconds per training image in one thread: (decode alone, decode + transforms).
+    """Milliseconds per training image in one thread: (decode alone, decode + the workers'
+    transforms; the scaling and normalize run on the device, see ``build_finish``).
 
     Their inverse × DataLoader workers is the most the data pipeline can feed, whatever the GPU.
     """

@@ -187,7 +187,7 @@ def test_several_folders_are_concatenated_like_ants_plus_bees(storage: Storage, 
     pixels_by_label = {}
     for index in range(len(data.train)):
         image, label = data.train[index]
-        pixels_by_label.setdefault(label, []).append(image.mean().item())
+        pixels_by_label.setdefault(label, []).append(data.finish(image).mean().item())
     assert max(pixels_by_label[0]) < 0.25 < 0.75 < min(pixels_by_label[1])  # dark ants, bright bees
     run_training("ants-bees", spec, storage, settings)
     assert final_checkpoint(storage, "ants-bees", tmp_path)["classes"] == ["ants", "bees"]
