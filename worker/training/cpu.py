@@ -94,6 +94,7 @@ class ThreadChoice:
             worker spends per batch).
         step_s: wall seconds of one training step (forward, backward, optimizer step) at
             ``reserve`` and at ``share`` threads, the fastest of the tries.
+        probe_s: wall seconds the probe took.
     """
 
     threads: int
@@ -101,11 +102,12 @@ class ThreadChoice:
     share: int
     data_s: float
     step_s: dict[int, float]
+    probe_s: float
 
     def describe(self) -> str:
         """One line for the job's log."""
         steps = ", ".join(f"{threads} thread(s) {seconds * 1000:.1f} ms" for threads, seconds in sorted(self.step_s.items()))
-        return f"a batch costs a DataLoader worker {self.data_s * 1000:.1f} ms; a step takes {steps}"
+        return f"a batch costs a DataLoader worker {self.data_s * 1000:.1f} ms; a step takes {steps} (probed in {self.probe_s:.2f} s)"
 
 
 def decide_threads(reserve: int, share: int, num_workers: int, data_s: float, step_s: dict[int, float]) -> int:
@@ -125,7 +127,7 @@ def decide_threads(reserve: int, share: int, num_workers: int, data_s: float, st
     steps 340 ms (1 thread) and 170 ms (2) → 2 threads; digits at 8 px, data 5.4 ms, steps 5.6 ms
     and 5.1 ms → 1 thread.
     """
-    if share <= reserve or num_workers == 0:
+    if share <= reserve or num_workers == 0 or share not in step_s:
         return reserve
     reserved_step = max(step_s[reserve], data_s / num_workers)
     shared_step = step_s[share] + data_s
@@ -147,11 +149,14 @@ def probe_threads(
     """Measure a job's data and compute costs before its first step and choose its torch threads.
 
     Loads up to ``max_samples`` samples in this process with one intra-op thread (as a
-    DataLoader worker does) and scales their time to ``batch_size``; then runs ``train_step`` on
-    them, alternating ``reserve`` and ``share`` threads, three times each or two when the probe
-    has already taken ``budget_s`` seconds. The fastest try of each counts (the first includes
-    warm-up). The caller makes ``train_step`` free of side effects on the job (a copy of the
-    model and optimizer, RNG forked) and leaves the thread count as it needs it afterwards.
+    DataLoader worker does), twice, and scales the faster pass to ``batch_size``; then runs
+    ``train_step`` on them twice at ``reserve`` threads. If loading costs more than
+    ``IDLE_DATA_FRACTION`` of that step the workers are busy and the probe stops there (a data-bound
+    job pays a few milliseconds); else it runs ``train_step`` twice at ``share`` threads (a third
+    time at each count unless the probe has taken ``budget_s`` seconds). The fastest try at each
+    count counts (the first includes warm-up). The caller makes ``train_step`` free of side
+    effects on the job (a copy of the model and optimizer, RNG states put back) and sets the
+    thread count it needs afterwards.
 
     Args:
         num_workers: the spec's DataLoader workers.
@@ -160,7 +165,8 @@ def probe_threads(
         train_step: one forward, backward and optimizer step on a batch built from the samples.
 
     Returns:
-        The choice (:func:`decide_threads`) and what it was based on.
+        The choice (:func:`decide_threads`) and what it was based on (``step_s`` has only
+        ``reserve`` when the probe stopped early).
     """
     reserve, share = max(1, usable_cpus() - num_workers), usable_cpus()
     count = max(1, min(batch_size, max_samples, num_samples))
@@ -171,14 +177,22 @@ def probe_threads(
         began = time.perf_counter()
         samples = [load_sample(i) for i in range(count)]
         data_s = min(data_s, (time.perf_counter() - began) * batch_size / count)
-    step_s = {reserve: math.inf, share: math.inf}
-    for attempt in range(3):
-        if attempt == 2 and time.perf_counter() - started > budget_s:
-            break
-        for threads in (reserve, share):
-            torch.set_num_threads(threads)
-            began = time.perf_counter()
-            train_step(samples)
-            step_s[threads] = min(step_s[threads], time.perf_counter() - began)
+    step_s: dict[int, float] = {}
+
+    def time_step(threads: int) -> None:
+        torch.set_num_threads(threads)
+        began = time.perf_counter()
+        train_step(samples)
+        step_s[threads] = min(step_s.get(threads, math.inf), time.perf_counter() - began)
+
+    for _ in range(2):
+        time_step(reserve)
+    if data_s > IDLE_DATA_FRACTION * step_s[reserve]:  # the workers are busy: keep their cores
+        return ThreadChoice(reserve, reserve, share, data_s, step_s, time.perf_counter() - started)
+    for _ in range(2):
+        time_step(share)
+    if time.perf_counter() - started <= budget_s:
+        time_step(reserve)
+        time_step(share)
     threads = decide_threads(reserve, share, num_workers, data_s, step_s)
-    return ThreadChoice(threads, reserve, share, data_s, step_s)
+    return ThreadChoice(threads, reserve, share, data_s, step_s, time.perf_counter() - started)

@@ -402,7 +402,11 @@ def _loaders(
     train = StatefulDataLoader(
         data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), drop_last=last_drop, **common
     )
-    val = DataLoader(data.val, shuffle=False, **common)
+    # Validation forks its workers once per job, not once per epoch (two forks of this process an
+    # epoch were ~10% of a digits job; bench/README.md); eval transforms draw nothing random, and
+    # its own generator keeps its workers' seeds off the global RNG, as the training loader's.
+    val_options = common | ({"persistent_workers": True} if spec.num_workers else {})
+    val = DataLoader(data.val, shuffle=False, generator=torch.Generator().manual_seed(spec.seed), **val_options)
     return train, sampler, val
 
 
