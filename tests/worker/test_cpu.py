@@ -66,7 +66,8 @@ def test_the_probed_thread_count_holds_for_the_whole_job_and_its_resume(storage:
     spec = JobSpec.model_validate(fast_digits_spec(epochs=2, num_workers=2))
     run_training("threads-reference", spec, storage, settings.model_copy(update={"torch_threads": 2}), Recorder())
 
-    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: share)  # the probe picks 2
+    monkeypatch.setattr(cpu, "IDLE_DATA_FRACTION", float("inf"))  # the probe times both counts
+    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: share)  # and picks 2
     with pytest.raises(TrainingStopped):
         run_training("threads-resumed", spec, storage, settings, Recorder(stop_at_step=30))
     monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: reserve)  # it would pick 1 now
