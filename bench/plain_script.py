@@ -2,7 +2,8 @@
 
 ``ImageFolder`` over local PNGs, the same ``SmallCNN``, ``CrossEntropyLoss``, Adam, a seeded
 80/20 split, a validation pass and ``torch.save`` after every epoch; torch's default threads.
-Prints one JSON line: ``{"train_s": ..., "samples_per_s": ..., "val_accuracy": ...}``; samples/s counts
+Prints one JSON line: ``{"train_s": ..., "val_s": ..., "samples_per_s": ..., "val_accuracy": ...}`` (``val_s``:
+the validation passes, part of ``train_s``); samples/s counts
 the samples after the first optimizer step over the time from it to the last step.
 
     python -m bench.plain_script DATA_DIR --epochs 20 --batch-size 32 --num-workers 2
@@ -55,7 +56,7 @@ def main() -> None:
         model = torchvision.models.get_model(args.arch, num_classes=len(full.classes))
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    started, samples, first_step, last_step = time.perf_counter(), 0, None, None
+    started, samples, first_step, last_step, val_s = time.perf_counter(), 0, None, None, 0.0
     with tempfile.TemporaryDirectory() as out:
         for epoch in range(args.epochs):
             model.train()
@@ -70,14 +71,17 @@ def main() -> None:
                 else:
                     samples += len(targets)
             model.eval()
+            val_started = time.perf_counter()
             correct = 0
             with torch.no_grad():
                 for inputs, targets in val:
                     correct += (model(inputs).argmax(1) == targets).sum().item()
+            val_s += time.perf_counter() - val_started
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, Path(out) / f"epoch-{epoch}.pt")
     train_s = time.perf_counter() - started
     print(json.dumps({
         "train_s": train_s,
+        "val_s": val_s,
         "samples_per_s": samples / (last_step - first_step),
         "val_accuracy": correct / num_val,
     }))

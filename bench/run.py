@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench import end_to_end, queue_scale, submit, throughput
+from bench import end_to_end, phases, queue_scale, submit, throughput
 from bench.common import write_results
 
 
@@ -24,6 +24,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tables += end_to_end.bench(3 if quick else 20, 3 if quick else 20, root / "e2e")
+        tables += [phases.bench(3 if quick else 20, 1 if quick else 2, root / "phases")]
         tables += [submit.bench(300 if quick else 3000, 16, 1, root / "submit")]
         tables += throughput.bench(100 if quick else 2000, root / "throughput")
         tables += [queue_scale.bench(1000 if quick else 100_000, 50 if quick else 200, root / "scale")]

@@ -10,12 +10,14 @@ checkpoint uploads.
    that checkpoints a ~40 MB MLP every 25 steps ÷ the same job with no checkpoint until the end.
 
     .venv/bin/python -m bench.throughput --photos 2000
+    .venv/bin/python -m bench.throughput --only samples      # figure 4 only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -50,12 +52,14 @@ def run_job(api: httpx.Client, spec: dict) -> dict:
     return wait_final(api, api.post("/jobs", json=spec).raise_for_status().json()["id"])
 
 
-def job_samples_per_s(api: httpx.Client, storage: Storage, spec: dict) -> float:
-    """Samples/s of a job between its first and last optimizer step."""
+def job_samples_per_s(api: httpx.Client, storage: Storage, spec: dict) -> tuple[float, str]:
+    """Samples/s of a job between its first and last optimizer step, and its log's line on threads."""
     record = run_job(api, spec)
     times = step_wall_times(storage, record["artifacts"]["tensorboard"])
     samples = record["dataset"]["num_train"] * record["progress"]["epoch"] - spec["batch_size"]
-    return samples / (times[-1] - times[0])
+    log = api.get(f"/jobs/{record['id']}/logs").text
+    threads = " / ".join(line.split(": ", 1)[-1] for line in log.splitlines() if "torch thread" in line)
+    return samples / (times[-1] - times[0]), threads
 
 
 def photo_spec(epochs: int) -> dict:
@@ -82,8 +86,8 @@ def upload_spec(every_steps: int | None) -> dict:
     }
 
 
-def bench(photos: int, workdir: Path) -> list[Table]:
-    """Run figures 4 and 5 on one local stack."""
+def bench(photos: int, workdir: Path, figures: tuple[str, ...] = ("samples", "uploads")) -> list[Table]:
+    """Run figures 4 (``samples``) and 5 (``uploads``) on one local stack."""
     samples = Table("Training samples/s: trainq ÷ the plain loop (same files, model, batch, workers)")
     uploads = Table("Step time while a checkpoint uploads ÷ without")
     digits_dir, photo_dir = workdir / "digits", workdir / "photos"
@@ -99,13 +103,21 @@ def bench(photos: int, workdir: Path) -> list[Table]:
             ("(b) photos ~500×375 JPEG → 64 px, 1 epoch", photo_spec(1), photo_dir,
              ["--epochs", "1", "--image-size", "64", "--channels", "3", "--augment"]),
         ]
-        for label, spec, folder, args in cases:
+        for label, spec, folder, args in cases if "samples" in figures else []:
             run_job(api, copy.deepcopy(spec) | {"epochs": 1})  # warm the worker's cache
-            trainq_rate = job_samples_per_s(api, storage, spec)
+            trainq_rate, threads = job_samples_per_s(api, storage, spec)
+            samples.notes.append(f"{label}: {threads}")
             _, script = run_plain_script(folder, 0, extra=args)
             ratio = trainq_rate / script["samples_per_s"]
             samples.add(label, f"{trainq_rate:.0f}/s", f"{script['samples_per_s']:.0f}/s", ratio, "≥ 1.0", ratio >= 1.0)
-        samples.notes.append("trainq picks its torch threads (CPUs − DataLoader workers); the script runs with torch's default.")
+        samples.notes.append(
+            "trainq picks its torch threads (TORCH_THREADS unset: a probe before step 1, `worker/training/cpu.py`); "
+            f"the script runs with torch's default. Load average after: {os.getloadavg()[0]:.2f}."
+        )
+        if "uploads" not in figures:
+            return [samples]
+        if "samples" not in figures:
+            samples = None
         with_uploads = run_job(api, upload_spec(25))
         without = run_job(api, upload_spec(None))
         steps = [statistics.mean(b - a for a, b in zip(t, t[1:])) for t in
@@ -114,16 +126,17 @@ def bench(photos: int, workdir: Path) -> list[Table]:
         uploads.add(f"mean step, {len(with_uploads['artifacts']['checkpoints'])} checkpoints uploaded",
                     f"{steps[0] * 1000:.2f} ms", f"{steps[1] * 1000:.2f} ms", ratio, "≤ 1.05", ratio <= 1.05)
         uploads.notes.append("The S3 server (moto) runs on the same cores here; against a remote S3 only the client side remains.")
-    return [samples, uploads]
+    return [table for table in (samples, uploads) if table is not None]
 
 
 def main() -> None:
     """Run and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--only", choices=["samples", "uploads"], help="one figure: 4 (samples/s) or 5 (uploads)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for table in bench(args.photos, Path(tmp)):
+        for table in bench(args.photos, Path(tmp), (args.only,) if args.only else ("samples", "uploads")):
             print(table.markdown())
 
 

@@ -1,12 +1,20 @@
-"""The worker's choice of torch threads: the CPUs it may use, minus the DataLoader workers."""
+"""The worker's choice of torch threads: the CPUs it may use, the DataLoader workers, the probe
+before step 1 and the count a resumed checkpoint was trained with."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from shared.settings import Settings
+from shared.spec import JobSpec
+from shared.storage import Storage
+from tests.fixtures import fast_digits_spec
+from tests.worker.test_engine import Recorder, final_checkpoint
+from worker.training import TrainingStopped, run_training
 from worker.training import cpu
 
 
@@ -32,6 +40,43 @@ def test_usable_cpus_follows_affinity_and_cgroup_quota(monkeypatch, tmp_path):
 def test_training_threads(monkeypatch, cpus, num_workers, configured, expected):
     monkeypatch.setattr(cpu, "usable_cpus", lambda: cpus)
     assert cpu.training_threads(num_workers, configured) == expected
+
+
+@pytest.mark.parametrize(("data_ms", "step_ms", "expected"), [
+    (45, {1: 340, 2: 170}, 2),  # photos at 64 px (bench/README.md): the workers idle, torch takes both cores
+    (5.4, {1: 5.6, 2: 5.1}, 1),  # digits at 8 px: the workers are busy half the time, keep their cores
+    (45, {1: 340, 2: 330}, 1),  # a model that does not scale: sharing is not worth the oversubscription
+    (100, {1: 340, 2: 170}, 1),  # the workers would be busy more than a quarter of a step
+])
+def test_decide_threads_shares_the_cores_only_when_the_workers_idle_and_it_pays(data_ms, step_ms, expected):
+    step_s = {threads: ms / 1000 for threads, ms in step_ms.items()}
+    assert cpu.decide_threads(1, 2, 2, data_ms / 1000, step_s) == expected
+
+
+@pytest.fixture
+def settings(stack, tmp_path: Path) -> Settings:
+    return stack.settings.model_copy(update={"data_cache_dir": tmp_path / "cache", "progress_interval_s": 0.1})
+
+
+def test_the_probed_thread_count_holds_for_the_whole_job_and_its_resume(storage: Storage, settings: Settings, tmp_path: Path, monkeypatch):
+    """On 2 CPUs with 2 DataLoader workers the probe may give torch both cores; a resume must train with
+    what the checkpoint was trained with (1 and 2 threads round differently), whatever it would choose now."""
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
+    monkeypatch.setattr("worker.training.engine.usable_cpus", lambda: 2)
+    spec = JobSpec.model_validate(fast_digits_spec(epochs=2, num_workers=2))
+    run_training("threads-reference", spec, storage, settings.model_copy(update={"torch_threads": 2}), Recorder())
+
+    monkeypatch.setattr(cpu, "IDLE_DATA_FRACTION", float("inf"))  # the probe times both counts
+    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: share)  # and picks 2
+    with pytest.raises(TrainingStopped):
+        run_training("threads-resumed", spec, storage, settings, Recorder(stop_at_step=30))
+    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: reserve)  # it would pick 1 now
+    run_training("threads-resumed", spec, storage, settings, Recorder())
+
+    want, got = final_checkpoint(storage, "threads-reference", tmp_path), final_checkpoint(storage, "threads-resumed", tmp_path)
+    assert got["torch_threads"] == 2
+    for name, tensor in want["model"].items():  # the probe changed nothing of the job but its threads
+        assert torch.equal(got["model"][name], tensor), name
 
 
 def test_seeded_transform_restores_the_global_generator_and_is_deterministic():

@@ -3,15 +3,27 @@
 torch's default intra-op pool has one thread per core of the *machine*. In a container limited by
 a CFS quota, beside DataLoader worker processes that each want a core, that oversubscribes the CPU:
 on a 2-core machine the digits job ran ~1.8× slower with torch's default than with one thread
-(issue 9; ``bench/README.md``). The worker therefore picks the thread count itself:
-``TORCH_THREADS`` if set, else the CPUs this process may use minus the DataLoader workers (at least 1).
+(issue 9; ``bench/README.md``). But reserving a core per DataLoader worker halves a compute-bound
+job on the same machine (photos at 64 px: 94 samples/s at 1 thread, 189 at 2) while its workers
+idle. So the worker picks the thread count itself, once per job: ``TORCH_THREADS`` if set; else
+the count recorded in the checkpoint a job resumes from (CPU kernels round differently at
+different thread counts, and resume must stay bit-identical); else, for a one-process CPU job
+with DataLoader workers, :func:`probe_threads` measures one batch's loading and a training step
+before step 1 and :func:`decide_threads` gives the workers' cores to torch when the workers
+would be mostly idle; else the CPUs this process may use minus the DataLoader workers (at least 1).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -60,3 +72,127 @@ def training_threads(num_workers: int, configured: int = 0, processes: int = 1) 
     if configured > 0:
         return configured
     return max(1, (usable_cpus() - processes * num_workers) // processes)
+
+
+#: How much faster (predicted step time) sharing every CPU must be before the probe gives the
+#: DataLoader workers' cores to torch: a close call keeps the reserve, so timing noise cannot flip it.
+SHARE_MARGIN = 0.9
+#: The workers count as mostly idle when one batch costs them at most this fraction of a
+#: training step's wall time at the reserved thread count.
+IDLE_DATA_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """What :func:`probe_threads` measured and chose.
+
+    Attributes:
+        threads: intra-op threads the job trains with.
+        reserve: ``usable CPUs − num_workers`` (at least 1): a core per DataLoader worker.
+        share: every usable CPU.
+        data_s: CPU seconds to load and transform one batch, in one thread (what a DataLoader
+            worker spends per batch).
+        step_s: wall seconds of one training step (forward, backward, optimizer step) at
+            ``reserve`` and at ``share`` threads, the fastest of the tries.
+        probe_s: wall seconds the probe took.
+    """
+
+    threads: int
+    reserve: int
+    share: int
+    data_s: float
+    step_s: dict[int, float]
+    probe_s: float
+
+    def describe(self) -> str:
+        """One line for the job's log."""
+        steps = ", ".join(f"{threads} thread(s) {seconds * 1000:.1f} ms" for threads, seconds in sorted(self.step_s.items()))
+        return f"a batch costs a DataLoader worker {self.data_s * 1000:.1f} ms; a step takes {steps} (probed in {self.probe_s:.2f} s)"
+
+
+def decide_threads(reserve: int, share: int, num_workers: int, data_s: float, step_s: dict[int, float]) -> int:
+    """``share`` when the DataLoader workers would be mostly idle and sharing their cores is clearly faster, else ``reserve``.
+
+    A model of one training step (seconds), from the probe's measurements:
+
+    - reserving a core per worker: ``max(step_s[reserve], data_s / num_workers)`` (the workers
+      load the next batches in parallel on their own cores; the loop waits if they are slower);
+    - sharing every core: ``step_s[share] + data_s``. The pessimistic bound: a worker that runs
+      takes a core from one of torch's threads, and a parallel region waits for its slowest
+      thread, so the workers' CPU time adds to the step instead of overlapping it.
+
+    ``share`` is chosen only if ``data_s <= IDLE_DATA_FRACTION * step_s[reserve]`` (the workers
+    are idle most of the time) and its step is at most ``SHARE_MARGIN`` of the reserved one.
+    Measured on 2 cores with 2 workers (``bench/README.md``): photos at 64 px, data 45 ms,
+    steps 340 ms (1 thread) and 170 ms (2) → 2 threads; digits at 8 px, data 5.4 ms, steps 5.6 ms
+    and 5.1 ms → 1 thread.
+    """
+    if share <= reserve or num_workers == 0 or share not in step_s:
+        return reserve
+    reserved_step = max(step_s[reserve], data_s / num_workers)
+    shared_step = step_s[share] + data_s
+    if data_s <= IDLE_DATA_FRACTION * step_s[reserve] and shared_step <= SHARE_MARGIN * reserved_step:
+        return share
+    return reserve
+
+
+def probe_threads(
+    *,
+    num_workers: int,
+    batch_size: int,
+    load_sample: Callable[[int], Any],
+    num_samples: int,
+    train_step: Callable[[list[Any]], None],
+    max_samples: int = 64,
+    budget_s: float = 2.0,
+) -> ThreadChoice:
+    """Measure a job's data and compute costs before its first step and choose its torch threads.
+
+    Loads up to ``max_samples`` samples in this process with one intra-op thread (as a
+    DataLoader worker does), twice, and scales the faster pass to ``batch_size``; then runs
+    ``train_step`` on them twice at ``reserve`` threads. If loading costs more than
+    ``IDLE_DATA_FRACTION`` of that step the workers are busy and the probe stops there (a data-bound
+    job pays a few milliseconds); else it runs ``train_step`` twice at ``share`` threads (a third
+    time at each count unless the probe has taken ``budget_s`` seconds). The fastest try at each
+    count counts (the first includes warm-up). The caller makes ``train_step`` free of side
+    effects on the job (a copy of the model and optimizer, RNG states put back) and sets the
+    thread count it needs afterwards.
+
+    Args:
+        num_workers: the spec's DataLoader workers.
+        batch_size: samples per training step.
+        load_sample: ``dataset[i]`` of the training set, ``0 <= i < num_samples``.
+        train_step: one forward, backward and optimizer step on a batch built from the samples.
+
+    Returns:
+        The choice (:func:`decide_threads`) and what it was based on (``step_s`` has only
+        ``reserve`` when the probe stopped early).
+    """
+    reserve, share = max(1, usable_cpus() - num_workers), usable_cpus()
+    count = max(1, min(batch_size, max_samples, num_samples))
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    data_s, samples = math.inf, []
+    for _ in range(2):
+        began = time.perf_counter()
+        samples = [load_sample(i) for i in range(count)]
+        data_s = min(data_s, (time.perf_counter() - began) * batch_size / count)
+    step_s: dict[int, float] = {}
+
+    def time_step(threads: int) -> None:
+        torch.set_num_threads(threads)
+        began = time.perf_counter()
+        train_step(samples)
+        step_s[threads] = min(step_s.get(threads, math.inf), time.perf_counter() - began)
+
+    for _ in range(2):
+        time_step(reserve)
+    if data_s > IDLE_DATA_FRACTION * step_s[reserve]:  # the workers are busy: keep their cores
+        return ThreadChoice(reserve, reserve, share, data_s, step_s, time.perf_counter() - started)
+    for _ in range(2):
+        time_step(share)
+    if time.perf_counter() - started <= budget_s:
+        time_step(reserve)
+        time_step(share)
+    threads = decide_threads(reserve, share, num_workers, data_s, step_s)
+    return ThreadChoice(threads, reserve, share, data_s, step_s, time.perf_counter() - started)

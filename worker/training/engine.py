@@ -13,6 +13,7 @@ with weights bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torch.utils.tensorboard import SummaryWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
@@ -44,7 +45,7 @@ from shared.spec import CsvDataset, JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from worker.training.cpu import training_threads
+from worker.training.cpu import probe_threads, training_threads, usable_cpus
 from worker.training.data import LoadOptions, TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
@@ -402,7 +403,11 @@ def _loaders(
     train = StatefulDataLoader(
         data.train, sampler=sampler, generator=torch.Generator().manual_seed(spec.seed), drop_last=last_drop, **common
     )
-    val = DataLoader(data.val, shuffle=False, **common)
+    # Validation forks its workers once per job, not once per epoch (a 20-epoch digits job spent
+    # 7.5 s validating, 2.7-3.3 s with persistent workers; bench/README.md). Eval transforms draw
+    # nothing random, and its own generator keeps its workers' seeds off the global RNG.
+    val_options = common | ({"persistent_workers": True} if spec.num_workers else {})
+    val = DataLoader(data.val, shuffle=False, generator=torch.Generator().manual_seed(spec.seed), **val_options)
     return train, sampler, val
 
 
@@ -427,6 +432,7 @@ class _Run:
         self.last_checkpoint: str | None = None  # newest checkpoint (saved or resumed from): finite weights
         self.epoch_loss_sum, self.epoch_loss_steps = 0.0, 0  # this epoch's drained train losses
         self.runtime_before_s = 0.0  # training seconds of earlier attempts
+        self.resumed_threads: int | None = None  # torch threads the checkpoint resumed from was trained with
         self.started = time.monotonic()
         self.start_step = 0
         self.last_progress = self.last_tb_upload = self.started
@@ -538,6 +544,7 @@ class _Run:
             self.metrics = dict(checkpoint["metrics"])
             self._show_metrics()
             self.runtime_before_s = checkpoint["runtime_s"]
+            self.resumed_threads = checkpoint.get("torch_threads")  # absent before threads were recorded
             self.epoch_loss_sum, self.epoch_loss_steps = checkpoint.get("epoch_loss", (0.0, 0))
             self.last_checkpoint = uri
             logger.info("job %s: resuming from %s (epoch %d, step %d)", self.job_id, uri, checkpoint["epoch"], checkpoint["step"])
@@ -599,6 +606,7 @@ class _Run:
                 "data": self.data.metadata,
                 "scaler": self.fast.state_dict(),
                 "world_size": self.group.world_size,
+                "torch_threads": torch.get_num_threads(),  # a resume trains with the same (bit-identical results)
                 "rank_states": rank_states[1:] if rank_states else [],
                 "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_steps] if mid_epoch else [0.0, 0],
             },
@@ -919,8 +927,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         device = torch.device("cuda", group.rank)
     configure_backends(spec.performance, device)
     threads = training_threads(spec.num_workers, settings.torch_threads, processes=group.world_size)
-    torch.set_num_threads(threads)
-    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
+    torch.set_num_threads(threads)  # while preparing; the job's own count is chosen after the resume
     try:
         _prepare(run, spec, storage, settings, device)
     except Interrupted as stop:  # cancel, time limit or shutdown before training: nothing to save
@@ -929,6 +936,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         seed_everything(spec.seed + group.rank)  # own dropout masks per rank (the model is rank 0's)
     data, model, optimizer, loader, loss_fn, fast = run.data, run.model, run.optimizer, run.loader, run.loss_fn, run.fast
     resumed_from = run.resume()
+    _choose_threads(run, spec, settings, device, threads)
     train_model = training_module(model, spec.performance, device, group.distributed)
     if group.is_main:
         callbacks.on_start(
@@ -1028,6 +1036,62 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
         runtime_s=run.runtime_s,
         metrics=dict(run.metrics),
     )
+
+
+def _choose_threads(run: _Run, spec: JobSpec, settings: Settings, device: torch.device, static: int) -> int:
+    """Set and return the torch threads of the whole job (every attempt), after its resume.
+
+    ``TORCH_THREADS`` wins; else the count the resumed checkpoint was trained with (CPU kernels
+    give different floating-point results at different thread counts, so a resume with another
+    count would not be bit-identical), if this worker has that many CPUs; else, on a fresh
+    one-process CPU job whose DataLoader workers hold cores torch could use, the probe's choice
+    (:func:`worker.training.cpu.probe_threads`); else ``static`` (usable CPUs − workers).
+    """
+    threads = static
+    if settings.torch_threads:
+        pass
+    elif run.resumed_threads is not None:
+        if run.resumed_threads <= usable_cpus():
+            threads = run.resumed_threads
+        else:
+            logger.warning("job %s: resumed from a run with %d torch threads; this worker has %d CPUs, so %d (not bit-identical)",
+                           run.job_id, run.resumed_threads, usable_cpus(), static)
+    elif device.type == "cpu" and not run.group.distributed and spec.num_workers and usable_cpus() > static:
+        rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
+        try:
+            choice = probe_threads(
+                num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=run.data.train.__getitem__,
+                num_samples=len(run.data.train), train_step=_probe_step(run, spec),
+            )
+        finally:
+            restore_rng_state(rng)
+        threads = choice.threads
+        logger.info("job %s: %s: %d torch thread(s)", run.job_id, choice.describe(), threads)
+    torch.set_num_threads(threads)
+    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", run.job_id, threads, spec.num_workers)
+    return threads
+
+
+def _probe_step(run: _Run, spec: JobSpec) -> Callable[[list[Any]], None]:
+    """A training step for the thread probe that leaves the job as it was: a copy of the model, an
+    optimizer of its own, every RNG state put back. The samples are collated once and repeated
+    to a full ``batch_size``."""
+    model = copy.deepcopy(run.model).train()
+    optimizer = build_optimizer(spec, model.parameters())
+    batch: list[torch.Tensor] = []
+
+    def step(samples: list[Any]) -> None:
+        if not batch:
+            inputs, targets = default_collate(samples)
+            repeats = math.ceil(spec.batch_size / len(samples))
+            batch.extend(run.fast.to_device(torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
+        with run.fast.autocast():
+            loss = run.loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def _gradient_sync(train_model: nn.Module, stepping: bool) -> AbstractContextManager:
