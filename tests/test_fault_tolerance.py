@@ -35,6 +35,9 @@ FAST_FAILURE_ENV = {
     "TENSORBOARD_UPLOAD_INTERVAL_S": "1",
     "UPLOAD_DEADLINE_S": "120",
     "QUEUES": "default,nobody-listens",
+    # These tests compare separate jobs bit for bit: pin the threads rather than let each job's
+    # probe measure a loaded CI machine (a resume reuses its own count: tests/worker/test_cpu.py).
+    "TORCH_THREADS": "1",
 }
 
 

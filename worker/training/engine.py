@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.utils import make_grid
@@ -1082,7 +1082,7 @@ def _probe_step(run: _Run, spec: JobSpec) -> Callable[[list[Any]], None]:
 
     def step(samples: list[Any]) -> None:
         if not batch:
-            inputs, targets = default_collate(samples)
+            inputs, targets = run.data.collate(samples)
             repeats = math.ceil(spec.batch_size / len(samples))
             batch.extend(run.fast.to_device(torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
         with run.fast.autocast():
