@@ -4,6 +4,8 @@ checkpoints written on its thread and coalesced while one is in flight."""
 from __future__ import annotations
 
 import errno
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from shared.storage import Storage
 from worker.faults import Fault, classify
-from worker.training.uploads import BackgroundUploader, UploadError
+from worker.training.uploads import UPLOAD_NICE, BackgroundUploader, UploadError
 
 
 def test_uploads_land_in_order_and_a_name_can_be_uploaded_again(tmp_path: Path, storage: Storage):
@@ -104,3 +106,19 @@ def test_a_failed_checkpoint_write_fails_the_upload_classified_by_its_cause(tmp_
         uploader.raise_if_failed()
     uploader.close()
     assert "step-1.pt" not in {obj.key.rsplit("/", 1)[-1] for obj in storage.list_objects("s3://trainq/tests/uploads/")}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_upload_thread_runs_at_a_lower_priority_than_training(tmp_path: Path, storage: Storage):
+    uploader = BackgroundUploader(storage, deadline_s=30)
+    seen = {}
+
+    def write() -> None:  # runs on the upload thread
+        seen["upload"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        (tmp_path / "c.pt").write_text("c")
+
+    uploader.submit_file(tmp_path / "c.pt", "s3://trainq/tests/uploads/nice.pt", write=write)
+    assert uploader.drain(timeout_s=30)
+    uploader.close()
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen["upload"] == min(training + UPLOAD_NICE, 19)

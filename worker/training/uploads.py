@@ -10,12 +10,18 @@ A checkpoint is handed over as a snapshot and a function that writes it (``torch
 the upload thread: the training loop pays only for the copy. One checkpoint uploads at a time; a
 newer one submitted with the same ``coalesce`` key replaces one still waiting (skip-and-coalesce),
 so training never waits for S3 and at most one snapshot per key waits in memory.
+
+The upload thread runs at a lower CPU priority (``UPLOAD_NICE``; on Linux ``nice`` is per thread
+and inherited by the threads it starts, so boto3's transfer threads run at it too): writing and
+uploading a checkpoint yields the CPU to the training threads, and gets it whenever they wait.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +33,9 @@ from pathlib import Path
 from shared.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+#: ``nice`` increment of the upload thread (and the transfer threads it starts), Linux only.
+UPLOAD_NICE = 10
 
 
 class UploadError(RuntimeError):
@@ -161,6 +170,7 @@ class BackgroundUploader:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _run(self) -> None:
+        _lower_thread_priority(UPLOAD_NICE)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
@@ -221,3 +231,16 @@ class BackgroundUploader:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's ``nice`` value by ``increment`` (Linux, where ``nice`` is per
+    thread: ``setpriority(PRIO_PROCESS, tid)``, see sched(7)); elsewhere do nothing, since there
+    it would renice the whole process."""
+    if sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+    except OSError as exc:  # e.g. a seccomp profile that refuses it: uploads still work
+        logger.warning("could not lower the upload thread's priority: %s", exc)
