@@ -8,6 +8,8 @@ checkpoint uploads.
    and flip to 64 px, ``small_cnn``. The worker's cache is warm (a job on the same data before).
 5. **Step time while a checkpoint uploads**: mean step time (TensorBoard wall times) of a job
    that checkpoints a ~40 MB MLP every 25 steps ÷ the same job with no checkpoint until the end.
+   On one machine with the S3 server (moto) this measures CPU contention as much as the engine
+   (see bench/README.md).
 
     .venv/bin/python -m bench.throughput --photos 2000
     .venv/bin/python -m bench.throughput --only uploads --repeat 3   # figure 5 alone
