@@ -57,8 +57,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
 
 
-def save_checkpoint(
-    path: Path,
+def checkpoint_payload(
     *,
     job_id: str,
     model: nn.Module,
@@ -71,8 +70,9 @@ def save_checkpoint(
     runtime_s: float = 0.0,
     loader_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint to ``path`` (via a temporary file, so ``path`` is never half-written).
+) -> dict[str, Any]:
+    """What a checkpoint holds, as a dict whose tensors are the live ones (model parameters,
+    optimizer moments): pass it through :func:`snapshot` before training goes on, or write it now.
 
     Args:
         epoch: epochs completed when saved.
@@ -85,11 +85,8 @@ def save_checkpoint(
             (``StatefulDataLoader.state_dict()``), or None at an epoch boundary.
         extra: more weights_only-safe entries: ``scheduler``, ``trackers``, ``batch_in_epoch``,
             ``data`` (e.g. a CSV's feature names and standardization statistics).
-
-    Returns:
-        ``path``.
     """
-    payload = {
+    return {
         "format_version": FORMAT_VERSION,
         "job_id": job_id,
         "model": model.state_dict(),
@@ -105,11 +102,74 @@ def save_checkpoint(
         "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-safe
         **(extra or {}),
     }
+
+
+class Snapshot:
+    """A checkpoint payload copied off the live training state at a step boundary.
+
+    Every tensor is copied to CPU memory (dicts, lists and tuples are copied too; other values
+    are immutable), so the training loop may go on updating its weights while another thread
+    writes the copy. CUDA tensors are copied into pinned memory with ``non_blocking=True`` on the
+    current stream, followed by a recorded event: the copies queue behind the step's kernels and
+    ahead of the next step's, so the training thread does not wait for them;
+    :meth:`payload` waits for the event before anything reads the copies.
+
+    Cost: one memcpy of the state (model + optimizer, e.g. ~38 MB for a 3.2 M-parameter MLP with
+    Adam's two moments) on a CPU; on CUDA a device-to-host copy that overlaps the next step.
+    """
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self._cuda_event: torch.cuda.Event | None = None
+        self._payload = self._copy(payload)
+        if self._cuda_event is not None:
+            self._cuda_event.record()  # after every copy queued on the current stream
+
+    def _copy(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value.detach())
+        if isinstance(value, dict):
+            return {key: self._copy(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._copy(item) for item in value]
+        if isinstance(value, tuple):
+            return tuple(self._copy(item) for item in value)
+        return value  # str, int, float, bool, None: immutable
+
+    def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cuda":
+            return tensor.to("cpu", copy=True)
+        if self._cuda_event is None:
+            self._cuda_event = torch.cuda.Event()
+        host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+
+    def payload(self) -> dict[str, Any]:
+        """The copied payload (CPU tensors), once every device-to-host copy has finished."""
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+        return self._payload
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any] | Snapshot) -> Path:
+    """``torch.save`` ``payload`` to ``path`` via a temporary file, so ``path`` is never
+    half-written; return ``path``."""
+    if isinstance(payload, Snapshot):
+        payload = payload.payload()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def save_checkpoint(path: Path, **fields: Any) -> Path:
+    """Write a checkpoint of the live state to ``path`` now (atomically); return ``path``.
+
+    ``fields`` are :func:`checkpoint_payload`'s arguments. The training loop instead takes a
+    :class:`Snapshot` and writes it on the upload thread.
+    """
+    return write_checkpoint(path, checkpoint_payload(**fields))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

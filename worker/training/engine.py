@@ -44,7 +44,14 @@ from shared.settings import Settings
 from shared.spec import CsvDataset, JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.faults import Fault, classify, in_stage, mark_stage
-from worker.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from worker.training.checkpoint import (
+    Snapshot,
+    capture_rng_state,
+    checkpoint_payload,
+    load_checkpoint,
+    restore_rng_state,
+    write_checkpoint,
+)
 from worker.training.cpu import probe_threads, training_threads, usable_cpus
 from worker.training.data import LoadOptions, TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
@@ -264,6 +271,14 @@ class _ScalarBuffer:
             writer.add_scalar(tag, value, step, walltime=wall_time)
         self.steps, self.values, self.wall_times = [], [], []
         return points
+
+
+def _coalesce_key(name: str) -> str | None:
+    """Which waiting checkpoint upload a new one named ``name`` replaces: a newer ``step-*``
+    replaces a waiting ``step-*``, ``best.pt`` a waiting ``best.pt``; ``final.pt`` none."""
+    if name == FINAL_CHECKPOINT:
+        return None
+    return "best" if name == BEST_CHECKPOINT else "step"
 
 
 def _weights_finite(model: nn.Module) -> bool:
@@ -565,14 +580,29 @@ class _Run:
 
     @in_stage("checkpoint")
     def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str | None:
-        """Save a checkpoint locally and queue its upload; return the URI it will have.
+        """Snapshot a checkpoint at this step boundary and queue its write and upload; return
+        the URI it will have.
+
+        The loop pays for the weights check and a copy of the state to CPU memory
+        (:class:`~worker.training.checkpoint.Snapshot`); ``torch.save`` and the upload run on the
+        upload thread, and the job's record names the checkpoint only once it is in S3
+        (``on_checkpoint``). Back-pressure is skip-and-coalesce, not wait: one checkpoint uploads
+        at a time, and a newer ``step-*`` (or ``best.pt``) replaces one of its kind still
+        waiting, so a slow or unreachable S3 never holds training (the uploader's design) and at
+        most one snapshot of each kind waits in memory; what a crash can lose is bounded by the
+        upload time instead of ``checkpoint.every_steps``. ``final.pt`` is never replaced.
 
         The TensorBoard events up to this step are queued first: uploads run in order, so once
         a checkpoint is in S3, so are the events a resume from it relies on (its ``purge_step``
         drops only what came after). ``mid_epoch`` also saves the DataLoader's position.
         With several processes every rank calls this: rank 0 gathers the others' RNG states and
         loader positions into its checkpoint and writes it; the others return None.
+
+        Raises:
+            JobFailure: the weights are nan or inf.
+            UploadError: an earlier upload (or checkpoint write) has failed.
         """
+        self.uploader.raise_if_failed()  # no use training on when nothing more can be saved
         rank_states = None
         if self.group.distributed:
             own = {"loader": self.loader.state_dict() if mid_epoch else None, "rng": capture_rng_state()}
@@ -587,8 +617,8 @@ class _Run:
             )
         # A local file per save: `best.pt` may be saved again while its last upload still waits.
         self.saves += 1
-        path = save_checkpoint(
-            self.workdir / "checkpoints" / f"{self.saves:06d}-{name}",
+        path = self.workdir / "checkpoints" / f"{self.saves:06d}-{name}"
+        snapshot = Snapshot(checkpoint_payload(
             job_id=self.job_id,
             model=self.model,
             optimizer=self.optimizer,
@@ -610,10 +640,13 @@ class _Run:
                 "rank_states": rank_states[1:] if rank_states else [],
                 "epoch_loss": [self.epoch_loss_sum, self.epoch_loss_steps] if mid_epoch else [0.0, 0],
             },
-        )
+        ))
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.last_checkpoint = uri
-        self.uploader.submit_file(path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri))
+        self.uploader.submit_file(
+            path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri),
+            write=lambda: write_checkpoint(path, snapshot), coalesce=_coalesce_key(name),
+        )
         return uri
 
     @in_stage("upload")

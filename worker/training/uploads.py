@@ -1,16 +1,27 @@
 """Artifact uploads on a background thread, so training goes on while S3 is slow or down.
 
-Uploads run in submission order (a checkpoint is in S3 before any later one). Each retries
-through outages — boto3's ``standard`` retry mode per request, and around that a backoff loop
-until ``deadline_s`` — and only then counts as failed. :meth:`BackgroundUploader.drain` waits
-for everything and raises if anything failed, so a job is never called done with an artifact
-missing.
+Uploads run in submission order (a checkpoint is in S3 before any later one), one at a time.
+Each retries through outages — boto3's ``standard`` retry mode per request, and around that a
+backoff loop until ``deadline_s`` — and only then counts as failed. :meth:`BackgroundUploader.drain`
+waits for everything and raises if anything failed, so a job is never called done with an
+artifact missing.
+
+A checkpoint is handed over as a snapshot and a function that writes it (``torch.save``), called on
+the upload thread: the training loop pays only for the copy. One checkpoint uploads at a time; a
+newer one submitted with the same ``coalesce`` key replaces one still waiting (skip-and-coalesce),
+so training never waits for S3 and at most one snapshot per key waits in memory.
+
+The upload thread runs at a lower CPU priority (``UPLOAD_NICE``; on Linux ``nice`` is per thread
+and inherited by the threads it starts, so boto3's transfer threads run at it too): writing and
+uploading a checkpoint yields the CPU to the training threads, and gets it whenever they wait.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +34,9 @@ from shared.storage import Storage
 
 logger = logging.getLogger(__name__)
 
+#: ``nice`` increment of the upload thread (and the transfer threads it starts), Linux only.
+UPLOAD_NICE = 10
+
 
 class UploadError(RuntimeError):
     """An artifact could not be uploaded before the deadline (an infrastructure failure)."""
@@ -32,7 +46,9 @@ class UploadError(RuntimeError):
 class _Upload:
     files: list[tuple[Path, str]]  # (local path, destination URI)
     on_done: Callable[[], None] | None = None
-    key: str | None = None  # uploads with the same key replace a waiting one
+    key: str | None = None  # uploads with the same key replace a waiting one, in its place
+    coalesce: str | None = None  # uploads with the same coalesce key drop a waiting one, and go last
+    write: Callable[[], object] | None = None  # writes the (single) local file first, on the upload thread
     cleanup: list[Path] = field(default_factory=list)
 
 
@@ -58,9 +74,35 @@ class BackgroundUploader:
         self._thread = threading.Thread(target=self._run, name="trainq-uploader", daemon=True)
         self._thread.start()
 
-    def submit_file(self, path: Path, uri: str, on_done: Callable[[], None] | None = None) -> None:
-        """Upload ``path`` to ``uri`` and then delete ``path``; call ``on_done`` once it is in S3."""
-        self._put(_Upload([(path, uri)], on_done, cleanup=[path]))
+    def submit_file(
+        self,
+        path: Path,
+        uri: str,
+        on_done: Callable[[], None] | None = None,
+        *,
+        write: Callable[[], object] | None = None,
+        coalesce: str | None = None,
+    ) -> None:
+        """Upload ``path`` to ``uri`` and then delete ``path``; call ``on_done`` once it is in S3.
+
+        Args:
+            write: called on the upload thread, just before the upload, to write ``path`` (a
+                checkpoint's ``torch.save``). If it raises, the upload fails at once (no retry:
+                a local error is not an outage) with :class:`UploadError` wrapping the error.
+            coalesce: a waiting (not yet started) upload with the same key is dropped — its
+                ``write`` and ``on_done`` never run — and this one queues last, behind everything
+                submitted before it (so behind the TensorBoard events it relies on).
+        """
+        self._put(_Upload([(path, uri)], on_done, coalesce=coalesce, write=write, cleanup=[path]))
+
+    def raise_if_failed(self) -> None:
+        """Raise now if an upload has failed (rather than at the next :meth:`drain`).
+
+        Raises:
+            UploadError: an upload failed past the deadline, or its ``write`` failed.
+        """
+        if self.error is not None:
+            raise UploadError(str(self.error)) from self.error
 
     def submit_snapshot(self, local_dir: Path, uri: str, key: str) -> None:
         """Upload a copy of every file under ``local_dir`` (taken now) to ``uri/<relative path>``.
@@ -89,6 +131,11 @@ class BackgroundUploader:
                         self._queue[index] = upload
                         self._cond.notify_all()
                         return
+            if upload.coalesce is not None:
+                for waiting in [w for w in self._queue if w.coalesce == upload.coalesce]:
+                    logger.info("upload of %s skipped: %s replaces it", waiting.files[0][1], upload.files[0][1])
+                    self._queue.remove(waiting)
+                    self._remove(waiting)
             self._queue.append(upload)
             self._cond.notify_all()
 
@@ -123,6 +170,7 @@ class BackgroundUploader:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _run(self) -> None:
+        _lower_thread_priority(UPLOAD_NICE)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
@@ -132,6 +180,8 @@ class BackgroundUploader:
                 self._busy = True
             try:
                 if self.error is None:
+                    if upload.write is not None:
+                        self._write(upload)
                     for path, uri in upload.files:
                         self._upload_with_retry(path, uri)
                     if upload.on_done is not None:
@@ -144,6 +194,14 @@ class BackgroundUploader:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    @staticmethod
+    def _write(upload: _Upload) -> None:
+        write, upload.write = upload.write, None  # drops the snapshot once written
+        try:
+            write()
+        except Exception as exc:
+            raise UploadError(f"writing {upload.files[0][1]} before its upload failed: {exc}") from exc
 
     def _upload_with_retry(self, path: Path, uri: str) -> None:
         if not path.is_file():  # our bug, not an outage: retrying would only hide it
@@ -167,8 +225,22 @@ class BackgroundUploader:
 
     @staticmethod
     def _remove(upload: _Upload) -> None:
+        upload.write = None
         for path in upload.cleanup:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's ``nice`` value by ``increment`` (Linux, where ``nice`` is per
+    thread: ``setpriority(PRIO_PROCESS, tid)``, see sched(7)); elsewhere do nothing, since there
+    it would renice the whole process."""
+    if sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+    except OSError as exc:  # e.g. a seccomp profile that refuses it: uploads still work
+        logger.warning("could not lower the upload thread's priority: %s", exc)
