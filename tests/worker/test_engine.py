@@ -209,3 +209,32 @@ def test_initial_weights_from_a_checkpoint_or_a_state_dict(storage: Storage, set
     wrong = wrong.model_copy(update={"dataset": wrong.dataset.model_copy(update={"channels": 3})})
     with pytest.raises(JobFailure, match="model.weights_uri s3://trainq/tests/weights.pt does not fit model.arch"):
         run_training("wrong-weights", wrong, storage, settings)
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "stopped"])
+def test_a_job_leaves_no_dataloader_worker_behind(storage: Storage, settings: Settings, outcome: str):
+    # A Celery worker runs job after job: each job's DataLoader workers (the validation loader's are
+    # persistent) must end with the job, not when the garbage collector finds the job's loaders.
+    import gc
+    import multiprocessing
+
+    gc.disable()  # as a busy worker between collections: only an explicit stop ends them
+    try:
+        spec = JobSpec.model_validate(fast_digits_spec(epochs=1, performance={"persistent_workers": True}))
+        if outcome == "succeeded":
+            run_training(f"no-orphans-{outcome}", spec, storage, settings)
+        else:
+            with pytest.raises(TrainingStopped):
+                run_training(f"no-orphans-{outcome}", spec, storage, settings, _StopAfter(5))
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
+
+
+class _StopAfter(TrainingCallbacks):
+    def __init__(self, polls: int) -> None:
+        self.polls, self.limit = 0, polls
+
+    def stop_requested(self) -> StopReason | None:
+        self.polls += 1
+        return StopReason.CANCELLED if self.polls >= self.limit else None
