@@ -627,9 +627,9 @@ class JobStore:
                         update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
-                        if "progress" not in fields and (current.get("progress") or {}).get("phase"):
-                            # "what the job is doing now": nothing, once it has ended
-                            update["progress"] = current["progress"] | {"phase": None}
+                    if state is JobState.SUCCEEDED and "progress" not in fields and (current.get("progress") or {}).get("phase"):
+                        # nothing is being done any more; a failed or cancelled job keeps the phase it stopped in
+                        update["progress"] = current["progress"] | {"phase": None}
                     owner = current.get("owner", ANONYMOUS_OWNER)
                     pipe.multi()
                     pipe.hset(key, mapping=_encode(update))

@@ -139,14 +139,15 @@ def test_transitions_move_jobs_between_state_indexes(store: JobStore):
     assert store.count_by_state()[JobState.SUCCEEDED] == 1 and store.queues() == ["default"]
 
 
-@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.FAILED])
-def test_an_ended_job_has_no_phase_but_keeps_its_progress(store: JobStore, final: JobState):
+@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED])
+def test_a_succeeded_job_has_no_phase_and_a_stopped_one_keeps_where_it_stopped(store: JobStore, final: JobState):
     job, _ = store.create(JobSpec.model_validate(example_spec()), "default")
     store.transition(job.id, JobState.RUNNING)
     store.update(job.id, progress=Progress(phase=JobPhase.UPLOADING, epoch=3, epochs=3, step=42))
     store.transition(job.id, final)
     progress = store.get(job.id).progress
-    assert progress.phase is None and (progress.epoch, progress.step) == (3, 42)
+    assert progress.phase == (None if final is JobState.SUCCEEDED else JobPhase.UPLOADING)
+    assert (progress.epoch, progress.step) == (3, 42)
 
 
 def test_rebuild_indexes_restores_the_filter_indexes(store: JobStore):

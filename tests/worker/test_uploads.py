@@ -54,13 +54,14 @@ class RecordingStorage(Storage):
 def test_a_newer_checkpoint_replaces_a_waiting_one_and_queues_behind_the_events(tmp_path: Path, storage: Storage):
     recording = RecordingStorage(storage.settings)
     uploader = BackgroundUploader(recording, deadline_s=30)
-    release, written, done = threading.Event(), [], []
+    release, started, written, done = threading.Event(), threading.Event(), [], []
 
     def submit(name: str, *, hold: bool = False) -> None:
         path = tmp_path / name
 
         def write() -> None:
             if hold:
+                started.set()
                 assert release.wait(30)  # step-1 stays in flight until everything else is queued
             path.write_text(name)
             written.append(name)
@@ -71,6 +72,7 @@ def test_a_newer_checkpoint_replaces_a_waiting_one_and_queues_behind_the_events(
     events = tmp_path / "events"
     events.mkdir()
     submit("step-1", hold=True)
+    assert started.wait(30)  # in flight (a queued one would be replaced by step-2 too)
     (events / "tb").write_text("up to step 2")
     uploader.submit_snapshot(events, "s3://trainq/tests/coalesce/events", key="tensorboard")
     submit("step-2")

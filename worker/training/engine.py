@@ -195,7 +195,8 @@ def evaluate(
     Classification: ``val_loss`` (mean per sample), ``val_accuracy`` and, with more than 5
     classes, ``val_top5_accuracy`` (0..1). Regression: ``val_loss``, ``val_mae``, ``val_rmse``
     and ``val_r2`` (coefficient of determination, 1 − SS_res / SS_tot). ``fast``: the run's
-    precision and memory format (default: fp32, as stored).
+    precision, memory format and the data's ``finish`` (default: fp32, as stored, no finish:
+    pass ``FastPath(device, finish=data.finish)`` for an image folder's uint8 batches).
 
     Raises:
         Interrupted: ``should_stop`` (asked before every batch; it must be cheap) answered a reason.
