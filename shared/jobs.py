@@ -135,8 +135,11 @@ class Progress(BaseModel):
         "(classification); val_mae, val_rmse, val_r2 (regression).",
     )
     early_stopped: bool = Field(False, description="Training ended early: the early-stopping metric stopped improving.")
-    samples_per_s: float | None = Field(None, description="Training throughput of the current attempt.")
-    eta_s: float | None = Field(None, description="Estimated seconds left, from the throughput so far.")
+    samples_per_s: float | None = Field(
+        None, description="Training samples a second of the current attempt, validation included, from its first progress "
+        "report after a step (the download, checks, model build and first step don't count); null until two such reports."
+    )
+    eta_s: float | None = Field(None, description="Estimated seconds left: the steps left at the rate of `samples_per_s`.")
     runtime_s: float = Field(
         0.0,
         description="Seconds the job has run on workers (data download and checks, model build, training, validation, "

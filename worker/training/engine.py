@@ -452,6 +452,9 @@ class _Run:
         self.started = time.monotonic()
         self.start_step = 0
         self.last_progress = self.last_tb_upload = self.started
+        # (monotonic time, step) of this attempt's first report after a step: the throughput is
+        # measured from there, so the download, checks, model build and first step don't count.
+        self.rate_origin: tuple[float, int] | None = None
         limits = [settings.max_runtime_s] + ([spec.max_runtime_s] if spec.max_runtime_s else [])
         self.max_runtime_s = min(limits)
         # Set up by _train once the data and model exist.
@@ -719,11 +722,13 @@ class _Run:
         if not force and now - self.last_progress < self.settings.progress_interval_s:
             return
         self.drain_losses(writer, losses)
-        elapsed = max(now - self.started, 1e-9)
-        done = self.progress.step - self.start_step
-        samples_per_step = self.spec.batch_size * self.spec.grad_accumulation_steps
-        self.progress.samples_per_s = done * samples_per_step / elapsed if done else None
-        self.progress.eta_s = (self.progress.total_steps - self.progress.step) * elapsed / done if done else None
+        if self.rate_origin is None and self.progress.step > self.start_step:
+            self.rate_origin = (now, self.progress.step)
+        if self.rate_origin is not None and self.progress.step > self.rate_origin[1]:
+            steps_per_s = (self.progress.step - self.rate_origin[1]) / max(now - self.rate_origin[0], 1e-9)
+            samples_per_step = self.spec.batch_size * self.spec.grad_accumulation_steps
+            self.progress.samples_per_s = steps_per_s * samples_per_step
+            self.progress.eta_s = (self.progress.total_steps - self.progress.step) / steps_per_s
         self.progress.runtime_s = self.runtime_s
         self.progress.updated_at = time.time()
         self.callbacks.on_progress(self.progress.model_copy())
