@@ -630,6 +630,8 @@ class JobStore:
                         update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
+                    if state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.CANCELLED) and "error" not in fields:
+                        update["error"] = None  # an earlier attempt's error stays in `transitions` (its reason)
                     if state is JobState.SUCCEEDED and "progress" not in fields and (current.get("progress") or {}).get("phase"):
                         # nothing is being done any more; a failed or cancelled job keeps the phase it stopped in
                         update["progress"] = current["progress"] | {"phase": None}

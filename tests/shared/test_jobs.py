@@ -150,6 +150,16 @@ def test_a_succeeded_job_has_no_phase_and_a_stopped_one_keeps_where_it_stopped(s
     assert (progress.epoch, progress.step) == (3, 42)
 
 
+def test_a_new_attempt_clears_the_last_attempts_error_which_stays_in_the_transitions(store: JobStore):
+    job, _ = store.create(JobSpec.model_validate(example_spec()), "default")
+    store.transition(job.id, JobState.RUNNING)
+    store.transition(job.id, JobState.RETRYING, reason="worker lost", error="worker lost: no heartbeat for 30 s")
+    assert store.get(job.id).error.startswith("worker lost")
+    record = store.transition(job.id, JobState.RUNNING)
+    assert record.error is None and record.transitions[-2].reason == "worker lost"
+    assert store.transition(job.id, JobState.FAILED, error="time limit").error == "time limit"
+
+
 def test_rebuild_indexes_restores_the_filter_indexes(store: JobStore):
     job, _ = store.create(JobSpec.model_validate(example_spec()), "gpu", owner="dave")
     for key in store.redis.scan_iter("trainq:jobs:*:*"):
