@@ -381,6 +381,22 @@ class Storage:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
 
     # -- writing ----------------------------------------------------------------------------
+    def abort_incomplete_uploads(self, uri: str) -> list[str]:
+        """Abort every multipart upload still open under ``uri``'s prefix; return their keys.
+
+        A worker killed mid-upload leaves its multipart upload open: invisible to listings, yet
+        its parts are stored (and billed, on AWS) until aborted. Call it only where nothing else
+        uploads under ``uri`` (a job's next attempt, before it uploads). An S3 lifecycle rule
+        (``AbortIncompleteMultipartUpload``) does the same for uploads nobody comes back to.
+        """
+        bucket, prefix = folder_prefix(uri)
+        aborted = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted.append(upload["Key"])
+        return aborted
+
     def upload_file(self, path: Path, uri: str) -> str:
         """Upload one local file to ``uri`` and return ``uri``.
 

@@ -238,3 +238,16 @@ class _StopAfter(TrainingCallbacks):
     def stop_requested(self) -> StopReason | None:
         self.polls += 1
         return StopReason.CANCELLED if self.polls >= self.limit else None
+
+
+def test_a_job_aborts_the_multipart_upload_an_earlier_attempt_left_open(storage: Storage, settings: Settings):
+    # kill -9 during a checkpoint's multipart upload leaves the upload open: stored, billed, invisible.
+    bucket, key = storage.bucket, storage.job_uri("left-open", "checkpoints", "step-000000120.pt").split("/", 3)[3]
+    upload = storage.client.create_multipart_upload(Bucket=bucket, Key=key)
+    storage.client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    other = storage.client.create_multipart_upload(Bucket=bucket, Key="elsewhere/file.bin")  # not this job's
+    spec = JobSpec.model_validate(fast_digits_spec(epochs=1, num_workers=0))
+    run_training("left-open", spec, storage, settings)
+    open_keys = [u["Key"] for u in storage.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert key not in open_keys and "elsewhere/file.bin" in open_keys
+    storage.client.abort_multipart_upload(Bucket=bucket, Key="elsewhere/file.bin", UploadId=other["UploadId"])

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from botocore.exceptions import ClientError
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +41,7 @@ from torchvision.utils import make_grid
 from shared.access import check_spec_access
 from shared.exceptions import DatasetError, Interrupted, JobFailure
 from shared.jobs import DatasetInfo, JobPhase, MemoryEstimate, Progress
+from shared.sanitize import public_message
 from shared.settings import Settings
 from shared.spec import CsvDataset, JobSpec
 from shared.storage import ShouldStop, Storage
@@ -518,9 +520,24 @@ class _Run:
             self.callbacks.on_progress(self.progress.model_copy())
             self.last_progress = now
 
+    def _abort_earlier_uploads(self) -> None:
+        try:
+            aborted = self.storage.abort_incomplete_uploads(self.storage.job_uri(self.job_id))
+        except ClientError as exc:  # e.g. no s3:AbortMultipartUpload permission: not worth failing the job
+            logger.warning("job %s: could not abort earlier incomplete uploads: %s", self.job_id, public_message(exc))
+            return
+        for key in aborted:
+            logger.info("job %s: aborted the incomplete upload of %s left by an earlier attempt", self.job_id, key)
+
     @in_stage("resume")
     def resume(self) -> str | None:
-        """Restore the newest loadable checkpoint of this job, if any; return its URI."""
+        """Restore the newest loadable checkpoint of this job, if any; return its URI.
+
+        First aborts the multipart uploads an earlier attempt left open (a worker killed mid-upload):
+        their parts are stored, and billed on AWS, until aborted.
+        """
+        if self.group.is_main:
+            self._abort_earlier_uploads()
         for uri in checkpoint_uris(self.storage, self.job_id):
             path = self.workdir / "resume.pt"
             try:
