@@ -727,18 +727,24 @@ class JobSpec(SpecModel):
             raise ValueError(f"loss.class_weights has {len(weights)} values; model.num_classes is {model.num_classes}")
         return loss
 
-    @model_validator(mode="after")
-    def _loader_and_gpus_fit(self) -> JobSpec:
-        if self.num_workers == 0:
+    # Field validators on the later field (not a model validator), so a 422 names the section:
+    # ["body", "performance"] rather than ["body"].
+    @field_validator("performance")
+    @classmethod
+    def _loader_settings_need_workers(cls, performance: PerformanceSpec, info: ValidationInfo) -> PerformanceSpec:
+        if info.data.get("num_workers") == 0:
             for name in ("persistent_workers", "prefetch_factor"):
-                if getattr(self.performance, name) not in (None, False):
+                if getattr(performance, name) not in (None, False):
                     raise ValueError(f"performance.{name} needs num_workers > 0 (DataLoader worker processes)")
-        gpus = self.resources.gpus
-        if self.batch_size % gpus:
-            raise ValueError(
-                f"batch_size {self.batch_size} is the global batch and must divide evenly over resources.gpus {gpus}"
-            )
-        return self
+        return performance
+
+    @field_validator("resources")
+    @classmethod
+    def _batch_divides_over_gpus(cls, resources: BaseModel, info: ValidationInfo) -> BaseModel:
+        batch_size, gpus = info.data.get("batch_size"), resources.gpus
+        if batch_size is not None and batch_size % gpus:
+            raise ValueError(f"batch_size {batch_size} is the global batch and must divide evenly over resources.gpus {gpus}")
+        return resources
 
     @field_validator("checkpoint", "early_stopping")
     @classmethod

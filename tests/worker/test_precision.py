@@ -50,9 +50,14 @@ def test_performance_settings_validate_strictly_with_safe_defaults():
     assert {loc for loc, _ in errors(fast_digits_spec(performance={"channels_last": "yes"}))} == {
         ("performance", "channels_last", "literal['auto']"), ("performance", "channels_last", "bool"),
     }
-    assert "prefetch_factor needs num_workers > 0" in errors(fast_digits_spec(num_workers=0, performance={"prefetch_factor": 4}))[0][1]
-    assert "persistent_workers needs num_workers > 0" in errors(fast_digits_spec(num_workers=0, performance={"persistent_workers": True}))[0][1]
-    assert "must divide evenly over resources.gpus 3" in errors(fast_digits_spec(batch_size=64, resources={"gpus": 3}))[0][1]
+    # cross-field errors name the section at fault (a 422's loc), not just the body
+    assert errors(fast_digits_spec(num_workers=0, performance={"prefetch_factor": 4})) == [
+        (("performance",), "Value error, performance.prefetch_factor needs num_workers > 0 (DataLoader worker processes)")
+    ]
+    loc, message = errors(fast_digits_spec(num_workers=0, performance={"persistent_workers": True}))[0]
+    assert loc == ("performance",) and "persistent_workers needs num_workers > 0" in message
+    loc, message = errors(fast_digits_spec(batch_size=64, resources={"gpus": 3}))[0]
+    assert loc == ("resources",) and "must divide evenly over resources.gpus 3" in message
     assert errors(fast_digits_spec(resources={"gpus": 0}))[0][0] == ("resources", "gpus")
     explicit = JobSpec.model_validate(fast_digits_spec(performance={"channels_last": True, "precision": "bf16", "prefetch_factor": 4}))
     assert explicit.performance.channels_last is True and explicit.performance.prefetch_factor == 4
