@@ -196,8 +196,16 @@ def test_tensorboard_serves_the_jobs_run_from_s3(env, waited, stack: LocalStack,
             time.sleep(1)
         assert any("train/loss" in tags for tags in runs.values()), runs
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        output = process.communicate(timeout=30)[0].decode()
+        process.terminate()  # SIGTERM to the CLI's own pid, as a supervisor sends it: TensorBoard must go too
+        try:
+            output = process.communicate(timeout=30)[0].decode()  # a TensorBoard child would hold stdout open
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=5)  # nothing left serving the port
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+            except ProcessLookupError:
+                pass
     assert f"TensorBoard on s3://trainq/jobs/{job_id}/tensorboard/" in output
 
 

@@ -393,7 +393,9 @@ def tensorboard(
     print(f"TensorBoard on {logdir} at http://{host}:{port}/ (S3_ENDPOINT={env.get('S3_ENDPOINT') or 'AWS'}); Ctrl-C stops it",
           file=sys.stderr, flush=True)
     try:
-        raise typer.Exit(subprocess.call(command, env=env))
+        # This process becomes TensorBoard: Ctrl-C, SIGTERM and a closed terminal reach it directly
+        # (a child would outlive a SIGTERM to this CLI, keeping the port).
+        os.execve(executable, command, env)
     except FileNotFoundError:
         _fail(f"tensorboard is not installed ({executable}); `pip install tensorboard`")
 
