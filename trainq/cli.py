@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
