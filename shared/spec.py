@@ -731,7 +731,9 @@ class JobSpec(SpecModel):
     # ["body", "performance"] rather than ["body"].
     @field_validator("performance")
     @classmethod
-    def _loader_settings_need_workers(cls, performance: PerformanceSpec, info: ValidationInfo) -> PerformanceSpec:
+    def _performance_fits(cls, performance: PerformanceSpec, info: ValidationInfo) -> PerformanceSpec:
+        if performance.precision == "fp16" and info.data.get("device") == "cpu":  # known at submit, not just on the worker
+            raise ValueError("performance.precision 'fp16' needs a CUDA device; with device 'cpu' use 'bf16' or 'fp32'")
         if info.data.get("num_workers") == 0:
             for name in ("persistent_workers", "prefetch_factor"):
                 if getattr(performance, name) not in (None, False):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from shared.exceptions import JobFailure
 from shared.jobs import JobPhase, Progress
@@ -191,6 +192,6 @@ def test_the_dry_run_steps_in_the_jobs_precision(storage: Storage, settings: Set
     if not torch.cuda.is_available():  # fp16 needs CUDA: a CPU worker checks the rest and says so
         fp16 = dry_run(local_spec(performance={"precision": "fp16"}), storage, settings)
         assert fp16.warnings == ["performance.precision 'fp16' needs a GPU: the dry run's step ran in fp32 on this worker's CPU"]
-        with pytest.raises(JobFailure) as error:
-            dry_run(local_spec(device="cpu", performance={"precision": "fp16"}), storage, settings)
-        assert error.value.loc == ["body", "performance", "precision"] and "needs a CUDA device" in str(error.value)
+    with pytest.raises(ValidationError) as refused:  # device "cpu" with fp16: refused by the spec itself (a 422)
+        local_spec(device="cpu", performance={"precision": "fp16"})
+    assert [(e["loc"], "needs a CUDA device" in e["msg"]) for e in refused.value.errors()] == [(("performance",), True)]
