@@ -102,9 +102,8 @@ class TokenStore:
 
     def lookup(self, token: str) -> Principal | None:
         """The principal ``token`` authenticates, or None for an unknown or revoked token."""
-        if not token or len(token) > _MAX_TOKEN_CHARS:
-            return None
-        return _principal(self.redis.hgetall(TOKEN_KEY.format(token_digest(token))))
+        key = _token_key(token)
+        return _principal(self.redis.hgetall(key)) if key else None
 
     def list(self) -> list[TokenInfo]:
         """Every stored token (without the token itself), oldest first."""
@@ -145,6 +144,13 @@ class TokenStore:
         return matches
 
 
+def _token_key(token: str) -> str | None:
+    """The Redis key of ``token``'s hash; None for a token no store could hold (empty, too long)."""
+    if not token or len(token) > _MAX_TOKEN_CHARS:
+        return None
+    return TOKEN_KEY.format(token_digest(token))
+
+
 def _principal(raw: dict[bytes, bytes]) -> Principal | None:
     """The principal of a token's stored hash (empty: unknown or revoked)."""
     if not raw:
@@ -158,17 +164,10 @@ def _is_admin_token(token: str, admin_token: str | None) -> bool:
     )
 
 
-def authenticate(token: str, client: redis.Redis, admin_token: str | None = None) -> Principal | None:
-    """The principal of bearer ``token``: ``ADMIN_TOKEN`` (an admin) or a stored token; else None."""
-    if _is_admin_token(token, admin_token):
-        return Principal(owner=ADMIN_OWNER, admin=True)
-    return TokenStore(client).lookup(token)
-
-
 async def authenticate_async(token: str, client: redis.asyncio.Redis, admin_token: str | None = None) -> Principal | None:
-    """:func:`authenticate` on an asyncio client (the API's event loop): one ``HGETALL``."""
+    """The principal of bearer ``token``: ``ADMIN_TOKEN`` (an admin) or a stored token (one
+    ``HGETALL`` on the API's asyncio client); else None."""
     if _is_admin_token(token, admin_token):
         return Principal(owner=ADMIN_OWNER, admin=True)
-    if not token or len(token) > _MAX_TOKEN_CHARS:
-        return None
-    return _principal(await client.hgetall(TOKEN_KEY.format(token_digest(token))))
+    key = _token_key(token)
+    return _principal(await client.hgetall(key)) if key else None
