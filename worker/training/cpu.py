@@ -168,7 +168,7 @@ def probe_threads(
         The choice (:func:`decide_threads`) and what it was based on (``step_s`` has only
         ``reserve`` when the probe stopped early).
     """
-    reserve, share = max(1, usable_cpus() - num_workers), usable_cpus()
+    reserve, share = training_threads(num_workers), usable_cpus()  # a core per worker / every core
     count = max(1, min(batch_size, max_samples, num_samples))
     started = time.perf_counter()
     torch.set_num_threads(1)
