@@ -72,7 +72,7 @@ def checkpoint_payload(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint holds, as a dict whose tensors are the live ones (model parameters,
-    optimizer moments): pass it through :func:`snapshot` before training goes on, or write it now.
+    optimizer moments): wrap it in a :class:`Snapshot` before training goes on, or write it now.
 
     Args:
         epoch: epochs completed when saved.
