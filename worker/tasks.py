@@ -35,7 +35,7 @@ from worker.heartbeat import JobMonitor
 from worker.joblog import JobLog
 from worker.presence import STATS, MeteredStorage
 from worker.recovery import requeue
-from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
+from worker.training import CheckpointKind, StopReason, TrainingCallbacks, TrainingStopped, run_training
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,12 +80,12 @@ class RecordCallbacks(TrainingCallbacks):
         self._write(progress=progress)
         STATS.observe_progress(progress)
 
-    def on_checkpoint(self, uri: str) -> None:
-        if uri.endswith("/best.pt"):
+    def on_checkpoint(self, uri: str, kind: CheckpointKind) -> None:
+        if kind is CheckpointKind.BEST:
             self.artifacts.best_checkpoint = uri
         elif uri not in self.artifacts.checkpoints:
             self.artifacts.checkpoints.append(uri)
-        if uri.endswith("/final.pt"):
+        if kind is CheckpointKind.FINAL:
             self.artifacts.final_checkpoint = uri
         self._write(artifacts=self.artifacts)
 

@@ -23,7 +23,7 @@ from shared.storage import Storage
 from tests.conftest import wait_for_job
 from tests.fixtures import fast_digits_spec
 from trainq.sample_data import write_table
-from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
+from worker.training import CheckpointKind, StopReason, TrainingCallbacks, TrainingStopped, run_training
 from worker.training.checkpoint import load_checkpoint
 
 EPOCHS = 5
@@ -45,7 +45,7 @@ class Recorder(TrainingCallbacks):
     def on_progress(self, progress: Progress) -> None:
         self.progress = progress
 
-    def on_checkpoint(self, uri: str) -> None:
+    def on_checkpoint(self, uri: str, kind: CheckpointKind) -> None:
         self.checkpoints.append(uri)
 
     def stop_requested(self) -> StopReason | None:

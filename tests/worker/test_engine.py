@@ -16,7 +16,7 @@ from shared.spec import JobSpec
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI, fast_digits_spec
 from trainq.sample_data import write_table
-from worker.training import StopReason, TrainingCallbacks, TrainingStopped, run_training
+from worker.training import CheckpointKind, StopReason, TrainingCallbacks, TrainingStopped, run_training
 from worker.training.checkpoint import load_checkpoint
 from worker.training.data import load_data
 
@@ -33,7 +33,7 @@ class Recorder(TrainingCallbacks):
     def on_progress(self, progress: Progress) -> None:
         self.progress = progress
 
-    def on_checkpoint(self, uri: str) -> None:
+    def on_checkpoint(self, uri: str, kind: CheckpointKind) -> None:
         self.checkpoints.append(uri)
 
     def stop_requested(self) -> StopReason | None:

@@ -1,21 +1,146 @@
-"""Self-describing checkpoints that load with ``torch.load(path, weights_only=True)``.
+"""Self-describing checkpoints that load with ``torch.load(path, weights_only=True)``: the whole format.
 
 A checkpoint holds everything a resume needs and nothing that needs pickle's full power:
 tensors, dicts, lists, str, int, float, bool and None only (numpy scalars and arrays are
 converted; dvgodoy/PyTorchStepByStep#61 shows ``weights_only`` failing on a numpy.float64).
+
+The training loop saves and restores through one pair, :func:`capture` and :func:`restore`,
+over a registry of stateful parts (model, optimizer, scheduler, scaler, trackers, train state,
+…: anything with ``state_dict``/``load_state_dict``), as Lightning Fabric's ``save``/``load``
+do; :func:`restore` refuses a payload of another :data:`FORMAT_VERSION` or with keys the parts
+do not expect (or lacking keys they do), naming them. The file names and their kinds
+(:class:`CheckpointKind`) are here too, so no caller parses a name.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from shared.exceptions import JobFailure
+from shared.storage import Storage
+
+#: The payload layout this worker writes and reads. Checkpoints written before the registry
+#: (same layout, also 1) resume; any other version fails the job with :class:`CheckpointError`.
 FORMAT_VERSION = 1
+FINAL_CHECKPOINT = "final.pt"
+BEST_CHECKPOINT = "best.pt"
+_STEP_CHECKPOINT = re.compile(r"step-(\d+)\.pt$")
+
+
+class CheckpointKind(str, Enum):
+    """What a checkpoint is: one on schedule (or at a stop), the best so far, or the last."""
+
+    STEP = "step"
+    BEST = "best"
+    FINAL = "final"
+
+
+def checkpoint_name(kind: CheckpointKind, step: int) -> str:
+    """The file name of a checkpoint of ``kind`` taken after optimizer step ``step``."""
+    if kind is CheckpointKind.FINAL:
+        return FINAL_CHECKPOINT
+    return BEST_CHECKPOINT if kind is CheckpointKind.BEST else f"step-{step:09d}.pt"
+
+
+def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
+    """The job's checkpoints in S3, newest first (``final.pt``, then ``step-N.pt`` by N).
+
+    Only complete objects are ever listed: an S3 PUT or multipart upload appears whole or not
+    at all, so a worker killed mid-upload leaves nothing behind.
+    """
+    ranked = []
+    for obj in storage.list_objects(storage.job_uri(job_id, "checkpoints")):
+        name = obj.key.rsplit("/", 1)[-1]
+        match = _STEP_CHECKPOINT.fullmatch(name)
+        if name == FINAL_CHECKPOINT:
+            ranked.append((float("inf"), obj.key))
+        elif match:
+            ranked.append((int(match[1]), obj.key))
+    return [f"s3://{storage.bucket}/{key}" for _, key in sorted(ranked, reverse=True)]
+
+
+class Stateful(Protocol):
+    """A part of a checkpoint: ``load_state_dict(state_dict())`` puts it back as it was."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class Spread:
+    """A part whose entries stand at the payload's top level (``payload["step"]``, not
+    ``payload["train"]["step"]``), under the names its class lists in ``KEYS``: where readers of
+    a checkpoint (inference, the format before the registry) find them."""
+
+    def __init__(self, part: Stateful) -> None:
+        self.part = part
+        self.keys: tuple[str, ...] = type(part).KEYS  # type: ignore[attr-defined]
+
+
+#: ``name → part``: a :class:`Stateful` saved under ``payload[name]``, or a :class:`Spread` one.
+Parts = dict[str, "Stateful | Spread"]
+
+
+class CheckpointError(JobFailure):
+    """A checkpoint this worker cannot resume from: another format, or keys its parts do not match."""
+
+    error_type = "checkpoint_error"
+
+
+def _payload_keys(parts: Parts) -> set[str]:
+    keys = {"format_version"}
+    for name, part in parts.items():
+        keys.update(part.keys if isinstance(part, Spread) else (name,))
+    return keys
+
+
+def capture(parts: Parts) -> dict[str, Any]:
+    """The checkpoint payload of ``parts``: each part's ``state_dict()`` (live tensors: wrap it
+    in a :class:`Snapshot` before training goes on, or write it now) and the format version."""
+    payload: dict[str, Any] = {"format_version": FORMAT_VERSION}
+    for name, part in parts.items():
+        if isinstance(part, Spread):
+            state = part.part.state_dict()
+            payload.update({key: state[key] for key in part.keys})
+        else:
+            payload[name] = part.state_dict()
+    return payload
+
+
+def restore(payload: dict[str, Any], parts: Parts, *, source: str) -> None:
+    """Inverse of :func:`capture`: load each part's state from ``payload``, in ``parts``' order.
+
+    Raises:
+        CheckpointError: ``payload`` has another ``format_version``, or keys that no part takes,
+            or lacks keys a part needs (each named); or a part refused its state (a
+            :class:`JobFailure`, e.g. the dataset's classes changed). ``source`` names the checkpoint.
+    """
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"cannot resume from {source}: checkpoint format {version}, this worker reads {FORMAT_VERSION}")
+    expected = _payload_keys(parts)
+    unknown, missing = sorted(payload.keys() - expected), sorted(expected - payload.keys())
+    if unknown or missing:
+        problems = ([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else []) + (
+            [f"missing key(s) {', '.join(map(repr, missing))}"] if missing else []
+        )
+        raise CheckpointError(f"cannot resume from {source}: the checkpoint has {' and '.join(problems)}")
+    for name, part in parts.items():
+        try:
+            if isinstance(part, Spread):
+                part.part.load_state_dict({key: payload[key] for key in part.keys})
+            else:
+                part.load_state_dict(payload[name])
+        except JobFailure as exc:
+            raise CheckpointError(f"cannot resume from {source}: {exc}", field=exc.field) from exc
 
 
 def capture_rng_state() -> dict[str, Any]:

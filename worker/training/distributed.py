@@ -3,7 +3,7 @@
 The worker's own process (the Celery task's, which holds the job's lease and heartbeat) becomes a
 supervisor: it starts N rank processes with ``torch.multiprocessing``'s ``spawn`` start method
 (CUDA cannot be used in a forked child) and relays between them and its
-:class:`~worker.training.engine.TrainingCallbacks`:
+:class:`~worker.training.contract.TrainingCallbacks`:
 
 - rank 0 sends ``on_start``, progress and checkpoint reports and its outcome (result, stop or
   failure) through a queue; the supervisor calls the callbacks and returns or raises the same
@@ -35,7 +35,8 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,9 +44,8 @@ import torch.distributed as dist
 from shared.exceptions import JobFailure
 from shared.settings import Settings
 from shared.spec import JobSpec
+from worker.training.contract import StopReason, TrainingCallbacks, TrainingStopped, TrainResult
 
-if TYPE_CHECKING:
-    from worker.training.engine import TrainingCallbacks, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +118,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: What each rank process runs: :func:`worker.training.loop.run_rank` (a module-level function,
+#: so that the spawned process can import it by name).
+RankMain = Callable[..., TrainResult]
+
+
 def launch(
-    job_id: str, spec: JobSpec, settings: Settings, callbacks: TrainingCallbacks, world_size: int, backend: str
+    job_id: str, spec: JobSpec, settings: Settings, callbacks: TrainingCallbacks, world_size: int, backend: str,
+    run_rank: RankMain,
 ) -> TrainResult:
-    """Train ``spec`` in ``world_size`` spawned processes (``backend``: ``nccl`` or ``gloo``) and
-    relay their reports to ``callbacks``; return or raise what rank 0 ended with.
+    """Train ``spec`` in ``world_size`` spawned processes (``backend``: ``nccl`` or ``gloo``), each
+    calling ``run_rank``, and relay their reports to ``callbacks``; return or raise what rank 0 ended with.
 
     Raises:
         TrainingStopped: as :func:`~worker.training.engine.run_training` (every rank stopped).
         JobFailure: a fault of the job, raised in any rank.
         RuntimeError: a rank failed otherwise or died (an infrastructure error: retried).
     """
-    from worker.training.engine import StopReason, TrainingStopped
-
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()  # an earlier job's cached blocks in this process would shrink rank 0's GPU
     context = torch.multiprocessing.get_context("spawn")
@@ -141,7 +145,7 @@ def launch(
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, world_size, backend, port, job_id, spec_json, settings, events, stop),
+            args=(rank, world_size, backend, port, job_id, spec_json, settings, events, stop, run_rank),
             name=f"trainq-{job_id}-rank{rank}",
         )
         for rank in range(world_size)
@@ -190,7 +194,7 @@ def _supervise(processes: list, events: Any, stop: Any, callbacks: TrainingCallb
         elif kind == "progress":
             callbacks.on_progress(payload)
         elif kind == "checkpoint":
-            callbacks.on_checkpoint(payload)
+            callbacks.on_checkpoint(*payload)
         else:
             return kind, payload
 
@@ -213,8 +217,6 @@ class _RelayCallbacks:
     """Rank 0's callbacks: reports go to the supervisor's queue; the stop flag comes from it."""
 
     def __init__(self, events: Any, stop: Any) -> None:
-        from worker.training.engine import StopReason
-
         self.events, self.stop, self.reasons = events, stop, list(StopReason)
 
     def on_start(self, **fields: Any) -> None:
@@ -223,8 +225,8 @@ class _RelayCallbacks:
     def on_progress(self, progress: Any) -> None:
         self.events.put(("progress", progress))
 
-    def on_checkpoint(self, uri: str) -> None:
-        self.events.put(("checkpoint", uri))
+    def on_checkpoint(self, uri: str, kind: Any) -> None:
+        self.events.put(("checkpoint", (uri, kind)))
 
     def stop_requested(self) -> Any:
         code = self.stop.value  # shared memory: no I/O
@@ -243,13 +245,12 @@ def _die_with_parent() -> None:
 
 def _rank_main(
     rank: int, world_size: int, backend: str, port: int, job_id: str, spec_json: dict,
-    settings: Settings, events: Any, stop: Any,
+    settings: Settings, events: Any, stop: Any, run_rank: RankMain,
 ) -> None:
     """Entry point of one rank process."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     from shared.storage import Storage
-    from worker.training.engine import TrainingCallbacks, TrainingStopped, run_rank
 
     code = 0
     try:

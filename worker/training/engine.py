@@ -18,14 +18,12 @@ import itertools
 import logging
 import math
 import random
-import re
 import shutil
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,13 +45,17 @@ from shared.spec import CsvDataset, JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import (
+    CheckpointKind,
     Snapshot,
     capture_rng_state,
+    checkpoint_name,
     checkpoint_payload,
+    checkpoint_uris,
     load_checkpoint,
     restore_rng_state,
     write_checkpoint,
 )
+from worker.training.contract import StopReason, TrainingCallbacks, TrainingStopped, TrainResult
 from worker.training.cpu import probe_threads, training_threads, usable_cpus
 from worker.training.data import LoadOptions, TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
@@ -67,68 +69,8 @@ logger = logging.getLogger(__name__)
 # torchdata 0.11's StatefulDataLoader calls a torch API deprecated in newer torch; harmless noise.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
-FINAL_CHECKPOINT = "final.pt"
-BEST_CHECKPOINT = "best.pt"
 #: Seconds a stopping run (cancel, time limit, shutdown) waits for its last checkpoint's upload.
 STOP_UPLOAD_WAIT_S = 60.0
-_STEP_CHECKPOINT = re.compile(r"step-(\d+)\.pt$")
-
-
-class StopReason(str, Enum):
-    """Why a run stopped before the end of its last epoch."""
-
-    CANCELLED = "cancelled"
-    TIME_LIMIT = "time limit"
-    SHUTDOWN = "worker shutdown"
-    LEASE_LOST = "lease lost"
-
-    @property
-    def saves_checkpoint(self) -> bool:
-        """A run that lost its lease must not write: another worker may own the job now."""
-        return self is not StopReason.LEASE_LOST
-
-
-class TrainingStopped(Exception):
-    """Raised by :func:`run_training` when it stops early; ``checkpoint`` is in S3 (or None)."""
-
-    def __init__(self, reason: StopReason, step: int, runtime_s: float, checkpoint: str | None) -> None:
-        super().__init__(f"stopped at step {step} after {runtime_s:.1f} s: {reason.value}")
-        self.reason, self.step, self.runtime_s, self.checkpoint = reason, step, runtime_s, checkpoint
-
-
-class TrainingCallbacks:
-    """Hooks the engine calls while a job runs; the default does nothing and never stops.
-
-    The Celery task subclasses this to write the job record and to relay cancel requests;
-    tests and a CLI can use their own. ``on_checkpoint`` is called from the upload thread.
-    """
-
-    def on_start(self, *, device: str, dataset: DatasetInfo, tensorboard_uri: str, resumed_from: str | None) -> None:
-        """Data loaded, model built (and restored); training is about to begin on ``device``."""
-
-    def on_progress(self, progress: Progress) -> None:
-        """Called every ``progress_interval_s`` seconds, after every epoch and when ``progress.phase`` changes."""
-
-    def on_checkpoint(self, uri: str) -> None:
-        """A checkpoint is complete in S3 at ``uri``."""
-
-    def stop_requested(self) -> StopReason | None:
-        """Polled after every optimizer step, before every validation batch and between the files
-        and phases of preparation; must be cheap (no I/O). None means go on."""
-        return None
-
-
-@dataclass
-class TrainResult:
-    """Outcome of a finished job: final metrics and where the final checkpoint is."""
-
-    final_checkpoint: str
-    epochs: int
-    steps: int
-    val_loss: float
-    val_accuracy: float
-    runtime_s: float
-    metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's (val_*, train_*)
 
 
 def seed_everything(seed: int) -> None:
@@ -162,23 +104,6 @@ def resolve_device(requested: str) -> torch.device:
 def describe_device(device: torch.device) -> str:
     """Human name of ``device``: the CUDA device name (e.g. ``NVIDIA H200``) or ``cpu``."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
-    """The job's checkpoints in S3, newest first (``final.pt``, then ``step-N.pt`` by N).
-
-    Only complete objects are ever listed: an S3 PUT or multipart upload appears whole or not
-    at all, so a worker killed mid-upload leaves nothing behind.
-    """
-    ranked = []
-    for obj in storage.list_objects(storage.job_uri(job_id, "checkpoints")):
-        name = obj.key.rsplit("/", 1)[-1]
-        match = _STEP_CHECKPOINT.fullmatch(name)
-        if name == FINAL_CHECKPOINT:
-            ranked.append((float("inf"), obj.key))
-        elif match:
-            ranked.append((int(match[1]), obj.key))
-    return [f"s3://{storage.bucket}/{key}" for _, key in sorted(ranked, reverse=True)]
 
 
 @in_stage("validation")
@@ -276,12 +201,10 @@ class _ScalarBuffer:
         return points
 
 
-def _coalesce_key(name: str) -> str | None:
-    """Which waiting checkpoint upload a new one named ``name`` replaces: a newer ``step-*``
+def _coalesce_key(kind: CheckpointKind) -> str | None:
+    """Which waiting checkpoint upload a new one of ``kind`` replaces: a newer ``step-*``
     replaces a waiting ``step-*``, ``best.pt`` a waiting ``best.pt``; ``final.pt`` none."""
-    if name == FINAL_CHECKPOINT:
-        return None
-    return "best" if name == BEST_CHECKPOINT else "step"
+    return None if kind is CheckpointKind.FINAL else kind.value
 
 
 def _weights_finite(model: nn.Module) -> bool:
@@ -600,7 +523,7 @@ class _Run:
         self._show_metrics()
 
     @in_stage("checkpoint")
-    def checkpoint(self, writer: SummaryWriter, name: str, *, mid_epoch: bool = False) -> str | None:
+    def checkpoint(self, writer: SummaryWriter, kind: CheckpointKind, *, mid_epoch: bool = False) -> str | None:
         """Snapshot a checkpoint at this step boundary and queue its write and upload; return
         the URI it will have.
 
@@ -638,6 +561,7 @@ class _Run:
             )
         # A local file per save: `best.pt` may be saved again while its last upload still waits.
         self.saves += 1
+        name = checkpoint_name(kind, self.progress.step)
         path = self.workdir / "checkpoints" / f"{self.saves:06d}-{name}"
         snapshot = Snapshot(checkpoint_payload(
             job_id=self.job_id,
@@ -665,8 +589,8 @@ class _Run:
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.last_checkpoint = uri
         self.uploader.submit_file(
-            path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri),
-            write=lambda: write_checkpoint(path, snapshot), coalesce=_coalesce_key(name),
+            path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri, kind),
+            write=lambda: write_checkpoint(path, snapshot), coalesce=_coalesce_key(kind),
         )
         return uri
 
@@ -781,7 +705,7 @@ def run_training(
     """
     callbacks = callbacks or TrainingCallbacks()
     if spec.resources.gpus > 1:
-        return launch(job_id, spec, settings, callbacks, spec.resources.gpus, _distributed_backend(spec, settings))
+        return launch(job_id, spec, settings, callbacks, spec.resources.gpus, _distributed_backend(spec, settings), run_rank)
     return run_rank(job_id, spec, storage, settings, callbacks)
 
 
@@ -1079,7 +1003,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
                 every = spec.checkpoint.every_steps
                 if every and run.progress.step % every == 0:
                     run.report(writer, losses, force=True)
-                    run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=True)
+                    run.checkpoint(writer, CheckpointKind.STEP, mid_epoch=True)
                 run.report(writer, losses)
             run.progress.epoch, run.batch_in_epoch = epoch + 1, 0
             stop_early = _end_epoch(run, writer, losses, loss_fn, device)
@@ -1087,7 +1011,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
                 break
         writer.close()
         run.show_phase(JobPhase.UPLOADING)
-        final_uri = run.checkpoint(writer, FINAL_CHECKPOINT)
+        final_uri = run.checkpoint(writer, CheckpointKind.FINAL)
         run.drain()  # the job is not done until its artifacts are in S3
     except TrainingStopped:
         writer.close()
@@ -1215,9 +1139,9 @@ def _end_epoch(run: _Run, writer: SummaryWriter, losses: _ScalarBuffer, loss_fn:
     if run.group.is_main:
         logger.info("job %s: epoch %d/%d %s", run.job_id, epoch, spec.epochs, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "best" in run.trackers and run.trackers["best"].update(metrics):
-        run.checkpoint(writer, BEST_CHECKPOINT)
+        run.checkpoint(writer, CheckpointKind.BEST)
     if epoch % spec.checkpoint.every_epochs == 0 and epoch < spec.epochs and not stop_early:
-        run.checkpoint(writer, f"step-{step:09d}.pt")
+        run.checkpoint(writer, CheckpointKind.STEP)
     else:
         run.upload_tensorboard(writer)
     if stop_early:
@@ -1233,7 +1157,7 @@ def _stop(run: _Run, reason: StopReason, writer: SummaryWriter, losses: _ScalarB
         run.report(writer, losses, force=True)
         writer.close()
         # Between epochs (stopped while validating) the DataLoader has no position to keep.
-        uri = run.checkpoint(writer, f"step-{run.progress.step:09d}.pt", mid_epoch=run.batch_in_epoch > 0)
+        uri = run.checkpoint(writer, CheckpointKind.STEP, mid_epoch=run.batch_in_epoch > 0)
         # Give the checkpoint and events a minute to land; an S3 outage must not hold a cancel.
         if not run.drain(stoppable=False, max_wait_s=STOP_UPLOAD_WAIT_S):
             uri = None
