@@ -23,7 +23,7 @@ from tests.conftest import wait_for_job
 from tests.fixtures import REPO, fast_digits_spec, with_dataset
 from worker.training.checkpoint import load_checkpoint
 from worker.training.data import load_data
-from worker.training.engine import evaluate
+from worker.training.evaluate import evaluate
 from worker.training.fastpath import FastPath
 from worker.training.models import build_model
 
