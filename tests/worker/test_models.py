@@ -67,7 +67,7 @@ def test_torchvision_models_take_grayscale_input(arch: str):
 
 def test_the_list_of_batchnorm_archs_matches_the_models():
     from shared.spec import BATCHNORM_ARCHS
-    from worker.training.engine import has_batchnorm
+    from worker.training.loaders import has_batchnorm
 
     found = set()
     for arch in ("small_cnn", "mlp", *TORCHVISION_ARCHS):
@@ -100,7 +100,7 @@ def _spec(**fields):
     ],
 )
 def test_drop_last_keeps_a_batch_of_one_from_batchnorm(arch, batch_size, num_train, setting, dropped):
-    from worker.training.engine import drop_last
+    from worker.training.loaders import drop_last
 
     spec = _spec(model={"arch": arch}, batch_size=batch_size, drop_last=setting)
     model = build_model(spec.model, input_shape=(3, 8, 8), num_outputs=2)
@@ -109,7 +109,7 @@ def test_drop_last_keeps_a_batch_of_one_from_batchnorm(arch, batch_size, num_tra
 
 def test_a_batch_of_one_for_batchnorm_fails_before_training():
     from shared.exceptions import JobFailure
-    from worker.training.engine import drop_last
+    from worker.training.loaders import drop_last
 
     spec = _spec(batch_size=32, drop_last=False)
     with pytest.raises(JobFailure, match=r"with 33 training samples and batch_size 32 the last batch of each epoch holds 1 sample"):
