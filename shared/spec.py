@@ -62,6 +62,11 @@ BATCHNORM_ARCHS: frozenset[str] = frozenset(
      "shufflenet_v2_x1_0"}
 )
 
+
+def batch_of_one_error(arch: str) -> str:
+    """Why ``batch_size`` 1 cannot train ``arch`` (one with BatchNorm): said by the spec and the worker alike."""
+    return f"batch_size 1 cannot train model.arch {arch!r}: its BatchNorm layers need at least 2 samples per batch"
+
 S3Uri = Annotated[
     str,
     Field(
@@ -704,9 +709,7 @@ class JobSpec(SpecModel):
     def _batch_fits_model(cls, batch_size: int, info: ValidationInfo) -> int:
         model = info.data.get("model")
         if batch_size == 1 and model is not None and model.arch in BATCHNORM_ARCHS:
-            raise ValueError(
-                f"batch_size 1 cannot train model.arch {model.arch!r}: its BatchNorm layers need at least 2 samples per batch"
-            )
+            raise ValueError(batch_of_one_error(model.arch))
         return batch_size
 
     @field_validator("loss")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shared.exceptions import JobFailure
-from shared.spec import JobSpec
+from shared.spec import JobSpec, batch_of_one_error
 from worker.training.data import TrainingData
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup
 
@@ -49,9 +49,7 @@ def drop_last(spec: JobSpec, num_train: int, model: nn.Module | None, batch_size
     """
     batchnorm = model is not None and has_batchnorm(model)
     if batchnorm and spec.batch_size == 1:
-        raise JobFailure(
-            f"batch_size 1 cannot train model.arch {spec.model.arch!r}: its BatchNorm layers need at least 2 samples per batch"
-        )
+        raise JobFailure(batch_of_one_error(spec.model.arch))
     last = num_train % (batch_size or spec.batch_size)
     if spec.drop_last == "auto":
         return batchnorm and last == 1
