@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.names import check_queue_name, check_s3_prefix
+
 
 class Settings(BaseSettings):
     """Where trainq's parts live. Every field is an environment variable of the same name, upper-cased.
@@ -199,8 +201,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _queues_and_prefixes_are_safe(self) -> Settings:
-        from shared.access import check_queue_name, check_s3_prefix  # imports this module
-
         for queue in [*self.queues, self.dry_run_queue]:
             check_queue_name(queue)
         if self.default_queue not in self.queues:
