@@ -19,9 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep, VisibleJobDep
 from shared.access import spec_access_problems
-from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobStore
 from shared.queue import enqueue, request_dry_run
@@ -171,21 +170,10 @@ def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery,
     raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reply["unavailable"])
 
 
-def _visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
-    """The record of ``job_id`` if ``principal`` may see it; another owner's job is "not found"."""
-    record = store.get(job_id)
-    if not principal.can_see(record.owner):
-        raise JobNotFoundError(job_id)
-    return record
-
-
 @router.get("/{job_id}", response_model=JobRecord, responses={404: {"model": ErrorDetail}})
-def read_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
+def read_job(job: VisibleJobDep) -> JobRecord:
     """One job: state, timestamps, progress, device, error and artifact URIs."""
-    try:
-        return _visible_job(store, job_id, principal)
-    except JobNotFoundError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    return job
 
 
 @router.get("", response_model=JobsPage)
@@ -213,13 +201,12 @@ def read_jobs(store: StoreDep, principal: PrincipalDep, query: Annotated[JobsQue
     response_model=JobRecord,
     responses={404: {"model": ErrorDetail}, 409: {"model": ErrorDetail, "description": "The job is already finished."}},
 )
-def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
+def cancel_job(job: VisibleJobDep, store: StoreDep) -> JobRecord:
     """Cancel a job. Queued: it never starts. Running: it stops at the next step, saves a
     checkpoint and its TensorBoard events, and ends `cancelled` within seconds. Finished: 409."""
     try:
-        _visible_job(store, job_id, principal)
-        return store.request_cancel(job_id)
+        return store.request_cancel(job.id)
     except JobNotFoundError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     except InvalidTransitionError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {exc.current}; nothing to cancel") from exc
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is already {exc.current}; nothing to cancel") from exc
