@@ -5,30 +5,25 @@ before anything is downloaded (a job recorded before the settings changed, or se
 means, fails at once as a job error). ``local://`` URIs are confined by ``DATA_ROOT`` instead
 (:mod:`shared.paths`).
 
-A queue name is a Redis key of the broker: a name that is one of kombu's own keys (``unacked``…)
-turns that key into a list and makes every worker exit with ``WRONGTYPE`` (issue 7). Only names
-the operator configured in ``QUEUES`` are accepted, and those are checked at start-up.
+Only queue names the operator configured in ``QUEUES`` are accepted, and those are checked at
+start-up (:mod:`shared.names`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.exceptions import JobFailure
+from shared.names import split_s3_uri
 from shared.paths import key_problem, printable
-from shared.spec import QUEUE_PATTERN, CsvDataset, JobSpec
+from shared.spec import JobSpec
 
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-#: Keys of kombu's Redis transport (``Channel.unacked_key`` and friends) and of Celery's
-#: control and event exchanges; a queue of that name would collide with them.
-RESERVED_QUEUE_NAMES = frozenset({"unacked", "unacked_index", "unacked_mutex", "celeryev", "celery.pidbox", "reply.celery.pidbox"})
 #: Prefixes of ``S3_BUCKET`` a spec may read when ``DATA_URIS_ALLOWED`` is unset.
 DEFAULT_DATA_PREFIXES = ("datasets/", "tables/", "weights/")
-_S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -44,28 +39,6 @@ class AccessProblem:
     loc: tuple[str | int, ...]
     value: str
     message: str
-
-
-def check_queue_name(name: str) -> None:
-    """Raise ValueError when ``name`` cannot be a queue: not ``QUEUE_PATTERN``, or a broker's own key."""
-    if not re.fullmatch(QUEUE_PATTERN, name) or name in RESERVED_QUEUE_NAMES or name.endswith(".pidbox"):
-        raise ValueError(
-            f"queue name {printable(name)!r} is not allowed: it must match {QUEUE_PATTERN} and not be one of "
-            f"the broker's own keys ({', '.join(sorted(RESERVED_QUEUE_NAMES))}, *.pidbox)"
-        )
-
-
-def _split(uri: str) -> tuple[str, str] | None:
-    match = _S3_URI.match(uri)
-    return (match["bucket"], match["key"]) if match else None
-
-
-def check_s3_prefix(uri: str) -> None:
-    """Raise ValueError unless ``uri`` is ``s3://<bucket>/<prefix>`` with a plain relative prefix."""
-    parts = _split(uri)
-    key = parts[1] if parts else ""
-    if parts is None or (key and key_problem(key.removesuffix("/")) is not None):
-        raise ValueError(f"DATA_URIS_ALLOWED: {printable(uri)!r} is not s3://<bucket>/<prefix>/ with a plain relative prefix")
 
 
 def allowed_data_prefixes(settings: Settings, owner: str | None = None) -> list[str]:
@@ -100,7 +73,7 @@ def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) ->
         if problem is not None:
             raise ValueError(f"the path of {printable(uri)} {problem}")
         return
-    parts = _split(uri)
+    parts = split_s3_uri(uri)
     if parts is None:
         raise ValueError(f"{printable(uri)} is not an S3 URI")
     bucket, key = parts
@@ -109,7 +82,7 @@ def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) ->
         raise ValueError(f"the key of {printable(uri)} {problem}")
     allowed = allowed_data_prefixes(settings, owner)
     for prefix in allowed:
-        allowed_bucket, allowed_key = _split(prefix)  # type: ignore[misc]
+        allowed_bucket, allowed_key = split_s3_uri(prefix)  # type: ignore[misc]
         if bucket == allowed_bucket and (key.startswith(allowed_key) or f"{key}/" == allowed_key):
             return
     raise ValueError(f"{printable(uri)} is not under a prefix this service may read ({', '.join(allowed)}; see DATA_URIS_ALLOWED)")
@@ -121,14 +94,7 @@ def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = 
     queue = spec.queue or settings.default_queue
     if queue not in settings.queues:
         problems.append(AccessProblem(("queue",), queue, f"queue {queue!r} is not one of the configured queues {settings.queues} (QUEUES)"))
-    dataset = spec.dataset
-    uris: list[tuple[tuple[str | int, ...], str | None]] = [(("dataset", "uri"), dataset.uri)]
-    if not isinstance(dataset, CsvDataset):
-        uris += [(("dataset", "extra_uris", i), uri) for i, uri in enumerate(dataset.extra_uris)]
-    uris += [(("dataset", "val_uri"), dataset.val_uri), (("model", "weights_uri"), spec.model.weights_uri)]
-    for loc, uri in uris:
-        if uri is None:
-            continue
+    for loc, uri in spec.data_uris():
         try:
             check_uri_allowed(uri, settings, owner)
         except ValueError as exc:

@@ -15,6 +15,9 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
+#: A field's JSON path in a spec, e.g. ``("dataset", "extra_uris", 1)``.
+Loc = tuple[str | int, ...]
+
 #: ``[\s\S]`` rather than ``.``: a key with LF must reach the control-character check (one message
 #: for every control character), not fail the pattern with a regex dump.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[\s\S]*)?$"
@@ -269,6 +272,10 @@ class ImageFolderDataset(SpecModel):
     def task(self) -> Literal["classification"]:
         """Image folders are always classification."""
         return "classification"
+
+    def training_uris(self) -> list[tuple[Loc, str]]:
+        """The training folders with their JSON paths: ``dataset.uri``, then each of ``dataset.extra_uris``."""
+        return [(("dataset", "uri"), self.uri), *((("dataset", "extra_uris", i), uri) for i, uri in enumerate(self.extra_uris))]
 
 
 class CsvDataset(SpecModel):
@@ -663,6 +670,18 @@ class JobSpec(SpecModel):
     def task(self) -> Literal["classification", "regression"]:
         """``classification`` or ``regression``, from the dataset."""
         return self.dataset.task
+
+    def data_uris(self) -> list[tuple[Loc, str]]:
+        """Every URI the spec reads, with its JSON path: ``dataset.uri``, each of ``dataset.extra_uris``,
+        ``dataset.val_uri`` and ``model.weights_uri`` (those set)."""
+        dataset = self.dataset
+        uris = dataset.training_uris() if isinstance(dataset, ImageFolderDataset) else [(("dataset", "uri"), dataset.uri)]
+        uris += [(("dataset", "val_uri"), dataset.val_uri), (("model", "weights_uri"), self.model.weights_uri)]
+        return [(loc, uri) for loc, uri in uris if uri is not None]
+
+    def time_limit_s(self, server_max_runtime_s: float) -> float:
+        """The job's effective time limit in seconds: ``max_runtime_s`` capped by the server's ``MAX_RUNTIME_S``."""
+        return min(server_max_runtime_s, self.max_runtime_s or server_max_runtime_s)
 
     @model_validator(mode="before")
     @classmethod

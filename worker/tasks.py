@@ -139,7 +139,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         if stop.reason is StopReason.CANCELLED:
             return finish(JobState.CANCELLED, reason=f"cancelled by request at step {stop.step}")
         if stop.reason is StopReason.TIME_LIMIT:
-            limit = min(settings.max_runtime_s, spec.max_runtime_s or settings.max_runtime_s)
+            limit = spec.time_limit_s(settings.max_runtime_s)
             message = f"time limit: ran {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
             return finish(JobState.FAILED, reason="time limit", error=message)
         if stop.reason is StopReason.SHUTDOWN:

@@ -62,7 +62,6 @@ def test_the_probed_thread_count_holds_for_the_whole_job_and_its_resume(storage:
     """On 2 CPUs with 2 DataLoader workers the probe may give torch both cores; a resume must train with
     what the checkpoint was trained with (1 and 2 threads round differently), whatever it would choose now."""
     monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
-    monkeypatch.setattr("worker.training.engine.usable_cpus", lambda: 2)
     spec = JobSpec.model_validate(fast_digits_spec(epochs=2, num_workers=2))
     run_training("threads-reference", spec, storage, settings.model_copy(update={"torch_threads": 2}), Recorder())
 

@@ -3,6 +3,7 @@ can name, resume of every piece of state, early stopping, best checkpoint, CSV r
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from shared.storage import Storage
 from tests.fixtures import DIGITS_URI, fast_digits_spec
 from trainq.sample_data import write_table
 from worker.training import CheckpointKind, StopReason, TrainingCallbacks, TrainingStopped, run_training
-from worker.training.checkpoint import load_checkpoint
+from worker.training.checkpoint import CheckpointError, load_checkpoint
 from worker.training.data import load_data
 
 
@@ -251,3 +252,32 @@ def test_a_job_aborts_the_multipart_upload_an_earlier_attempt_left_open(storage:
     open_keys = [u["Key"] for u in storage.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
     assert key not in open_keys and "elsewhere/file.bin" in open_keys
     storage.client.abort_multipart_upload(Bucket=bucket, Key="elsewhere/file.bin", UploadId=other["UploadId"])
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda payload: payload.update(extra_state=1), "unknown key(s) 'extra_state'"),
+        (lambda payload: payload.pop("trackers"), "missing key(s) 'trackers'"),
+        (lambda payload: payload.update(format_version=0), "checkpoint format 0, this worker reads 1"),
+    ],
+    ids=["extra-key", "missing-key", "old-format"],
+)
+def test_a_checkpoint_the_worker_cannot_read_fails_the_resume_naming_why(
+    storage: Storage, settings: Settings, tmp_path: Path, change, named: str, request: pytest.FixtureRequest
+):
+    # Checkpoints written before the registry (format 1, the same keys) resume like any other: the
+    # resume tests above read them. One of another format, or with keys the parts do not match,
+    # fails the job with a job error that names the key or the versions (no KeyError, no silent default).
+    spec = JobSpec.model_validate(fast_digits_spec(epochs=1, num_workers=0))
+    job_id = f"unreadable-{request.node.callspec.id}"
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(job_id, spec, storage, settings, Recorder(stop_at_step=3))
+    uri = stopped.value.checkpoint
+    payload = load_checkpoint(storage.download_file(uri, tmp_path / "c.pt"))
+    change(payload)
+    torch.save(payload, tmp_path / "changed.pt")
+    storage.upload_file(tmp_path / "changed.pt", uri)
+    with pytest.raises(CheckpointError, match=re.escape(named)) as failed:
+        run_training(job_id, spec, storage, settings, Recorder())
+    assert uri in str(failed.value)

@@ -14,7 +14,7 @@ from shared.exceptions import DatasetError, JobFailure
 from shared.settings import Settings
 from shared.spec import JobSpec, ModelSpec
 from shared.storage import Storage
-from worker.training.engine import prepare
+from worker.training.prepare import prepare
 from worker.training.memory import activation_bytes, estimate_memory
 from worker.training.models import build_model
 

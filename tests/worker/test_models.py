@@ -47,14 +47,14 @@ def test_worker_package_exposes_the_celery_app_lazily():
 def test_an_input_size_the_model_cannot_take_fails_before_training_naming_the_field():
     from shared.exceptions import JobFailure
     from shared.spec import JobSpec
-    from worker.training.engine import _check_input_size
+    from worker.training.models import check_input_size
 
     spec = JobSpec.model_validate({"dataset": {"uri": "s3://trainq/d/", "image_size": 8}, "model": {"arch": "alexnet"}})
     model = build_model(spec.model, input_shape=(3, 8, 8), num_outputs=3)
     state = torch.get_rng_state()
     smallest = r"; the smallest dataset.image_size it takes is 63: RuntimeError"
     with pytest.raises(JobFailure, match=r"model.arch 'alexnet' cannot take 3x8x8 images \(dataset.image_size=8\)" + smallest):
-        _check_input_size(model, spec, torch.device("cpu"))
+        check_input_size(model, spec, torch.device("cpu"))
     assert model.training and torch.equal(torch.get_rng_state(), state)
 
 

@@ -15,6 +15,8 @@ would be mostly idle; else the CPUs this process may use minus the DataLoader wo
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
 import time
@@ -25,6 +27,13 @@ from typing import Any
 
 import torch
 
+from shared.settings import Settings
+from shared.spec import JobSpec
+from worker.training.checkpoint import capture_rng_state, restore_rng_state
+from worker.training.prepare import Prepared
+from worker.training.recipe import build_optimizer
+
+logger = logging.getLogger(__name__)
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -196,3 +205,62 @@ def probe_threads(
         time_step(share)
     threads = decide_threads(reserve, share, num_workers, data_s, step_s)
     return ThreadChoice(threads, reserve, share, data_s, step_s, time.perf_counter() - started)
+
+
+def choose_threads(
+    job_id: str, spec: JobSpec, settings: Settings, device: torch.device, static: int, *,
+    resumed_threads: int | None, distributed: bool, prepared: Prepared,
+) -> int:
+    """Set and return the torch threads of the whole job (every attempt), after its resume.
+
+    ``TORCH_THREADS`` wins; else the count the resumed checkpoint was trained with (CPU kernels
+    give different floating-point results at different thread counts, so a resume with another
+    count would not be bit-identical), if this worker has that many CPUs; else, on a fresh
+    one-process CPU job whose DataLoader workers hold cores torch could use, the probe's choice
+    (:func:`probe_threads`); else ``static`` (usable CPUs − workers).
+    """
+    threads = static
+    if settings.torch_threads:
+        pass
+    elif resumed_threads is not None:
+        if resumed_threads <= usable_cpus():
+            threads = resumed_threads
+        else:
+            logger.warning("job %s: resumed from a run with %d torch threads; this worker has %d CPUs, so %d (not bit-identical)",
+                           job_id, resumed_threads, usable_cpus(), static)
+    elif device.type == "cpu" and not distributed and spec.num_workers and usable_cpus() > static:
+        rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
+        try:
+            choice = probe_threads(
+                num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=prepared.data.train.__getitem__,
+                num_samples=len(prepared.data.train), train_step=_probe_step(prepared, spec),
+            )
+        finally:
+            restore_rng_state(rng)
+        threads = choice.threads
+        logger.info("job %s: %s: %d torch thread(s)", job_id, choice.describe(), threads)
+    torch.set_num_threads(threads)
+    logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
+    return threads
+
+
+def _probe_step(prepared: Prepared, spec: JobSpec) -> Callable[[list[Any]], None]:
+    """A training step for the thread probe that leaves the job as it was: a copy of the model, an
+    optimizer of its own, every RNG state put back. The samples are collated once and repeated
+    to a full ``batch_size``."""
+    model = copy.deepcopy(prepared.model).train()
+    optimizer = build_optimizer(spec, model.parameters())
+    batch: list[torch.Tensor] = []
+
+    def step(samples: list[Any]) -> None:
+        if not batch:
+            inputs, targets = prepared.data.collate(samples)
+            repeats = math.ceil(spec.batch_size / len(samples))
+            batch.extend(prepared.fast.to_device(torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
+        with prepared.fast.autocast():
+            loss = prepared.loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from shared.exceptions import DatasetError, Interrupted
 from shared.jobs import JobPhase
 from shared.paths import check_tree_inside, printable, read_names, resolve_inside
 from shared.settings import Settings
-from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
+from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Loc, Transform
 from shared.storage import ShouldStop, Storage, TransferProgress
 from worker.faults import in_stage
 
@@ -168,9 +169,21 @@ def load_data(
         Interrupted: ``options.should_stop`` said so.
     """
     options = options or LoadOptions()
-    if isinstance(spec.dataset, CsvDataset):
-        return load_csv(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
-    return load_image_folder(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
+    with blaming("dataset.uri"):  # an error no part below ties to a field of its own
+        if isinstance(spec.dataset, CsvDataset):
+            return load_csv(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
+        return load_image_folder(spec.dataset, storage, cache_dir, spec.seed, data_root, options)
+
+
+@contextmanager
+def blaming(field: str | Loc) -> Iterator[None]:
+    """Set ``field`` (a dotted path or a JSON path) on a :class:`DatasetError` raised inside
+    that names no field yet: the data at fault is that field's."""
+    try:
+        yield
+    except DatasetError as exc:
+        exc.field = exc.field or (field if isinstance(field, str) else ".".join(map(str, field)))
+        raise
 
 
 # -- image folders -----------------------------------------------------------------------------
@@ -477,16 +490,27 @@ class SeededTransform(Dataset):
 
 
 def _image_folders(
-    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None, options: LoadOptions | None = None
+    uris: list[tuple[Loc, str]], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None,
+    options: LoadOptions | None = None,
 ) -> tuple[Dataset, list[str]]:
-    roots = [(uri, fetch_folder(uri, storage, cache_dir, data_root, options)) for uri in uris]
-    classes = sorted({name for _, root in roots for name in visible_class_folders(root)})
+    roots = []
+    for loc, uri in uris:
+        with blaming(loc):
+            roots.append((loc, uri, fetch_folder(uri, storage, cache_dir, data_root, options)))
+    classes = sorted({name for _, _, root in roots for name in visible_class_folders(root)})
     if not classes:
-        raise DatasetError(f"no class folders under {', '.join(uris)} (expected <class_name>/<image> files)")
+        raise DatasetError(
+            f"no class folders under {', '.join(uri for _, uri in uris)} (expected <class_name>/<image> files)",
+            field=".".join(map(str, uris[0][0])),
+        )
     index = {name: i for i, name in enumerate(classes)}
-    folders = [_VisibleImageFolder(root, uri, mode, index, options) for uri, root in roots]
-    for folder in folders:
-        folder.verify()
+    folders = []
+    for loc, uri, root in roots:
+        with blaming(loc):
+            folders.append(_VisibleImageFolder(root, uri, mode, index, options))
+    for (loc, _, _), folder in zip(roots, folders, strict=True):
+        with blaming(loc):
+            folder.verify()
     return (folders[0] if len(folders) == 1 else ConcatDataset(folders)), classes
 
 
@@ -507,14 +531,13 @@ def load_image_folder(
         DatasetError: as :func:`load_data`, or fewer than 2 classes.
     """
     mode = "L" if spec.channels == 1 else "RGB"
-    uris = [spec.uri, *spec.extra_uris]
-    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root, options)
+    full, classes = _image_folders(spec.training_uris(), storage, cache_dir, mode, data_root, options)
     if len(classes) < 2:
         raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
     train_transform = build_augment(spec.train_transforms, spec)
     eval_transform = build_augment(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root, options)
+        val_full, val_classes = _image_folders([(("dataset", "val_uri"), spec.val_uri)], storage, cache_dir, mode, data_root, options)
         if val_classes != classes:
             raise DatasetError(
                 f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}", field="dataset.val_uri"
@@ -621,7 +644,8 @@ def load_csv(
     names, rows, raw = _read_csv(fetch_file(spec.uri, storage, cache_dir, data_root, options), spec.uri, spec, None)
     features = torch.tensor(rows, dtype=torch.float32)
     if spec.val_uri is not None:
-        _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root, options), spec.val_uri, spec, names)
+        with blaming("dataset.val_uri"):
+            _, val_rows, val_raw = _read_csv(fetch_file(spec.val_uri, storage, cache_dir, data_root, options), spec.val_uri, spec, names)
         train_x, train_raw = features, raw
         val_x = torch.tensor(val_rows, dtype=torch.float32)
         train_lines, val_lines = [i + 2 for i in range(len(raw))], [i + 2 for i in range(len(val_raw))]
@@ -636,9 +660,12 @@ def load_csv(
     mean = train_x.mean(dim=0)
     std = train_x.std(dim=0, unbiased=False).clamp_min(1e-12)
     std = torch.where(std < 1e-8, torch.ones_like(std), std)  # constant columns stay as they are
+    train_y = _targets(train_raw, spec, classes, spec.uri, train_lines)
+    with blaming("dataset.val_uri" if spec.val_uri else "dataset.uri"):
+        val_y = _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)
     return TrainingData(
-        train=TensorDataset((train_x - mean) / std, _targets(train_raw, spec, classes, spec.uri, train_lines)),
-        val=TensorDataset((val_x - mean) / std, _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)),
+        train=TensorDataset((train_x - mean) / std, train_y),
+        val=TensorDataset((val_x - mean) / std, val_y),
         task=spec.task,
         classes=classes,
         input_shape=(len(names),),

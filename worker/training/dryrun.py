@@ -1,7 +1,7 @@
 """A dry run of a spec: the job's own preparation, then one training step, on the CPU.
 
 Runs on a worker (the Celery task ``trainq.dry_run`` on the ``DRY_RUN_QUEUE``), never in the
-API. It calls :func:`worker.training.engine.prepare`, the code every job starts with — listing
+API. It calls :func:`worker.training.prepare.prepare`, the code every job starts with — listing
 and downloading the data into the worker's cache (which is then warm for the job), decoding
 every image, the spec's checks against the data, the model with its ``model.weights_uri``, the
 input-size probe, the memory estimate, loss, optimizer and loaders — so whatever would fail the
@@ -25,7 +25,7 @@ from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.training.cpu import training_threads
 from worker.training.data import TrainingData
-from worker.training.engine import Prepared, prepare, seed_everything
+from worker.training.prepare import Prepared, prepare, seed_everything
 from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
 
 

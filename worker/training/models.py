@@ -200,3 +200,64 @@ def load_initial_weights(model: nn.Module, path: Path, uri: str) -> None:
     if problem:
         raise JobFailure(f"model.weights_uri {uri} does not fit model.arch: {problem}")
     model.load_state_dict(state, strict=True)
+
+
+def check_input_size(model: nn.Module, spec: JobSpec, device: torch.device) -> None:
+    """Run one tiny batch through ``model`` so a size it cannot take fails now, naming the field.
+
+    Some architectures need a minimum or fixed input (``vit_b_16``: 224 px; ``alexnet``: 63 px).
+    The probe runs in eval mode under ``fork_rng``, so it changes neither BatchNorm statistics nor
+    any random state.
+
+    Raises:
+        JobFailure: the forward pass failed for ``(2, channels, image_size, image_size)`` input.
+    """
+    if spec.dataset.type != "image_folder":
+        return
+    size, channels = spec.dataset.image_size, spec.dataset.channels
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            model(torch.zeros(2, channels, size, size, device=device))
+        except Exception as exc:
+            smallest = _smallest_input_size(model, channels, size, device)
+            hint = f"; the smallest dataset.image_size it takes is {smallest}" if smallest else ""
+            raise JobFailure(
+                f"model.arch {spec.model.arch!r} cannot take {channels}x{size}x{size} images "
+                f"(dataset.image_size={size}){hint}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                field="dataset.image_size",
+            ) from exc
+        finally:
+            model.train()
+
+
+def _smallest_input_size(model: nn.Module, channels: int, failed: int, device: torch.device, largest: int = 512) -> int | None:
+    """The smallest square side above ``failed`` (up to ``largest`` px) that ``model`` takes.
+
+    Only for the error message: doubles the side until a forward pass of one image works, then
+    bisects (assumes that a model taking a size takes every larger one, true of strided CNNs).
+    Call in eval mode under ``no_grad``. None when even ``largest`` fails.
+    """
+
+    def takes(side: int) -> bool:
+        try:
+            model(torch.zeros(1, channels, side, side, device=device))
+        except Exception:
+            return False
+        return True
+
+    low, high = failed, None  # low never works; high works
+    side = failed
+    while side < largest:
+        side = min(2 * side, largest)
+        if takes(side):
+            high = side
+            break
+        low = side
+    if high is None:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if takes(middle) else (middle, high)
+    return high
