@@ -82,7 +82,7 @@ def test_seeded_transform_restores_the_global_generator_and_is_deterministic():
     from PIL import Image
 
     from shared.spec import ImageFolderDataset
-    from worker.training.data import SeededTransform, build_transform
+    from worker.training.transforms import SeededTransform, build_transform
 
     spec = ImageFolderDataset.model_validate(
         {"type": "image_folder", "uri": "s3://trainq/x/", "image_size": 8, "channels": 1,

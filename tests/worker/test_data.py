@@ -13,7 +13,8 @@ from PIL import Image
 from shared.exceptions import DatasetError
 from shared.spec import ImageFolderDataset
 from shared.storage import Storage
-from worker.training.data import SeededTransform, build_transform, load_image_folder
+from worker.training.images import load_image_folder
+from worker.training.transforms import SeededTransform, build_transform
 
 
 def make_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
@@ -253,7 +254,7 @@ def test_local_symlinks_out_of_data_root_are_refused_like_missing_files(tmp_path
 def test_csv_errors_name_the_column_and_line_never_a_value(tmp_path: Path, storage: Storage, rows, dataset, message):
     # Issue 7: a dry run on a table of secrets echoed a password.
     from shared.spec import CsvDataset
-    from worker.training.data import load_csv
+    from worker.training.tables import load_csv
 
     (tmp_path / "t.csv").write_text(rows)
     (tmp_path / "v.csv").write_text("x,y\n1,a\n2,hunter2\n")
@@ -274,7 +275,8 @@ RGB_SPEC = ImageFolderDataset(uri="s3://trainq/tests/modes/", image_size=4, chan
 
 def _model_input(image: Image.Image, spec: ImageFolderDataset) -> torch.Tensor:
     """What the model sees: to_mode, then the job's transform (a 4x4 image is not resized)."""
-    from worker.training.data import build_transform, to_mode
+    from worker.training.images import to_mode
+    from worker.training.transforms import build_transform
 
     return build_transform([], spec)(to_mode(image, "L" if spec.channels == 1 else "RGB")).as_subclass(torch.Tensor)
 

@@ -25,7 +25,7 @@ from tests.worker.test_engine import Recorder
 from trainq.sample_data import write_digits, write_table
 from worker.training import TrainingStopped, run_training
 from worker.training.checkpoint import load_checkpoint
-from worker.training.data import SeededTransform
+from worker.training.transforms import SeededTransform
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, resolve_precision
 from worker.training.models import SmallCNN
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from shared.spec import JobSpec
-from worker.training.data import build_transform
+from worker.training.transforms import build_transform
 from worker.training.recipe import WARMUP_START_FACTOR, MetricTracker, build_loss, build_optimizer, build_scheduler
 
 IMAGES = {"dataset": {"uri": "s3://trainq/d/"}}

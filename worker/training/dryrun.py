@@ -24,7 +24,7 @@ from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.training.cpu import training_threads
-from worker.training.data import TrainingData
+from worker.training.sources import TrainingData
 from worker.training.prepare import Prepared, prepare, seed_everything
 from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
 

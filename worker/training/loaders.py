@@ -14,7 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shared.exceptions import JobFailure
 from shared.spec import JobSpec, batch_of_one_error
-from worker.training.data import TrainingData
+from worker.training.sources import TrainingData
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup
 
 logger = logging.getLogger(__name__)

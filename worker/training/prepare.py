@@ -19,7 +19,8 @@ from shared.jobs import JobPhase, MemoryEstimate
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
-from worker.training.data import LoadOptions, TrainingData, load_data
+from worker.training.data import load_data
+from worker.training.sources import LoadOptions, TrainingData
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup
 from worker.training.fastpath import FastPath, build_fast_path, prepare_model
 from worker.training.loaders import build_loaders

@@ -1,0 +1,282 @@
+"""Image folders: torchvision's ``ImageFolder`` layout, ``<uri>/<class_name>/<image>``.
+
+Classes are the sub-folder names in sorted order, hidden folders and files are skipped
+(``.ipynb_checkpoints``, ``.DS_Store``; pytorch/vision#2831), an empty class folder or an
+unreadable image fails the job naming it (pytorch/vision#4925, #138).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from shared.exceptions import DatasetError
+from shared.jobs import JobPhase
+from shared.paths import printable, read_names
+from shared.spec import ImageFolderDataset, Loc
+from shared.storage import Storage
+from worker.faults import in_stage
+from worker.training.sources import DEFAULT_MAX_IMAGE_PIXELS, LoadOptions, TrainingData, blaming, fetch_folder, split_indices
+from worker.training.transforms import SeededTransform, build_augment, build_finish, collate_images
+
+class _VisibleImageFolder(ImageFolder):
+    """``ImageFolder`` that ignores hidden folders and files, names bad files, returns PIL images.
+
+    ``source_uri`` is used in error messages so a failure names the S3 object, not a cache path.
+    ``class_index`` maps class names to label indices shared by several folders (the union of
+    their classes); this folder's own classes must each hold at least one image.
+    """
+
+    def __init__(
+        self, root: Path, source_uri: str, mode: str, class_index: dict[str, int], options: LoadOptions | None = None
+    ) -> None:
+        self.source_uri = source_uri.rstrip("/")
+        self.root_path = root
+        self.original_names = read_names(root)  # local path -> key, where a long name was shortened
+        self.mode = mode
+        self.class_index = class_index
+        self.options = options or LoadOptions()
+        try:
+            super().__init__(str(root), loader=self._load, is_valid_file=self._is_valid)
+        except FileNotFoundError as exc:  # "Found no valid file for the classes dog, bird. "
+            raise DatasetError(f"{source_uri}: {str(exc).strip()} Images must end in {', '.join(IMG_EXTENSIONS)}.") from exc
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = visible_class_folders(Path(directory))
+        return present, {name: self.class_index[name] for name in present}
+
+    def _is_valid(self, path: str) -> bool:
+        relative = Path(path).relative_to(self.root_path)
+        return not any(part.startswith(".") for part in relative.parts) and path.lower().endswith(IMG_EXTENSIONS)
+
+    def _load(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                _check_pixels(image, self.options.max_image_pixels)
+                return to_mode(image, self.mode)
+        except Exception as exc:  # PIL raises several types for truncated or non-image files
+            raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {_without_path(str(exc), path)}") from exc
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to the dataset root, as in the S3 key (never a worker-local path)."""
+        relative = Path(path).relative_to(self.root_path).as_posix()
+        return printable(self.original_names.get(relative, relative))
+
+    @in_stage("decode")
+    def verify(self, max_listed: int = 10) -> None:
+        """Decode every image once; fail listing the unreadable ones (never train on gray pixels).
+
+        The result is remembered in the content-keyed download folder, so unchanged data is
+        checked once per worker. Decoding runs on 8 threads (PIL releases the GIL while decoding).
+
+        Raises:
+            DatasetError: naming up to ``max_listed`` unreadable files and how many there are.
+        """
+        # Remembered only in our own download cache, never written into a user's local folder.
+        marker = self.root_path / ".verified" if (self.root_path / ".complete").exists() else None
+        if marker is not None and marker.exists():
+            return
+        problems = _decode_problems([path for path, _ in self.samples], self.options, self.mode)
+        if problems:
+            listed = "; ".join(
+                f"{self.source_uri}/{self.relative(path)} ({_without_path(error, path)})"
+                for path, error in problems[:max_listed]
+            )
+            more = f" and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+            raise DatasetError(f"{len(problems)} unreadable image(s) in {self.source_uri}/: {listed}{more}")
+        if marker is not None:
+            marker.touch()
+
+
+def _without_path(message: str, path: str) -> str:
+    """``message`` with the worker-local ``path`` replaced by "it" (PIL and OSError name the file)."""
+    return message.replace(repr(path), "it").replace(path, "it")
+
+
+def visible_class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``root``."""
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+class ImageModeError(ValueError):
+    """An image whose pixel mode or values cannot be scaled to [0, 1]; the message names the mode."""
+
+
+#: Pillow modes of one channel with more than 8 bits, and the value that maps to 1.0: 16-bit
+#: unsigned (any byte order) and 32-bit signed ``I``. ``I`` holds what 16-bit PNGs and TIFFs
+#: opened as in older Pillow versions, so it is read as 16-bit: values must lie in 0..65535.
+HIGH_BIT_MODES: dict[str, float] = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image | torch.Tensor:
+    """``image`` in ``mode`` (``"L"`` or ``"RGB"``), ready for :func:`build_transform`, which
+    scales it to [0, 1].
+
+    8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV…) are converted by Pillow and
+    returned as a PIL image: alpha is dropped, a palette (with or without transparency) is looked
+    up, CMYK/YCbCr/LAB/HSV become RGB, and grayscale is Pillow's ITU-R 601-2 luma. Modes with more
+    bits become a float tensor ``(channels, H, W)`` already in [0, 1]: 16-bit (``I;16``, ``I;16B``,
+    and ``I``) divided by 65535, 32-bit float ``F`` taken as is.
+
+    Raises:
+        ImageModeError: ``I`` with values outside 0..65535, ``F`` with values outside [0, 1]
+            (or NaN), or a mode Pillow cannot convert (e.g. premultiplied ``La``); the message
+            names the mode (the caller names the file).
+    """
+    channels = 1 if mode == "L" else 3
+    if image.mode in HIGH_BIT_MODES or image.mode == "F":
+        pixels = np.asarray(image)
+        values = pixels.astype(np.float32) / HIGH_BIT_MODES.get(image.mode, 1.0)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (0.0 <= low and high <= 1.0):  # also catches NaN
+            raise ImageModeError(
+                f"mode {image.mode!r} pixel values span {float(pixels.min()):g}..{float(pixels.max()):g}; "
+                f"expected {'0..65535' if image.mode == 'I' else '0..1'}: rescale the file to 8 or 16 bits"
+            )
+        return torch.from_numpy(values).unsqueeze(0).expand(channels, -1, -1).contiguous()
+    if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
+        image = image.convert("RGBA")  # as Pillow recommends, so the palette is not mangled
+    elif image.mode in ("LAB",) and mode == "L":
+        image = image.convert("RGB")  # Pillow has no LAB → L
+    try:
+        return image.convert(mode)
+    except ValueError as exc:
+        raise ImageModeError(f"mode {image.mode!r} cannot be converted to {mode} ({exc})") from exc
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image larger than ``max_pixels`` from its header, before decoding it.
+
+    Raises:
+        ValueError: naming the size and the ``MAX_IMAGE_PIXELS`` limit.
+    """
+    if image.width * image.height > max_pixels:
+        raise ValueError(
+            f"{image.width}x{image.height} = {image.width * image.height:,} pixels is more than MAX_IMAGE_PIXELS ({max_pixels:,})"
+        )
+
+
+def _decode_problem(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB") -> tuple[str, str] | None:
+    try:
+        with Image.open(path) as image:
+            _check_pixels(image, max_pixels)
+            image.load()  # a full decode: catches truncated files, not just bad headers
+            to_mode(image, mode)  # and a mode or value range that cannot be scaled to [0, 1]
+    except Exception as exc:
+        return path, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _decode_problems(paths: list[str], options: LoadOptions, mode: str = "RGB", threads: int = 8) -> list[tuple[str, str]]:
+    """Decode every file of ``paths`` on ``threads`` threads (PIL releases the GIL while decoding)
+    and check it converts to ``mode`` with values in [0, 1]; return ``(path, error)`` of the
+    unreadable ones, in ``paths`` order.
+
+    At most ``4 * threads`` decodes are queued at a time, so a stop (``options.should_stop``,
+    asked as decodes finish and every 0.25 s) waits for a few images only.
+
+    Raises:
+        Interrupted: ``options.should_stop`` said so.
+    """
+    problems: dict[int, tuple[str, str]] = {}
+    pending: dict[Any, int] = {}
+    done, total = 0, len(paths)
+    queued = iter(enumerate(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            while True:
+                for index, path in queued:
+                    pending[pool.submit(_decode_problem, path, options.max_image_pixels, mode)] = index
+                    if len(pending) >= 4 * threads:
+                        break
+                if not pending:
+                    break
+                finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    if (problem := future.result()) is not None:
+                        problems[index] = problem
+                done += len(finished)
+                options.stop_if_asked()
+                options.report(JobPhase.VERIFYING, done, total)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [problems[index] for index in sorted(problems)]
+
+
+def _image_folders(
+    uris: list[tuple[Loc, str]], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None,
+    options: LoadOptions | None = None,
+) -> tuple[Dataset, list[str]]:
+    roots = []
+    for loc, uri in uris:
+        with blaming(loc):
+            roots.append((loc, uri, fetch_folder(uri, storage, cache_dir, data_root, options)))
+    classes = sorted({name for _, _, root in roots for name in visible_class_folders(root)})
+    if not classes:
+        raise DatasetError(
+            f"no class folders under {', '.join(uri for _, uri in uris)} (expected <class_name>/<image> files)",
+            field=".".join(map(str, uris[0][0])),
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    folders = []
+    for loc, uri, root in roots:
+        with blaming(loc):
+            folders.append(_VisibleImageFolder(root, uri, mode, index, options))
+    for (loc, _, _), folder in zip(roots, folders, strict=True):
+        with blaming(loc):
+            folder.verify()
+    return (folders[0] if len(folders) == 1 else ConcatDataset(folders)), classes
+
+
+def load_image_folder(
+    spec: ImageFolderDataset,
+    storage: Storage,
+    cache_dir: Path,
+    seed: int,
+    data_root: Path | None = None,
+    options: LoadOptions | None = None,
+) -> TrainingData:
+    """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
+
+    Without ``val_uri``, a seeded random ``val_fraction`` of the images (at least one) is held
+    out; the same seed always gives the same split.
+
+    Raises:
+        DatasetError: as :func:`load_data`, or fewer than 2 classes.
+    """
+    mode = "L" if spec.channels == 1 else "RGB"
+    full, classes = _image_folders(spec.training_uris(), storage, cache_dir, mode, data_root, options)
+    if len(classes) < 2:
+        raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
+    train_transform = build_augment(spec.train_transforms, spec)
+    eval_transform = build_augment(spec.eval_transforms, spec)
+    if spec.val_uri is not None:
+        val_full, val_classes = _image_folders([(("dataset", "val_uri"), spec.val_uri)], storage, cache_dir, mode, data_root, options)
+        if val_classes != classes:
+            raise DatasetError(
+                f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}", field="dataset.val_uri"
+            )
+        train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
+    else:
+        train_indices, val_indices = split_indices(len(full), spec.val_fraction, seed, spec.uri)
+        val = SeededTransform(full, val_indices, eval_transform, seed)
+    return TrainingData(
+        train=SeededTransform(full, train_indices, train_transform, seed),
+        val=val,
+        task="classification",
+        classes=classes,
+        input_shape=(spec.channels, spec.image_size, spec.image_size),
+        num_outputs=len(classes),
+        collate=collate_images,
+        finish=build_finish(spec),
+    )
