@@ -9,9 +9,10 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from shared.auth import ANONYMOUS_OWNER, Principal, authenticate_async
+from shared.auth import Principal, authenticate_async
 from shared.exceptions import JobNotFoundError
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import JobStore
+from shared.records import ANONYMOUS_OWNER, JobRecord
 from shared.settings import Settings
 from shared.storage import Storage
 

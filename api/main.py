@@ -22,9 +22,10 @@ from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
 from api.routes import artifacts, config, health, jobs, logs, workers
-from shared.auth import ANONYMOUS_OWNER, MIN_ADMIN_TOKEN_CHARS
+from shared.auth import MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
+from shared.records import ANONYMOUS_OWNER
 from shared.schemas import ErrorDetail
 from shared.settings import Settings, get_settings
 from shared.spec import json_path

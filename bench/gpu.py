@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import Table, write_results
-from shared.jobs import Progress
+from shared.records import Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage

@@ -17,7 +17,9 @@ import time
 
 import redis
 
-from shared.jobs import JobState, JobStore
+from shared.jobs import JobStore
+
+from shared.records import JobState
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
 from trainq.stack import free_port

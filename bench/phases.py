@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import BENCH_ENV, Table, describe_machine
 from bench.end_to_end import run_plain_script
-from shared.jobs import Progress
+from shared.records import Progress
 from shared.spec import JobSpec
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI, example_spec

@@ -18,8 +18,8 @@ import httpx
 import redis
 
 from bench.common import BENCH_ENV, Table, percentile
-from shared.auth import ANONYMOUS_OWNER
 from shared.jobs import JobStore
+from shared.records import ANONYMOUS_OWNER
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
 from trainq.stack import LocalStack

@@ -27,8 +27,6 @@ TOKENS_KEY = "trainq:tokens"
 TOKEN_PREFIX = "tq_"
 #: Owner names: also part of Redis keys, so no ``:`` or spaces.
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
-#: The owner of every request while ``AUTH_REQUIRED`` is off (local, loopback-only use).
-ANONYMOUS_OWNER = "local"
 #: The owner of requests made with ``ADMIN_TOKEN``.
 ADMIN_OWNER = "admin"
 _MAX_TOKEN_CHARS = 512

@@ -1,5 +1,6 @@
-"""Bodies of the API's answers besides the job record (:mod:`shared.jobs`) and worker status
-(:mod:`shared.workers`), shared by the API and the Python client (:mod:`trainq.client`)."""
+"""Bodies of the API's answers besides the job record (:mod:`shared.records`): worker status, artifacts,
+logs, errors, and the worker's reports (memory estimate, dry run); shared by the API, the worker
+and the Python client (:mod:`trainq.client`). Plain data: no Redis."""
 
 from __future__ import annotations
 
@@ -7,8 +8,45 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared.workers import WorkerStatus
 
+class GpuInfo(BaseModel):
+    """One CUDA device as ``torch.cuda`` reports it."""
+
+    index: int
+    name: str = Field(description="e.g. `NVIDIA H200`.")
+    memory_bytes: int = Field(description="Total device memory in bytes.")
+
+
+class DeviceInfo(BaseModel):
+    """What a worker trains on: ``torch.cuda.is_available()`` and, with CUDA, its GPUs."""
+
+    cuda_available: bool
+    cuda_version: str | None = Field(None, description="CUDA version torch was built with (`torch.version.cuda`).")
+    torch_version: str | None = None
+    gpus: list[GpuInfo] = Field(default_factory=list, description="Visible GPUs (`CUDA_VISIBLE_DEVICES`).")
+
+
+class WorkerMetrics(BaseModel):
+    """The worker's counters and latest rates since it started (exported on the API's `/metrics`)."""
+
+    samples_per_s: float | None = Field(None, description="Training throughput of the current job, samples/s.")
+    step_time_s: float | None = Field(None, description="Mean seconds per optimizer step since the previous progress report.")
+    upload_bytes_total: int = Field(0, description="Bytes uploaded to S3 (checkpoints, events, logs).")
+    jobs_total: dict[str, int] = Field(default_factory=dict, description="Attempts ended, by outcome (job state).")
+
+
+class WorkerStatus(BaseModel):
+    """A live worker, as it last reported itself."""
+
+    name: str = Field(description="Celery node name, e.g. `gpu0@node-7`.")
+    host: str
+    pid: int
+    queues: list[str]
+    device: DeviceInfo
+    current_job: str | None = Field(None, description="Id of the job it is training, if any.")
+    started_at: float = Field(description="When the worker started (seconds since the epoch).")
+    last_heartbeat: float = Field(description="When it last reported (seconds since the epoch).")
+    metrics: WorkerMetrics = Field(default_factory=WorkerMetrics)
 
 class ErrorDetail(BaseModel):
     """Every error but a 422: one sentence saying what is wrong."""
@@ -71,3 +109,37 @@ class TensorBoardConfig(BaseModel):
     logdir: str = Field(description="`s3://<bucket>/<prefix>/`: every job's run, `<job_id>/tensorboard`.")
     s3_endpoint: str | None = Field(None, description="For TensorBoard's `S3_ENDPOINT`; null means AWS S3.")
     region: str | None = Field(None, description="For `AWS_REGION`.")
+
+
+class MemoryEstimate(BaseModel):
+    """Bytes a job is estimated to need on its device while training, and the budget it must fit.
+
+    ``total_bytes`` = parameters and buffers + gradients + optimizer state + activations (the
+    tensors autograd saves for backward in one forward pass of ``batch_size`` samples).
+    """
+
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    budget_bytes: int | None = Field(description="`MAX_JOB_MEMORY_BYTES` or the device's default; null when none applied.")
+
+
+class DryRunReport(BaseModel):
+    """What ``POST /jobs?dry_run=true`` found: the data as listed in S3, the model, one batch."""
+
+    task: str
+    classes: list[str] = Field(description="Class names in label-index order (empty for regression).")
+    counts: dict[str, int] = Field(description="Training samples per class (classification) or rows (`rows`).")
+    input_shape: list[int] = Field(description="Shape of one input, e.g. [3, 224, 224] or [10].")
+    num_outputs: int
+    parameters: int = Field(description="Trainable parameters of the model.")
+    num_val: int = Field(0, description="Validation samples.")
+    steps_per_epoch: int = Field(0, description="Optimizer steps per epoch.")
+    batch_shape: list[int] = Field(description="Shape of the epoch's first batch, which took one training step.")
+    last_batch_size: int = Field(0, description="Samples in the epoch's last batch (also run forward and backward).")
+    loss: float = Field(description="Loss of the first batch (random weights unless `model.weights_uri`).")
+    memory: MemoryEstimate | None = Field(None, description="Memory the job is estimated to need, and the budget.")
+    warnings: list[str] = Field(default_factory=list, description="What may surprise you, though the job would run.")
+    seconds: float = Field(description="Time the dry run took.")

@@ -12,52 +12,13 @@ from __future__ import annotations
 import json
 
 import redis
-from pydantic import BaseModel, Field
+
+from shared.schemas import WorkerStatus
 
 WORKER_KEY = "trainq:worker:{}"
 WORKERS_KEY = "trainq:workers"
 #: A status lives this many heartbeat intervals without a new report.
 MISSED_HEARTBEATS = 3
-
-
-class GpuInfo(BaseModel):
-    """One CUDA device as ``torch.cuda`` reports it."""
-
-    index: int
-    name: str = Field(description="e.g. `NVIDIA H200`.")
-    memory_bytes: int = Field(description="Total device memory in bytes.")
-
-
-class DeviceInfo(BaseModel):
-    """What a worker trains on: ``torch.cuda.is_available()`` and, with CUDA, its GPUs."""
-
-    cuda_available: bool
-    cuda_version: str | None = Field(None, description="CUDA version torch was built with (`torch.version.cuda`).")
-    torch_version: str | None = None
-    gpus: list[GpuInfo] = Field(default_factory=list, description="Visible GPUs (`CUDA_VISIBLE_DEVICES`).")
-
-
-class WorkerMetrics(BaseModel):
-    """The worker's counters and latest rates since it started (exported on the API's `/metrics`)."""
-
-    samples_per_s: float | None = Field(None, description="Training throughput of the current job, samples/s.")
-    step_time_s: float | None = Field(None, description="Mean seconds per optimizer step since the previous progress report.")
-    upload_bytes_total: int = Field(0, description="Bytes uploaded to S3 (checkpoints, events, logs).")
-    jobs_total: dict[str, int] = Field(default_factory=dict, description="Attempts ended, by outcome (job state).")
-
-
-class WorkerStatus(BaseModel):
-    """A live worker, as it last reported itself."""
-
-    name: str = Field(description="Celery node name, e.g. `gpu0@node-7`.")
-    host: str
-    pid: int
-    queues: list[str]
-    device: DeviceInfo
-    current_job: str | None = Field(None, description="Id of the job it is training, if any.")
-    started_at: float = Field(description="When the worker started (seconds since the epoch).")
-    last_heartbeat: float = Field(description="When it last reported (seconds since the epoch).")
-    metrics: WorkerMetrics = Field(default_factory=WorkerMetrics)
 
 
 def publish(client: redis.Redis, status: WorkerStatus, interval_s: float) -> None:

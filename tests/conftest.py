@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.jobs import FINAL_STATES as FINAL
+from shared.records import FINAL_STATES as FINAL
 from shared.storage import Storage
 from tests.fixtures import DIGITS_URI
 from trainq.stack import LocalStack

@@ -81,6 +81,21 @@ def test_the_packages_import_each_other_without_cycles():
     assert cycles(graph) == []
 
 
+def test_the_engine_imports_no_redis_module():
+    # The engine reports through callbacks; its record types come from shared.records/shared.schemas.
+    # (worker.faults, which it shares with the Celery task, still names redis's errors as transient.)
+    redis_modules = {"shared.jobs", "shared.workers", "shared.auth", "shared.queue", "shared.lease", "shared.quotas"}
+    graph = import_graph()
+    engine = {module for module in graph if module.startswith("worker.training")}
+    assert {module: sorted(graph[module] & redis_modules) for module in engine if graph[module] & redis_modules} == {}
+    for module in engine:
+        path = ROOT / (module.replace(".", "/") + ("/__init__.py" if module == "worker.training" else ".py"))
+        assert not any(
+            isinstance(node, ast.Import | ast.ImportFrom) and "redis" in ((node.module or "") if isinstance(node, ast.ImportFrom) else " ".join(a.name for a in node.names))
+            for node in ast.walk(ast.parse(path.read_text()))
+        ), module
+
+
 def test_the_walk_finds_a_cycle_hidden_in_a_function():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]

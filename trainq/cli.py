@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from shared.jobs import JobRecord, JobState
+from shared.records import JobRecord, JobState
 from trainq.client import DEFAULT_URL, Client, TrainqClientError
 
 app = typer.Typer(

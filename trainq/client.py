@@ -26,10 +26,12 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from pydantic import BaseModel, ValidationError
 
-from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobSummary
+from shared.records import JobRecord, JobState, JobSummary, JobsPage
+
+from shared.schemas import DryRunReport
 from shared.schemas import ArtifactList, QueueList, Readiness, TensorBoardConfig, WorkerList
+from shared.schemas import WorkerStatus
 from shared.spec import JobSpec
-from shared.workers import WorkerStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Seconds between polls of a job's record while waiting.

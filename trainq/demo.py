@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from shared.jobs import FINAL_STATES as FINAL
 from shared.paths import cache_path
+from shared.records import FINAL_STATES as FINAL
 from shared.storage import Storage
 from trainq.stack import LocalStack
 

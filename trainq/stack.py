@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from shared.auth import ANONYMOUS_OWNER, TokenStore
+from shared.auth import TokenStore
+from shared.records import ANONYMOUS_OWNER
 from shared.settings import Settings
 from shared.storage import Storage
 

@@ -1,6 +1,6 @@
 """The worker's own report: who it is, what it runs on, what it is doing, and its counters.
 
-A thread publishes a :class:`shared.workers.WorkerStatus` to Redis when the worker is ready and
+A thread publishes a :class:`shared.schemas.WorkerStatus` to Redis when the worker is ready and
 every ``WORKER_HEARTBEAT_INTERVAL_S`` (``GET /workers``, ``/readyz``); the API exports the
 counters on ``/metrics`` as ``trainq_worker_*`` (so one scrape of the API covers every worker,
 also those on nodes Prometheus cannot reach). The task updates :data:`STATS` as jobs run.
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import redis
 
-from shared.jobs import JobState, Progress
+from shared.records import JobState, Progress
+from shared.schemas import DeviceInfo, GpuInfo, WorkerMetrics, WorkerStatus
 from shared.settings import Settings
 from shared.storage import Storage
-from shared.workers import DeviceInfo, GpuInfo, WorkerMetrics, WorkerStatus, publish, withdraw
+from shared.workers import publish, withdraw
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ import redis
 from celery import Celery
 
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
-from shared.jobs import JobRecord, JobState, JobStore
+from shared.jobs import JobStore
 from shared.lease import JobLease
 from shared.queue import enqueue
+from shared.records import JobRecord, JobState
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from celery import Celery
 
 from shared.access import settings_for_owner
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
-from shared.jobs import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, JobStore, Progress
+from shared.jobs import JobStore
 from shared.lease import JobLease
 from shared.queue import TRAIN_TASK
+from shared.records import STARTABLE_STATES, Artifacts, DatasetInfo, JobState, Progress
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
 from shared.storage import Storage

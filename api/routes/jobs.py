@@ -22,10 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep, VisibleJobDep
 from shared.access import spec_access_problems
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
-from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobStore
+from shared.jobs import JobStore
 from shared.queue import enqueue, request_dry_run
 from shared.quotas import count_submission
+from shared.records import JobRecord, JobState, JobsPage
 from shared.sanitize import public_message
+from shared.schemas import DryRunReport
 from shared.schemas import ErrorDetail
 from shared.settings import Settings
 from shared.spec import QUEUE_PATTERN, JobSpec

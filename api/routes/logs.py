@@ -20,7 +20,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import StorageDep, StoreDep, VisibleJobDep
 from shared.joblogs import COMPLETE_METADATA, log_uri
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import JobStore
+from shared.records import JobRecord
 from shared.schemas import ErrorDetail
 from shared.storage import Storage, parse_s3_uri
 

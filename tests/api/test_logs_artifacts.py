@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.jobs import JobState
+from shared.records import JobState
 from shared.storage import Storage
 from tests.fixtures import fast_digits_spec, with_dataset
 from trainq.client import AsyncClient, Client, TrainqClientError

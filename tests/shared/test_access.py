@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from shared.access import allowed_data_prefixes, check_spec_access, check_uri_allowed, settings_for_owner
 from shared.exceptions import JobFailure
-from shared.jobs import FINAL_STATES, JobStore
+from shared.jobs import JobStore
 from shared.queue import enqueue, make_celery
+from shared.records import FINAL_STATES
 from shared.settings import Settings
 from shared.spec import JobSpec
 from tests.fixtures import example_spec

@@ -6,7 +6,8 @@ import pytest
 import redis
 
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
-from shared.jobs import JobPhase, JobState, JobStore, Progress
+from shared.jobs import JobStore
+from shared.records import JobPhase, JobState, Progress
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
 

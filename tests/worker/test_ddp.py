@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from shared.exceptions import JobFailure
-from shared.jobs import Progress
+from shared.records import Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage

@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from shared.exceptions import JobFailure
-from shared.jobs import JobPhase, Progress
+from shared.records import JobPhase, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage

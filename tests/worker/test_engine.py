@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.jobs import Progress
+from shared.records import Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage

@@ -7,8 +7,8 @@ import threading
 import uuid
 import warnings
 
+from shared.records import JobState, Progress
 from shared.storage import Storage, parse_s3_uri
-from shared.jobs import JobState, Progress
 from worker.joblog import JobLog
 from worker.presence import STATS, WorkerStats
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from shared.jobs import DatasetInfo, Progress
+from shared.records import DatasetInfo, Progress
 from worker.training.checkpoint import CheckpointKind
 
 

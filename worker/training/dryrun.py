@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from shared.exceptions import JobFailure
-from shared.jobs import DryRunReport
+from shared.schemas import DryRunReport
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.training.cpu import training_threads
-from worker.training.sources import TrainingData
-from worker.training.prepare import Prepared, prepare, seed_everything
 from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
+from worker.training.prepare import Prepared, prepare, seed_everything
+from worker.training.sources import TrainingData
 
 
 def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop: ShouldStop | None = None) -> DryRunReport:

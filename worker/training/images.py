@@ -19,8 +19,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from shared.exceptions import DatasetError
-from shared.jobs import JobPhase
 from shared.paths import printable, read_names
+from shared.records import JobPhase
 from shared.spec import ImageFolderDataset, Loc
 from shared.storage import Storage
 from worker.faults import in_stage

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from shared.exceptions import Interrupted
-from shared.jobs import DatasetInfo, JobPhase
+from shared.records import DatasetInfo, JobPhase
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import Storage

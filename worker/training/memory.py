@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from shared.exceptions import JobFailure
-from shared.jobs import MemoryEstimate
+from shared.schemas import MemoryEstimate
 from shared.settings import Settings
 from shared.spec import JobSpec
 

@@ -15,18 +15,19 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shared.access import check_spec_access
 from shared.exceptions import DatasetError, Interrupted, JobFailure
-from shared.jobs import JobPhase, MemoryEstimate
+from shared.records import JobPhase
+from shared.schemas import MemoryEstimate
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.training.data import load_data
-from worker.training.sources import LoadOptions, TrainingData
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup
 from worker.training.fastpath import FastPath, build_fast_path, prepare_model
 from worker.training.loaders import build_loaders
 from worker.training.memory import check_memory, estimate_memory
 from worker.training.models import build_model, check_input_size, load_initial_weights
 from worker.training.recipe import build_loss, build_optimizer, build_scheduler
+from worker.training.sources import LoadOptions, TrainingData
 
 
 def seed_everything(seed: int) -> None:

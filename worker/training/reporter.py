@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from shared.exceptions import JobFailure
-from shared.jobs import JobPhase, Progress
+from shared.records import JobPhase, Progress
 from shared.settings import Settings
 from shared.spec import JobSpec
 from worker.training.artifacts import ArtifactWriter

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from shared.exceptions import DatasetError, Interrupted
-from shared.jobs import JobPhase
 from shared.paths import check_tree_inside, resolve_inside
+from shared.records import JobPhase
 from shared.settings import Settings
 from shared.spec import Loc
 from shared.storage import ShouldStop, Storage, TransferProgress

@@ -1,6 +1,6 @@
 """Where training is: the one state object the loop counts in and a checkpoint restores.
 
-The job record's :class:`~shared.jobs.Progress` is an output built from it
+The job record's :class:`~shared.records.Progress` is an output built from it
 (:mod:`worker.training.reporter`), not the loop's counter.
 """
 
