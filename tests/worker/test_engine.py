@@ -254,6 +254,14 @@ def test_a_job_aborts_the_multipart_upload_an_earlier_attempt_left_open(storage:
     storage.client.abort_multipart_upload(Bucket=bucket, Key="elsewhere/file.bin", UploadId=other["UploadId"])
 
 
+#: What the engine wrote into every checkpoint before the registry (commit 88e7cbf).
+KEYS_BEFORE_THE_REGISTRY = {
+    "format_version", "job_id", "model", "optimizer", "epoch", "step", "metrics", "spec", "classes", "runtime_s",
+    "loader", "rng", "torch_version", "scheduler", "trackers", "batch_in_epoch", "data", "scaler", "world_size",
+    "torch_threads", "rank_states", "epoch_loss",
+}
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -266,15 +274,16 @@ def test_a_job_aborts_the_multipart_upload_an_earlier_attempt_left_open(storage:
 def test_a_checkpoint_the_worker_cannot_read_fails_the_resume_naming_why(
     storage: Storage, settings: Settings, tmp_path: Path, change, named: str, request: pytest.FixtureRequest
 ):
-    # Checkpoints written before the registry (format 1, the same keys) resume like any other: the
-    # resume tests above read them. One of another format, or with keys the parts do not match,
-    # fails the job with a job error that names the key or the versions (no KeyError, no silent default).
+    # Checkpoints written before the registry (format 1) resume: they hold exactly the keys the
+    # registry writes (asserted below). One of another format, or with keys the parts do not
+    # match, fails the job with a job error naming the key or the versions (no KeyError, no default).
     spec = JobSpec.model_validate(fast_digits_spec(epochs=1, num_workers=0))
     job_id = f"unreadable-{request.node.callspec.id}"
     with pytest.raises(TrainingStopped) as stopped:
         run_training(job_id, spec, storage, settings, Recorder(stop_at_step=3))
     uri = stopped.value.checkpoint
     payload = load_checkpoint(storage.download_file(uri, tmp_path / "c.pt"))
+    assert set(payload) == KEYS_BEFORE_THE_REGISTRY
     change(payload)
     torch.save(payload, tmp_path / "changed.pt")
     storage.upload_file(tmp_path / "changed.pt", uri)
