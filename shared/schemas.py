@@ -71,3 +71,33 @@ class TensorBoardConfig(BaseModel):
     logdir: str = Field(description="`s3://<bucket>/<prefix>/`: every job's run, `<job_id>/tensorboard`.")
     s3_endpoint: str | None = Field(None, description="For TensorBoard's `S3_ENDPOINT`; null means AWS S3.")
     region: str | None = Field(None, description="For `AWS_REGION`.")
+
+
+class TokenCreate(BaseModel):
+    """``POST /tokens``: whom a new token acts as."""
+
+    model_config = {"extra": "forbid"}
+
+    owner: str = Field(min_length=1, max_length=64, description="Who the token acts as (letters, digits, `_ . @ -`).")
+    admin: bool = Field(False, description="Sees and cancels every owner's jobs; issues tokens.")
+
+
+class TokenPublic(BaseModel):
+    """A stored token, without the token: ``id`` is the first 12 hex digits of its SHA-256."""
+
+    id: str
+    owner: str
+    admin: bool
+    created_at: float = Field(description="Seconds since the epoch.")
+
+
+class TokenIssued(TokenPublic):
+    """A token just issued: ``token`` is shown this once (only its hash is kept)."""
+
+    token: str
+
+
+class TokenList(BaseModel):
+    """``GET /tokens`` and ``DELETE /tokens…``: tokens, oldest first."""
+
+    data: list[TokenPublic]

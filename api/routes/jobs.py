@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep, resolve_job_id
 from shared.access import spec_access_problems
 from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
@@ -172,8 +172,8 @@ def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery,
 
 
 def _visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
-    """The record of ``job_id`` if ``principal`` may see it; another owner's job is "not found"."""
-    record = store.get(job_id)
+    """The record of ``job_id`` (or a unique prefix of it) if ``principal`` may see it; another owner's job is "not found"."""
+    record = store.get(resolve_job_id(job_id, store, principal))
     if not principal.can_see(record.owner):
         raise JobNotFoundError(job_id)
     return record
@@ -217,7 +217,7 @@ def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobReco
     """Cancel a job. Queued: it never starts. Running: it stops at the next step, saves a
     checkpoint and its TensorBoard events, and ends `cancelled` within seconds. Finished: 409."""
     try:
-        _visible_job(store, job_id, principal)
+        job_id = _visible_job(store, job_id, principal).id
         return store.request_cancel(job_id)
     except JobNotFoundError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
