@@ -234,7 +234,7 @@ class _FitColumn(ProgressColumn):
 PHASE_LINE_INTERVAL_S = 5.0
 
 
-class _Watcher:
+class Watcher:
     """Shows a job's progress: a live bar on a terminal, else a line per state, phase and epoch."""
 
     def __init__(self, console: Console) -> None:
@@ -253,7 +253,7 @@ class _Watcher:
                 console=console, transient=False,
             )
 
-    def __enter__(self) -> _Watcher:
+    def __enter__(self) -> Watcher:
         if self.progress is not None:
             self.progress.start()
             self.task = self.progress.add_task("training", total=None, state="queued", metrics="", eta="-")
@@ -344,7 +344,7 @@ def submit(
             out.print(f"job {job.id} {job.record.state.value} on queue {job.record.queue}" + (" (replayed)" if job.replayed else ""))
         return
     out.print(f"job {job.id} submitted to queue {job.record.queue}")
-    with _Watcher(out) as watcher:
+    with Watcher(out) as watcher:
         record = job.wait(on_update=watcher.update)
     if as_json:
         _print_json(record)
