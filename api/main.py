@@ -22,7 +22,7 @@ from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
 from api.routes import artifacts, config, health, jobs, logs, tokens, workers
-from api.suggest import did_you_mean
+from api.suggest import did_you_mean, field_names_at
 from shared.auth import ANONYMOUS_OWNER, MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
@@ -82,7 +82,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     errors = [_short_input(error) for error in _encodable(_finite(jsonable_encoder(found[:MAX_ERRORS])))]
     route = request.scope.get("route")
     body_field = getattr(route, "body_field", None)
-    query_names = {field.alias for field in getattr(getattr(route, "dependant", None), "query_params", [])}
+    query_names = set()
+    for field in getattr(getattr(route, "dependant", None), "query_params", []):
+        query_names |= field_names_at(field.field_info.annotation, []) or {field.alias}  # a model of parameters, or one
     for error in errors:
         if error.get("type") == "extra_forbidden" and error["loc"]:
             # Before the loc loses its union tags: they say which model's names to suggest from.

@@ -86,11 +86,13 @@ def field_names_at(model: type[BaseModel], loc: Sequence[str | int]) -> set[str]
 
 def suggestion(unknown: str, known: set[str]) -> str | None:
     """The known name ``unknown`` was probably meant to be, or None."""
-    synonym = KNOWN_SYNONYMS.get(unknown.lower())
-    if synonym in known:
-        return synonym
-    close = difflib.get_close_matches(unknown.lower(), sorted(known), n=1, cutoff=0.75)
-    return close[0] if close else None
+    # A known name, or another library's name for one (also misspelt: `learnig_rate` → `lr`).
+    candidates = {name: name for name in known} | {other: ours for other, ours in KNOWN_SYNONYMS.items() if ours in known}
+    word = unknown.lower()
+    if word in candidates:
+        return candidates[word]
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.75)
+    return candidates[close[0]] if close else None
 
 
 def did_you_mean(model: type[BaseModel] | None, loc: Sequence[str | int], names: set[str] | None = None) -> str:
