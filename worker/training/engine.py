@@ -64,6 +64,8 @@ from worker.training.recipe import MetricTracker, build_loss, build_optimizer, b
 from worker.training.uploads import BackgroundUploader
 
 logger = logging.getLogger(__name__)
+#: Seconds between log lines of a phase's file counts (a long download).
+PHASE_LOG_INTERVAL_S = 10.0
 # torchdata 0.11's StatefulDataLoader calls a torch API deprecated in newer torch; harmless noise.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
@@ -453,7 +455,7 @@ class _Run:
         self.resumed_threads: int | None = None  # torch threads the checkpoint resumed from was trained with
         self.started = time.monotonic()
         self.start_step = 0
-        self.last_progress = self.last_tb_upload = self.started
+        self.last_progress = self.last_tb_upload = self.last_phase_log = self.started
         # (monotonic time, step) of this attempt's first report after a step: the throughput is
         # measured from there, so the download, checks, model build and first step don't count.
         self.rate_origin: tuple[float, int] | None = None
@@ -510,10 +512,17 @@ class _Run:
         """Record what the job is doing: written at once when the phase changes or its files are all done,
         else at most every ``progress_interval_s``."""
         changed = phase != self.progress.phase or (files_total is not None and files_done == files_total)
+        now = time.monotonic()
+        # The job's log says what it does before training too (a first download was 20 s of silence).
+        if phase not in (JobPhase.TRAINING, JobPhase.VALIDATING) and (
+            phase != self.progress.phase or (files_total and now - self.last_phase_log >= PHASE_LOG_INTERVAL_S)
+        ):
+            counts = f" {files_done or 0}/{files_total} files" if files_total else ""
+            logger.info("job %s: %s%s", self.job_id, phase.value.replace("_", " "), counts)
+            self.last_phase_log = now
         self.progress.phase = phase
         self.progress.files_done, self.progress.files_total = files_done, files_total
         self.progress.bytes_done, self.progress.bytes_total = bytes_done, bytes_total
-        now = time.monotonic()
         if changed or now - self.last_progress >= self.settings.progress_interval_s:
             self.progress.runtime_s = self.runtime_s
             self.progress.updated_at = time.time()
