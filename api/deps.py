@@ -43,7 +43,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 bearer = HTTPBearer(
     auto_error=False,
-    description="A token from `python -m trainq.admin token create --owner <name>`, sent as "
+    description="A token from `trainq token create --owner <name>` (an admin's `POST /tokens`), sent as "
     "`Authorization: Bearer <token>`. Required when the server runs with `AUTH_REQUIRED=true`.",
 )
 

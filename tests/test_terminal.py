@@ -12,7 +12,7 @@ import pytest
 from shared.jobs import JobRecord, JobState
 from tests.fixtures import fast_digits_spec
 from trainq import terminal
-from trainq.cli import Watcher, _phase_text, _progress_text, _summary_line
+from trainq.cli import Watcher, _phase_text, _progress_text, _status_rows, _summary_line
 
 
 def record(**fields) -> JobRecord:
@@ -88,3 +88,14 @@ def test_a_cancelled_jobs_summary_says_why():
 def test_a_state_prints_as_the_api_writes_it():
     assert str(JobState.SUCCEEDED) == "succeeded" and f"{JobState.CANCELLED}" == "cancelled"
     assert str(record(state="succeeded").state) == "succeeded"
+
+
+def test_status_of_a_cancelled_job_shows_its_reason_and_checkpoint():
+    # Only `--json` had them (issue 20 item 6).
+    checkpoint = "s3://trainq/jobs/f624d259/checkpoints/step-200.pt"
+    cancelled = record(state="cancelled", transitions=[{"state": "cancelled", "at": 1.0, "reason": "cancelled by request at step 200"}],
+                       artifacts={"checkpoints": [checkpoint]})
+    rows = dict(_status_rows(cancelled))
+    assert rows["reason"] == "cancelled by request at step 200" and rows["last checkpoint"] == checkpoint
+    assert "phase" not in rows
+    assert dict(_status_rows(record(progress={"phase": "verifying", "files_done": 5, "files_total": 9})))["phase"] == "verifying 5/9 files"

@@ -394,7 +394,18 @@ def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The j
     if as_json:
         _print_json(record)
         return
-    console, p = _console(), record.progress
+    rows = _status_rows(record)
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+def _status_rows(record: JobRecord) -> list[tuple[str, str]]:
+    """``trainq status``'s rows: what the job is, does and did; a stopped job's reason and last checkpoint."""
+    p = record.progress
     rows = [
         ("id", record.id), ("name", record.name or "-"), ("owner", record.owner), ("state", record.state.value),
         ("queue", record.queue), ("created", _when(record.created_at)), ("attempts", str(record.attempts)),
@@ -413,12 +424,7 @@ def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The j
         rows.append(("tensorboard", record.artifacts.tensorboard))
     if record.artifacts.final_checkpoint:
         rows.append(("final checkpoint", record.artifacts.final_checkpoint))
-    table = Table(box=None, show_header=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    return rows
 
 
 @app.command()
