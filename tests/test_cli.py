@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from shared.jobs import JobState
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures import REPO, fast_digits_spec
-from trainq.cli import Exit, app
+from trainq.cli import ExitStatus, app
 from trainq.client import Client
 from trainq.stack import LocalStack, free_port
 
@@ -304,14 +304,14 @@ def test_commands_that_wait_exit_with_how_the_job_ended(env, spec_file: Path, tm
     failing.write_text(json.dumps(json.loads(spec_file.read_text()) | {
         "dataset": {"type": "image_folder", "uri": "s3://trainq/datasets/nothing-here/", "image_size": 8, "channels": 1}}))
     failed = trainq(env, "submit", str(failing), "--wait")
-    assert failed.exit_code == Exit.JOB_FAILED == 3, failed.output
+    assert failed.exit_code == ExitStatus.JOB_FAILED == 3, failed.output
     job_id = failed.stdout.split()[1]
     followed = trainq(env, "logs", job_id, "--follow")
-    assert followed.exit_code == Exit.JOB_FAILED and f"-- job {job_id} failed: " in followed.stderr
+    assert followed.exit_code == ExitStatus.JOB_FAILED and f"-- job {job_id} failed: " in followed.stderr
     parked = submit_parked(env, spec_file, tmp_path)
     assert trainq(env, "cancel", parked).exit_code == 0
     followed = trainq(env, "logs", parked, "--follow")
-    assert followed.exit_code == Exit.JOB_CANCELLED == 4 and f"-- job {parked} cancelled" in followed.stderr
+    assert followed.exit_code == ExitStatus.JOB_CANCELLED == 4 and f"-- job {parked} cancelled" in followed.stderr
 
 
 def test_short_ids_work_in_every_command(env, waited, spec_file: Path, tmp_path: Path):

@@ -10,7 +10,7 @@ The API is ``--url`` or ``TRAINQ_URL`` (default ``http://127.0.0.1:8000``), the 
 ``TRAINQ_TOKEN``. A job id may be shortened to a unique prefix of at least 6 characters (as git's).
 ``--json`` prints the API's JSON for scripts. ``TRAINQ_DEBUG=1`` shows tracebacks of unexpected errors.
 
-Exit status (:class:`Exit`): 0 done (a command that waits on a job: the job succeeded); 1 an error,
+Exit status (:class:`ExitStatus`): 0 done (a command that waits on a job: the job succeeded); 1 an error,
 printed as one line ``error: …``; 2 a wrong command line; 3 the job waited on failed; 4 it was
 cancelled; 130 interrupted (Ctrl-C). Every string from the API reaches the terminal through
 :mod:`trainq.terminal`.
@@ -43,7 +43,7 @@ from trainq import terminal
 from trainq.client import DEFAULT_URL, Client, TrainqClientError
 
 
-class Exit(IntEnum):
+class ExitStatus(IntEnum):
     """The CLI's exit status. A command that waits on a job (``submit --wait``, ``logs --follow``)
     exits 0 only when the job succeeded."""
 
@@ -105,7 +105,7 @@ def handle_errors(command: F) -> F:
             ctx = kwargs.get("ctx")
             _fail(_client_error(exc, token_given=bool(ctx is not None and ctx.obj and ctx.obj.get("token"))))
         except KeyboardInterrupt:
-            raise typer.Exit(Exit.INTERRUPTED) from None
+            raise typer.Exit(ExitStatus.INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:
@@ -126,7 +126,7 @@ def _client_error(exc: TrainqClientError, *, token_given: bool) -> str:
     return f"{exc} (the token from TRAINQ_TOKEN or `trainq --token`)"
 
 
-def _fail(message: str, code: int = Exit.ERROR) -> None:
+def _fail(message: str, code: int = ExitStatus.ERROR) -> None:
     terminal.write(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -134,9 +134,9 @@ def _fail(message: str, code: int = Exit.ERROR) -> None:
 def _exit_for(state: JobState) -> None:
     """End a command that waited on a job: exit 0 only if it succeeded."""
     if state is JobState.FAILED:
-        raise typer.Exit(Exit.JOB_FAILED)
+        raise typer.Exit(ExitStatus.JOB_FAILED)
     if state is JobState.CANCELLED:
-        raise typer.Exit(Exit.JOB_CANCELLED)
+        raise typer.Exit(ExitStatus.JOB_CANCELLED)
     if state is not JobState.SUCCEEDED:
         _fail(f"the job is still {state.value}")
 
