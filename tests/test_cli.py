@@ -330,7 +330,7 @@ def test_short_ids_work_in_every_command(env, waited, spec_file: Path, tmp_path:
     assert cancelled.stdout.strip() == f"job {parked} cancelled"
     # The readable status of a cancelled job says why (only --json had it).
     status = trainq(env, "status", parked[:7])
-    assert re.search(r"^reason +cancelled by request$", status.stdout, re.M), status.stdout
+    assert re.search(r"^\s*reason\s+cancelled by request\s*$", status.stdout, re.M), status.stdout
 
 
 def test_the_python_client_downloads_as_the_cli_does(env, waited, tmp_path: Path):
