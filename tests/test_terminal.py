@@ -66,6 +66,8 @@ def test_phase_shows_while_the_data_downloads():
                                    "bytes_total": 7 * 2**20, "step": 0, "total_steps": 0, "epoch": 0})
     assert _phase_text(downloading) == "downloading 282/1797 files (1.0/7.0 MiB)"
     assert _progress_text(downloading) == "downloading 282/1797 files (1.0/7.0 MiB)"
+    small = record(progress={"phase": "downloading", "files_done": 1, "files_total": 9, "bytes_done": 51200, "bytes_total": 204800})
+    assert _phase_text(small) == "downloading 1/9 files (50.0/200.0 KiB)"
     assert _phase_text(record(progress={"phase": "building_model"})) == "building the model"
     assert _phase_text(record(state="queued")) == "waiting on queue default"
     assert _phase_text(record()) is None  # training: the metrics say it

@@ -207,7 +207,8 @@ def _phase_text(record: JobRecord | JobSummary) -> str | None:
     if p.files_total:
         text = f"{p.phase.value} {p.files_done or 0}/{p.files_total} files"
         if p.phase is JobPhase.DOWNLOADING and p.bytes_total:
-            text += f" ({(p.bytes_done or 0) / 2**20:.1f}/{p.bytes_total / 2**20:.1f} MiB)"
+            unit, scale = ("MiB", 2**20) if p.bytes_total >= 2**20 else ("KiB", 2**10)
+            text += f" ({(p.bytes_done or 0) / scale:.1f}/{p.bytes_total / scale:.1f} {unit})"
     return text
 
 
