@@ -272,7 +272,7 @@ class Watcher:
                 metrics=_progress_text(record, with_step=False), eta=_duration(p.eta_s),
             )
             return
-        if record.state != self.last_state:
+        if record.state != self.last_state and not record.state.is_final:
             self.last_state = record.state
             self.console.print(f"{record.state.value}" + (f" on {record.worker}" if record.state is JobState.RUNNING and record.worker else ""))
         phase = _phase_text(record) if record.state is JobState.RUNNING else None
@@ -286,6 +286,9 @@ class Watcher:
         if p.epoch > self.last_epoch and p.phase != "validating":
             self.last_epoch = p.epoch
             self.console.print(f"{_metrics_text(record)}  ETA {_duration(p.eta_s)}")
+        if record.state != self.last_state and record.state.is_final:  # after the last epoch's line
+            self.last_state = record.state
+            self.console.print(record.state.value)
 
 
 def _summary_line(record: JobRecord) -> str:
