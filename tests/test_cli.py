@@ -366,3 +366,11 @@ def test_tokens_are_managed_through_the_api_by_admins_only(env):
     revoked = trainq(admin, "token", "revoke", "--owner", owner)
     assert revoked.exit_code == 0 and f"(owner {owner})" in revoked.stdout
     assert trainq(env | {"TRAINQ_TOKEN": token}, "list").exit_code == 1
+
+
+def test_the_log_says_what_the_job_does_before_training(env, waited):
+    # A first job's log was silent for the 20 s of its download (issue 20 item 6).
+    _, job_id = waited
+    log = trainq(env, "logs", job_id).stdout
+    assert f"job {job_id}: downloading" in log and f"job {job_id}: building model" in log, log[:2000]
+    assert log.index(f"job {job_id}: downloading") < log.index(f"job {job_id}: building model") < log.index("epoch 1/2")
