@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 # -qq: errors only (pip's warnings about this machine's local package mirrors are noise).
 PIP_INSTALL = $(PY) -m pip install -qq --disable-pip-version-check
+# The local stack's API port: `make up PORT=8001` (then `export TRAINQ_URL=http://127.0.0.1:8001`, as it prints).
+PORT   ?= 8000
 
 .PHONY: install demo up test bench lock clean
 
@@ -19,8 +21,8 @@ install: $(VENV)/.installed  ## create .venv with trainq and everything the demo
 demo: install  ## train a small CNN on real digits through the local stack; print val accuracy and artifacts
 	$(PY) -m trainq.demo
 
-up: install  ## run the local stack (API on :8000) until Ctrl-C
-	$(PY) -m trainq.stack
+up: install  ## run the local stack (API on :$(PORT), default 8000; `make up PORT=8001`) until Ctrl-C
+	$(PY) -m trainq.stack --port $(PORT)
 
 test: install  ## run the test suite against a real local stack
 	$(PY) -m pytest

@@ -44,7 +44,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 bearer = HTTPBearer(
     auto_error=False,
-    description="A token from `python -m trainq.admin token create --owner <name>`, sent as "
+    description="A token from `trainq token create --owner <name>` (an admin's `POST /tokens`), sent as "
     "`Authorization: Bearer <token>`. Required when the server runs with `AUTH_REQUIRED=true`.",
 )
 
@@ -99,11 +99,44 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+#: A job id is 32 hex digits; a unique prefix of at least this many stands for it (as git's short ids).
+MIN_ID_PREFIX = 6
+_JOB_ID_CHARS = 32
+#: Matches an ambiguous prefix's error lists.
+_SHOWN_MATCHES = 5
+
+
+def resolve_job_id(job_id: str, store: JobStore, principal: Principal) -> str:
+    """The whole id that ``job_id`` stands for: itself, or the one job among those ``principal``
+    sees whose id starts with it (``MIN_ID_PREFIX``–31 hex digits, any case).
+
+    Raises:
+        JobNotFoundError: a prefix no visible job has.
+        HTTPException: 422 naming ``job_id`` when several visible jobs have the prefix (listing them).
+    """
+    prefix = job_id.lower()
+    if not MIN_ID_PREFIX <= len(prefix) < _JOB_ID_CHARS or prefix.strip("0123456789abcdef"):
+        return job_id
+    # Only the caller's own jobs (an admin's: everyone's), so a prefix reveals no other owner's ids.
+    matches = store.ids_starting_with(prefix, owner=None if principal.admin else principal.owner, limit=_SHOWN_MATCHES + 1)
+    if not matches:
+        raise JobNotFoundError(job_id)
+    if len(matches) > 1:
+        shown = ", ".join(matches[:_SHOWN_MATCHES]) + (", …" if len(matches) > _SHOWN_MATCHES else "")
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": ["path", "job_id"], "type": "ambiguous_id", "input": job_id,
+              "msg": f"job id prefix {job_id!r} matches {'more than ' if len(matches) > _SHOWN_MATCHES else ''}"
+                     f"{min(len(matches), _SHOWN_MATCHES)} jobs ({shown}); give more characters"}],
+        )
+    return matches[0]
+
+
 def get_visible_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobRecord:
-    """The record of ``job_id`` if the caller may see it; 404 otherwise (also for another owner's job,
-    so ids do not leak)."""
+    """The record of ``job_id`` (or of the one job whose id starts with it, see :func:`resolve_job_id`)
+    if the caller may see it; 404 otherwise (also for another owner's job, so ids do not leak)."""
     try:
-        record = store.get(job_id)
+        record = store.get(resolve_job_id(job_id, store, principal))
     except JobNotFoundError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     if not principal.can_see(record.owner):

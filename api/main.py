@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
-from api.routes import artifacts, config, health, jobs, logs, workers
+from api.routes import artifacts, config, health, jobs, logs, tokens, workers
+from api.suggest import did_you_mean, field_names_at
 from shared.auth import MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
@@ -80,7 +81,19 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     """
     found = exc.errors()
     errors = [_short_input(error) for error in _encodable(_finite(jsonable_encoder(found[:MAX_ERRORS])))]
+    route = request.scope.get("route")
+    body_field = getattr(route, "body_field", None)
+    query_names = set()
+    for field in getattr(getattr(route, "dependant", None), "query_params", []):
+        query_names |= field_names_at(field.field_info.annotation, []) or {field.alias}  # a model of parameters, or one
     for error in errors:
+        if error.get("type") == "extra_forbidden" and error["loc"]:
+            # Before the loc loses its union tags: they say which model's names to suggest from.
+            where, *loc = error["loc"]
+            if where == "body" and body_field is not None and isinstance(body_field.field_info.annotation, type):
+                error["msg"] += did_you_mean(body_field.field_info.annotation, loc)
+            elif where == "query":
+                error["msg"] += did_you_mean(None, loc, query_names)
         if error["loc"] and error["loc"][0] == "body":
             error["loc"] = ["body", *_encodable(json_path(error["loc"][1:], exc.body))]
     if len(found) > MAX_ERRORS:
@@ -148,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(workers.router)
     app.include_router(config.router)
+    app.include_router(tokens.router)
     app.include_router(health.router)
     instrument(app)
     return app

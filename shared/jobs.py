@@ -283,6 +283,25 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return JobRecord.model_validate(_decode(raw))
 
+    def ids_starting_with(self, prefix: str, *, owner: str | None = None, limit: int = 10) -> list[str]:
+        """Up to ``limit`` ids of jobs that start with ``prefix`` (``owner``'s jobs, or everyone's), sorted.
+
+        A scan of the owner's index (everyone's for ``owner=None``): O(jobs in it), for short ids
+        typed by people. ``prefix`` must be lowercase hex (it is a match pattern).
+
+        Raises:
+            ValueError: ``prefix`` is not lowercase hex.
+        """
+        if not prefix or prefix.strip("0123456789abcdef"):
+            raise ValueError(f"a job id prefix is lowercase hex, not {prefix!r}")
+        key = INDEX_KEY if owner is None else OWNER_INDEX_KEY.format(owner)
+        found: list[str] = []
+        for member, _ in self.redis.zscan_iter(key, match=f"{prefix}*", count=1000):
+            found.append(member.decode())
+            if len(found) >= limit:
+                break
+        return sorted(found)
+
     def list(
         self,
         *,

@@ -32,6 +32,10 @@ class JobState(str, Enum):
         """True for states a job never leaves."""
         return self in FINAL_STATES
 
+    def __str__(self) -> str:
+        # `print(record.state)` shows `succeeded`, as the API writes it (not `JobState.SUCCEEDED`).
+        return self.value
+
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 #: States in which a delivered message may start the job.

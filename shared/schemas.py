@@ -143,3 +143,31 @@ class DryRunReport(BaseModel):
     memory: MemoryEstimate | None = Field(None, description="Memory the job is estimated to need, and the budget.")
     warnings: list[str] = Field(default_factory=list, description="What may surprise you, though the job would run.")
     seconds: float = Field(description="Time the dry run took.")
+class TokenCreate(BaseModel):
+    """``POST /tokens``: whom a new token acts as."""
+
+    model_config = {"extra": "forbid"}
+
+    owner: str = Field(min_length=1, max_length=64, description="Who the token acts as (letters, digits, `_ . @ -`).")
+    admin: bool = Field(False, description="Sees and cancels every owner's jobs; issues tokens.")
+
+
+class TokenPublic(BaseModel):
+    """A stored token, without the token: ``id`` is the first 12 hex digits of its SHA-256."""
+
+    id: str
+    owner: str
+    admin: bool
+    created_at: float = Field(description="Seconds since the epoch.")
+
+
+class TokenIssued(TokenPublic):
+    """A token just issued: ``token`` is shown this once (only its hash is kept)."""
+
+    token: str
+
+
+class TokenList(BaseModel):
+    """``GET /tokens`` and ``DELETE /tokens…``: tokens, oldest first."""
+
+    data: list[TokenPublic]

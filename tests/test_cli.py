@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -16,8 +18,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from shared.records import JobState
+from tests.conftest import ADMIN_TOKEN
 from tests.fixtures import REPO, fast_digits_spec
-from trainq.cli import app
+from trainq.cli import ExitStatus, app
+from trainq.client import Client
 from trainq.stack import LocalStack, free_port
 
 PARKED = "test-nobody-listens"
@@ -171,7 +176,8 @@ def test_no_api_or_no_token_is_one_line(env):
 
 def test_token_create_issues_a_working_token(env, stack: LocalStack):
     owner = f"cli-{uuid.uuid4().hex[:8]}"
-    created = trainq(env | {"REDIS_URL": stack.env["REDIS_URL"]}, "token", "create", "--owner", owner)
+    # Through the API with the admin token (it needed REDIS_URL and direct Redis access before).
+    created = trainq(env | {"TRAINQ_TOKEN": ADMIN_TOKEN}, "token", "create", "--owner", owner)
     assert created.exit_code == 0
     token = created.stdout.strip()
     assert trainq(env | {"TRAINQ_TOKEN": token}, "list").stdout.strip() == "no jobs"
@@ -241,12 +247,130 @@ def test_up_runs_the_local_stack_until_interrupted(tmp_path: Path):
     assert "stopping" in output
 
 
-def test_demo_trains_through_a_stack_of_its_own(spec_file: Path, tmp_path: Path):
+def test_demo_trains_through_a_stack_of_its_own(spec_file: Path, tmp_path: Path, monkeypatch):
     clean = {k: None for k in ("REDIS_URL", "S3_ENDPOINT_URL", "S3_ENDPOINT", "TRAINQ_URL", "TRAINQ_TOKEN")}
     one_epoch = tmp_path / "one-epoch.json"
     one_epoch.write_text(json.dumps(json.loads(spec_file.read_text()) | {"epochs": 1}))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     result = CliRunner().invoke(app, ["demo", "--spec", str(one_epoch), "--out", str(tmp_path / "out"), "--min-accuracy", "0"],
                                 env=clean, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     job_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("4/5 job "))
     assert (tmp_path / "out" / job_id / "checkpoints" / "final.pt").exists()
+    # Off a terminal it says what happens while it waits (it was silent for ~40 s) and leaves no
+    # stack folder behind (7.8 MB a run; issue 20 items 6 and 8).
+    lines = result.stdout.splitlines()
+    assert "queued" in lines and any(line.startswith("running on worker1@") for line in lines), lines
+    assert any(line.startswith("epoch 1/1 ") for line in lines), lines
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def submit_parked(env, spec_file: Path, tmp_path: Path, **fields) -> str:
+    """Submit the spec to a queue no worker consumes (the job stays queued); return its id."""
+    path = tmp_path / f"parked-{uuid.uuid4().hex[:6]}.json"
+    path.write_text(json.dumps(json.loads(spec_file.read_text()) | {"queue": PARKED} | fields))
+    result = trainq(env, "submit", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["id"]
+
+
+HOSTILE_NAMES = ["[/]", "[link=https://evil.example/]click me[/link]", "[bold red]loud :smile:"]
+
+
+@pytest.mark.parametrize("on_a_terminal", [False, True])
+def test_job_names_print_as_themselves(env, spec_file: Path, tmp_path: Path, on_a_terminal: bool):
+    # A job named `[/]` made `trainq list` and `status` exit 1 (Rich's MarkupError), and a
+    # `[link=…]` name drew a hidden hyperlink on a terminal (issue 17).
+    run_env = env | ({"FORCE_COLOR": "1", "COLUMNS": "250"} if on_a_terminal else {})
+    ids = [submit_parked(env, spec_file, tmp_path, name=name) for name in HOSTILE_NAMES]
+    try:
+        listed = trainq(run_env, "list", "--limit", "500")
+        assert listed.exit_code == 0, listed.output
+        for job_id, name in zip(ids, HOSTILE_NAMES):
+            assert name in listed.stdout
+            status = trainq(run_env, "status", job_id)
+            assert status.exit_code == 0, status.output
+            assert name in status.stdout
+            assert "\x1b]8;" not in listed.stdout + status.stdout  # no hyperlink anywhere
+    finally:
+        for job_id in ids:
+            trainq(env, "cancel", job_id)
+
+
+def test_commands_that_wait_exit_with_how_the_job_ended(env, spec_file: Path, tmp_path: Path):
+    # `logs --follow` exited 0 for a failed or cancelled job (issue 19 item 5).
+    failing = tmp_path / "failing.json"
+    failing.write_text(json.dumps(json.loads(spec_file.read_text()) | {
+        "dataset": {"type": "image_folder", "uri": "s3://trainq/datasets/nothing-here/", "image_size": 8, "channels": 1}}))
+    failed = trainq(env, "submit", str(failing), "--wait")
+    assert failed.exit_code == ExitStatus.JOB_FAILED == 3, failed.output
+    job_id = failed.stdout.split()[1]
+    followed = trainq(env, "logs", job_id, "--follow")
+    assert followed.exit_code == ExitStatus.JOB_FAILED and f"-- job {job_id} failed: " in followed.stderr
+    parked = submit_parked(env, spec_file, tmp_path)
+    assert trainq(env, "cancel", parked).exit_code == 0
+    followed = trainq(env, "logs", parked, "--follow")
+    assert followed.exit_code == ExitStatus.JOB_CANCELLED == 4 and f"-- job {parked} cancelled" in followed.stderr
+
+
+def test_short_ids_work_in_every_command(env, waited, spec_file: Path, tmp_path: Path):
+    _, job_id = waited
+    short = job_id[:8]
+    status = trainq(env, "status", short)
+    assert status.exit_code == 0 and job_id in status.stdout
+    assert trainq(env, "logs", short).stdout == trainq(env, "logs", job_id).stdout
+    followed = trainq(env, "logs", short, "--follow")
+    assert followed.exit_code == 0 and f"-- job {job_id} succeeded" in followed.stderr
+    downloaded = trainq(env, "artifacts", short, "--download", str(tmp_path))
+    assert downloaded.exit_code == 0 and (tmp_path / job_id / "checkpoints" / "final.pt").exists()
+    assert f"files in {tmp_path.resolve() / job_id}/" in downloaded.stdout
+    parked = submit_parked(env, spec_file, tmp_path)
+    cancelled = trainq(env, "cancel", parked[:7])
+    assert cancelled.stdout.strip() == f"job {parked} cancelled"
+    # The readable status of a cancelled job says why (only --json had it).
+    status = trainq(env, "status", parked[:7])
+    assert re.search(r"^\s*reason\s+cancelled by request\s*$", status.stdout, re.M), status.stdout
+
+
+def test_the_python_client_downloads_as_the_cli_does(env, waited, tmp_path: Path):
+    _, job_id = waited
+    with Client(env["TRAINQ_URL"], env["TRAINQ_TOKEN"]) as client:
+        record = client.get(job_id[:8])
+        assert str(record.state) == "succeeded" and record.state is JobState.SUCCEEDED
+        paths = client.download_artifacts(job_id, tmp_path)
+    # Into out/<id>/ as `trainq artifacts ID --download out`: two jobs' files never mix.
+    assert (tmp_path / job_id / "checkpoints" / "final.pt") in paths
+    assert all(path.is_relative_to(tmp_path / job_id) for path in paths)
+
+
+def test_token_errors_speak_cli(env):
+    anonymous = trainq(env | {"TRAINQ_TOKEN": ""}, "list")
+    assert anonymous.exit_code == 1 and "set TRAINQ_TOKEN=<token>, or give it before the command (`trainq --token <token> COMMAND`)" in anonymous.stderr
+    assert "Authorization: Bearer" not in anonymous.stderr
+    wrong = trainq(env | {"TRAINQ_TOKEN": "tq_nothing"}, "list")
+    assert wrong.exit_code == 1 and wrong.stderr.startswith("error: 401 invalid or revoked bearer token (the token from TRAINQ_TOKEN")
+    late = CliRunner().invoke(app, ["list", "--token", "x"], env=env)
+    assert late.exit_code == 2 and "--token goes before the command" in late.output
+
+
+def test_tokens_are_managed_through_the_api_by_admins_only(env):
+    owner = f"cli-{uuid.uuid4().hex[:8]}"
+    admin = env | {"TRAINQ_TOKEN": ADMIN_TOKEN}
+    refused = trainq(env, "token", "create", "--owner", owner)
+    assert refused.exit_code == 1 and refused.stderr.startswith("error: 403 only an admin manages tokens")
+    token = trainq(admin, "token", "create", "--owner", owner).stdout.strip()
+    assert trainq(env | {"TRAINQ_TOKEN": token}, "list").exit_code == 0
+    listed = json.loads(trainq(admin, "token", "list", "--json").stdout)
+    assert owner in [info["owner"] for info in listed] and all("token" not in info for info in listed)
+    revoked = trainq(admin, "token", "revoke", "--owner", owner)
+    assert revoked.exit_code == 0 and f"(owner {owner})" in revoked.stdout
+    assert trainq(env | {"TRAINQ_TOKEN": token}, "list").exit_code == 1
+
+
+def test_the_log_says_what_the_job_does_before_training(env, waited):
+    # A first job's log was silent for the 20 s of its download (issue 20 item 6).
+    _, job_id = waited
+    log = trainq(env, "logs", job_id).stdout
+    assert f"job {job_id}: downloading" in log and f"job {job_id}: building model" in log, log[:2000]
+    assert log.index(f"job {job_id}: downloading") < log.index(f"job {job_id}: building model") < log.index("epoch 1/2")

@@ -7,9 +7,13 @@
     trainq workers | queues
 
 The API is ``--url`` or ``TRAINQ_URL`` (default ``http://127.0.0.1:8000``), the token ``--token`` or
-``TRAINQ_TOKEN``. ``--json`` prints the API's JSON for scripts. A failure prints one line,
-``error: …``, and exits 1 (2 for a wrong command line); ``submit --wait`` also exits 1 when the job
-does not succeed. ``TRAINQ_DEBUG=1`` shows tracebacks of unexpected errors.
+``TRAINQ_TOKEN``. A job id may be shortened to a unique prefix of at least 6 characters (as git's).
+``--json`` prints the API's JSON for scripts. ``TRAINQ_DEBUG=1`` shows tracebacks of unexpected errors.
+
+Exit status (:class:`ExitStatus`): 0 done (a command that waits on a job: the job succeeded); 1 an error,
+printed as one line ``error: …``; 2 a wrong command line; 3 the job waited on failed; 4 it was
+cancelled; 130 interrupted (Ctrl-C). Every string from the API reaches the terminal through
+:mod:`trainq.terminal`.
 """
 
 from __future__ import annotations
@@ -21,20 +25,55 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from shared.records import JobRecord, JobState
+from trainq import terminal
 from trainq.client import DEFAULT_URL, Client, TrainqClientError
+from trainq.display import Watcher, format_duration, metrics_text, phase_text, last_reason, summary_line, format_when
+
+
+class ExitStatus(IntEnum):
+    """The CLI's exit status. A command that waits on a job (``submit --wait``, ``logs --follow``)
+    exits 0 only when the job succeeded."""
+
+    OK = 0
+    ERROR = 1  #: the command failed (API refused or unreachable, bad file…): one line ``error: …``
+    USAGE = 2  #: a wrong command line (Click's own code)
+    JOB_FAILED = 3
+    JOB_CANCELLED = 4
+    INTERRUPTED = 130  #: Ctrl-C
+
+
+#: Options of ``trainq`` itself, which go before the command.
+_GLOBAL_OPTIONS = ("--url", "--token")
+
+
+class _Group(TyperGroup):
+    """The command group: an option of ``trainq`` itself given after the command gets a hint."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # Click's NoSuchOption (Typer vendors its own Click: matched by its attributes).
+            if getattr(exc, "option_name", None) in _GLOBAL_OPTIONS and hasattr(exc, "message"):
+                command = ctx.invoked_subcommand or "COMMAND"
+                exc.message += f" for `{command}`: {exc.option_name} goes before the command (`trainq {exc.option_name} … {command} …`)"
+                exc.possibilities = None
+            raise
+
 
 app = typer.Typer(
+    cls=_Group,
     name="trainq",
     help="Submit, watch and fetch PyTorch training jobs on a trainq service.",
     no_args_is_help=True,
@@ -42,7 +81,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-token_app = typer.Typer(help="API tokens (in the Redis at REDIS_URL; as `python -m trainq.admin token`).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens, through the API with an admin token (ADMIN_TOKEN or an --admin token).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,24 +89,21 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON (
 
 
 def _console(stderr: bool = False) -> Console:
-    # Off a terminal Rich would cut tables at 80 columns; ids must stay whole.
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:
-        console = Console(stderr=stderr, highlight=False, width=200, no_color=True)
-    return console
+    return terminal.console(stderr=stderr)
 
 
 def handle_errors(command: F) -> F:
-    """Turn every failure of ``command`` into one line on stderr and exit status 1."""
+    """Turn every failure of ``command`` into one line on stderr and exit status 1 (130 on Ctrl-C)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except TrainqClientError as exc:
-            _fail(str(exc))
+            ctx = kwargs.get("ctx")
+            _fail(_client_error(exc, token_given=bool(ctx is not None and ctx.obj and ctx.obj.get("token"))))
         except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitStatus.INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:
@@ -78,9 +114,29 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _client_error(exc: TrainqClientError, *, token_given: bool) -> str:
+    """The one line for a failed call, in the CLI's terms (a 401 says which setting to fix)."""
+    if exc.status_code != 401:
+        return str(exc)
+    if not token_given:
+        return ("401 a bearer token is required: set TRAINQ_TOKEN=<token>, or give it before the command "
+                "(`trainq --token <token> COMMAND`); an admin issues one with `trainq token create --owner NAME`")
+    return f"{exc} (the token from TRAINQ_TOKEN or `trainq --token`)"
+
+
+def _fail(message: str, code: int = ExitStatus.ERROR) -> None:
+    terminal.write(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _exit_for(state: JobState) -> None:
+    """End a command that waited on a job: exit 0 only if it succeeded."""
+    if state is JobState.FAILED:
+        raise typer.Exit(ExitStatus.JOB_FAILED)
+    if state is JobState.CANCELLED:
+        raise typer.Exit(ExitStatus.JOB_CANCELLED)
+    if state is not JobState.SUCCEEDED:
+        _fail(f"the job is still {state.value}")
 
 
 @app.callback()
@@ -106,91 +162,15 @@ def _print_json(value: BaseModel | list | dict) -> None:
     sys.stdout.write(text + "\n")
 
 
-def _when(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _metrics_text(record: JobRecord) -> str:
-    p = record.progress
-    parts = [f"epoch {p.epoch}/{p.epochs}", f"step {p.step}/{p.total_steps or '?'}"]
-    if p.train_loss is not None:
-        parts.append(f"loss {p.train_loss:.4f}")
-    metrics = p.val_metrics or ({"val_accuracy": p.val_accuracy} if p.val_accuracy is not None else {})
-    parts += [f"{name} {value:.4f}" for name, value in metrics.items()]
-    return "  ".join(parts)
-
-
 # -- jobs -------------------------------------------------------------------------------------
-class _Watcher:
-    """Shows a job's progress: a live bar on a terminal, else one line per epoch and state change."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.last_epoch, self.last_state = 0, None
-        self.progress: Progress | None = None
-        self.task = None
-        if console.is_terminal:
-            self.progress = Progress(
-                TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                TextColumn("{task.fields[metrics]}"), TextColumn("ETA {task.fields[eta]}"), console=console, transient=False,
-            )
-
-    def __enter__(self) -> _Watcher:
-        if self.progress is not None:
-            self.progress.start()
-            self.task = self.progress.add_task("training", total=None, state="queued", metrics="", eta="-")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, record: JobRecord) -> None:
-        p = record.progress
-        if self.progress is not None:
-            self.progress.update(
-                self.task, total=p.total_steps or None, completed=p.step, state=record.state.value,
-                metrics=_metrics_text(record), eta=_duration(p.eta_s),
-            )
-            return
-        if record.state != self.last_state:
-            self.last_state = record.state
-            self.console.print(f"{record.state.value}" + (f" on {record.worker}" if record.state is JobState.RUNNING and record.worker else ""))
-        # One line per epoch completed, once its validation is in: the record counts the epoch
-        # as done while it validates, and shows the previous epoch's metrics until then.
-        if p.epoch > self.last_epoch and p.phase != "validating":
-            self.last_epoch = p.epoch
-            self.console.print(f"{_metrics_text(record)}  ETA {_duration(p.eta_s)}")
-
-
-def _summary_line(record: JobRecord) -> str:
-    p = record.progress
-    line = f"job {record.id} {record.state.value}"
-    if record.device:
-        line += f" on {record.device}"
-    line += f": {p.epoch} epochs, {p.step} steps"
-    for name, value in p.val_metrics.items():
-        line += f", {name} {value:.4f}"
-    if record.error:
-        line += f"; {record.error}"
-    return line
-
-
 @app.command()
 @handle_errors
 def submit(
     ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="The job spec, a JSON file (see examples/).")],
-    wait: Annotated[bool, typer.Option("--wait", "-w", help="Show progress until the job ends; exit 1 unless it succeeds.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Show progress until the job ends; exit 0 if it succeeds, 3 if it fails, 4 if cancelled.")
+    ] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Resubmitting with the same key returns the same job.")] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only check the spec on a worker (data, model, one step); queue nothing.")
@@ -220,16 +200,15 @@ def submit(
             out.print(f"job {job.id} {job.record.state.value} on queue {job.record.queue}" + (" (replayed)" if job.replayed else ""))
         return
     out.print(f"job {job.id} submitted to queue {job.record.queue}")
-    with _Watcher(out) as watcher:
+    with Watcher(out) as watcher:
         record = job.wait(on_update=watcher.update)
     if as_json:
         _print_json(record)
     else:
-        out.print(_summary_line(record))
+        out.print(summary_line(record))
         if record.artifacts.final_checkpoint:
             out.print(f"final checkpoint {record.artifacts.final_checkpoint}")
-    if record.state is not JobState.SUCCEEDED:
-        raise typer.Exit(1)
+    _exit_for(record.state)
 
 
 @app.command("list")
@@ -256,7 +235,7 @@ def list_jobs(
         p = job.progress
         metric = next(iter(p.val_metrics.items()), None)
         table.add_row(
-            job.id, job.name or "-", job.state.value, job.queue, _when(job.created_at), f"{p.epoch}/{p.epochs}",
+            job.id, job.name or "-", job.state.value, job.queue, format_when(job.created_at), f"{p.epoch}/{p.epochs}",
             f"{metric[0]} {metric[1]:.4f}" if metric else "-",
         )
     console = _console()
@@ -265,72 +244,89 @@ def list_jobs(
 
 @app.command()
 @handle_errors
-def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
-    """One job: state, progress, device, error, artifacts."""
+def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id (or a unique prefix).")], as_json: JsonOption = False) -> None:
+    """One job: state, what it is doing, progress, device, error or reason, artifacts."""
     record = _client(ctx).get(job_id)
     if as_json:
         _print_json(record)
         return
-    console, p = _console(), record.progress
+    rows = _status_rows(record)
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+def _status_rows(record: JobRecord) -> list[tuple[str, str]]:
+    """``trainq status``'s rows: what the job is, does and did; a stopped job's reason and last checkpoint."""
+    p = record.progress
     rows = [
         ("id", record.id), ("name", record.name or "-"), ("owner", record.owner), ("state", record.state.value),
-        ("queue", record.queue), ("created", _when(record.created_at)), ("attempts", str(record.attempts)),
-        ("progress", _metrics_text(record)), ("runtime", _duration(p.runtime_s)),
-        ("ETA", _duration(p.eta_s) if record.state is JobState.RUNNING else "-"),
+        ("queue", record.queue), ("created", format_when(record.created_at)), ("attempts", str(record.attempts)),
+        *([("phase", phase_text(record))] if phase_text(record) else []),
+        ("progress", metrics_text(record)), ("runtime", format_duration(p.runtime_s)),
+        ("ETA", format_duration(p.eta_s) if record.state is JobState.RUNNING else "-"),
         ("device", record.device or "-"), ("worker", record.worker or "-"),
     ]
     if record.error:
         rows.append(("error", record.error))
+    elif record.state in (JobState.CANCELLED, JobState.RETRYING) and last_reason(record):
+        rows.append(("reason", last_reason(record)))
+    if record.state is not JobState.SUCCEEDED and record.artifacts.checkpoints:
+        rows.append(("last checkpoint", record.artifacts.checkpoints[-1]))
     if record.artifacts.tensorboard:
         rows.append(("tensorboard", record.artifacts.tensorboard))
     if record.artifacts.final_checkpoint:
         rows.append(("final checkpoint", record.artifacts.final_checkpoint))
-    table = Table(box=None, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    return rows
 
 
 @app.command()
 @handle_errors
-def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
+def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id (or a unique prefix).")], as_json: JsonOption = False) -> None:
     """Cancel a job: a queued one never starts; a running one checkpoints and stops."""
     record = _client(ctx).cancel(job_id)
     if as_json:
         _print_json(record)
     elif record.state is JobState.CANCELLED:
-        _console().print(f"job {job_id} cancelled")
+        _console().print(f"job {record.id} cancelled")
     else:
-        _console().print(f"job {job_id}: cancel requested; it stops at the next step after a checkpoint")
+        _console().print(f"job {record.id}: cancel requested; it stops at the next step after a checkpoint")
 
 
 @app.command()
 @handle_errors
 def logs(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Go on printing until the job ends.")] = False,
+    job_id: Annotated[str, typer.Argument(help="The job's id (or a unique prefix).")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Go on printing until the job ends; exit 0 if it succeeded, 3 if it failed, 4 if cancelled.")
+    ] = False,
     attempt: Annotated[int | None, typer.Option(min=1, help="Only this attempt.")] = None,
 ) -> None:
     """The job's training log (every attempt): engine lines, warnings, tracebacks."""
     client = _client(ctx)
     if not follow:
-        sys.stdout.write(client.logs(job_id, attempt=attempt))
+        terminal.write(client.logs(job_id, attempt=attempt), end="", keep_newlines=True)
         return
+    job_id = client.get(job_id).id  # the whole id, for the last line
     ended: dict = {}
     for line in client.follow_logs(job_id, attempt=attempt, on_end=ended.update):
-        print(line, flush=True)
-    if ended:
-        print(f"-- job {job_id} {ended['state']}" + (f": {ended['error']}" if ended.get("error") else ""), file=sys.stderr)
+        terminal.write(line)
+    if not ended:
+        _fail(f"the log stream of job {job_id} ended before the job did")
+    state = JobState(ended["state"])
+    terminal.write(f"-- job {job_id} {state.value}" + (f": {ended['error']}" if ended.get("error") else ""), file=sys.stderr)
+    _exit_for(state)
 
 
 @app.command()
 @handle_errors
 def artifacts(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    job_id: Annotated[str, typer.Argument(help="The job's id (or a unique prefix).")],
     download: Annotated[Path | None, typer.Option(help="Download everything to DIR/<job_id>/.", metavar="DIR")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -338,11 +334,12 @@ def artifacts(
     client = _client(ctx)
     if download is not None:
         console = _console(stderr=as_json)
-        paths = client.download_artifacts(job_id, download / job_id, on_file=lambda path, size: console.print(f"{size:>12,}  {path}"))
+        folder = download.resolve() / client.get(job_id).id  # the whole id, as the client names the folder
+        paths = client.download_artifacts(job_id, download, on_file=lambda path, size: console.print(f"{size:>12,}  {path}"))
         if as_json:
             _print_json([str(path) for path in paths])
         else:
-            console.print(f"{len(paths)} files in {(download / job_id).resolve()}/")
+            console.print(f"{len(paths)} files in {folder}/")
         return
     listing = client.artifacts(job_id)
     if as_json:
@@ -353,9 +350,9 @@ def artifacts(
     table.add_column("bytes", justify="right")
     table.add_column("modified (UTC)")
     for item in listing.files:
-        table.add_row(item.path, f"{item.size_bytes:,}", _when(item.last_modified))
+        table.add_row(item.path, f"{item.size_bytes:,}", format_when(item.last_modified))
     console = _console()
-    console.print(f"{listing.prefix}  ({len(listing.files)} files; `--json` has download URLs valid until {_when(listing.expires_at)} UTC)")
+    console.print(f"{listing.prefix}  ({len(listing.files)} files; `--json` has download URLs valid until {format_when(listing.expires_at)} UTC)")
     console.print(table)
 
 
@@ -363,7 +360,7 @@ def artifacts(
 @handle_errors
 def tensorboard(
     ctx: typer.Context,
-    job_id: Annotated[str | None, typer.Argument(help="A job's id; default every job.", show_default=False)] = None,
+    job_id: Annotated[str | None, typer.Argument(help="A job's id (or a unique prefix); default every job.", show_default=False)] = None,
     port: Annotated[int, typer.Option(help="TensorBoard's port.")] = 6006,
     host: Annotated[str, typer.Option(help="Address TensorBoard listens on.")] = "127.0.0.1",
 ) -> None:
@@ -376,7 +373,8 @@ def tensorboard(
     config = client.tensorboard_config()
     logdir = config.logdir
     if job_id is not None:
-        logdir = client.get(job_id).artifacts.tensorboard or f"{config.logdir.rstrip('/')}/{job_id}/tensorboard/"
+        record = client.get(job_id)
+        logdir = record.artifacts.tensorboard or f"{config.logdir.rstrip('/')}/{record.id}/tensorboard/"
     env = dict(os.environ)
     if config.s3_endpoint and not env.get("S3_ENDPOINT"):
         env["S3_ENDPOINT"] = config.s3_endpoint
@@ -389,8 +387,8 @@ def tensorboard(
               "(the local stack of `trainq up` takes `testing` for both)")
     executable = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
     command = [executable, "--logdir", logdir, "--port", str(port), "--host", host]
-    print(f"TensorBoard on {logdir} at http://{host}:{port}/ (S3_ENDPOINT={env.get('S3_ENDPOINT') or 'AWS'}); Ctrl-C stops it",
-          file=sys.stderr, flush=True)
+    terminal.write(f"TensorBoard on {logdir} at http://{host}:{port}/ (S3_ENDPOINT={env.get('S3_ENDPOINT') or 'AWS'}); Ctrl-C stops it",
+                   file=sys.stderr)
     try:
         # This process becomes TensorBoard: Ctrl-C, SIGTERM and a closed terminal reach it directly
         # (a child would outlive a SIGTERM to this CLI, keeping the port).
@@ -466,34 +464,50 @@ def demo(
 
 
 # -- tokens -----------------------------------------------------------------------------------
-def _admin(*argv: str) -> None:
-    from trainq.admin import main as admin_main
-
-    raise typer.Exit(admin_main(["token", *argv]))
-
-
 @token_app.command("create")
+@handle_errors
 def token_create(
+    ctx: typer.Context,
     owner: Annotated[str, typer.Option(help="Who the token acts as.")],
-    admin: Annotated[bool, typer.Option("--admin", help="Sees and cancels every owner's jobs.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="Sees and cancels every owner's jobs; manages tokens.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Issue a token and print it (once)."""
-    _admin("create", "--owner", owner, *(["--admin"] if admin else []))
+    """Issue a token and print it (once): `export TRAINQ_TOKEN=$(trainq token create --owner alice)`."""
+    issued = _client(ctx).create_token(owner, admin=admin)
+    if as_json:
+        _print_json(issued)
+        return
+    terminal.write(issued.token)
+    terminal.write(f"token {issued.id} for owner {issued.owner!r}{' (admin)' if issued.admin else ''}; it is not shown again",
+                   file=sys.stderr)
 
 
 @token_app.command("list")
-def token_list() -> None:
+@handle_errors
+def token_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List tokens (never the tokens themselves)."""
-    _admin("list")
+    tokens = _client(ctx).tokens()
+    if as_json:
+        _print_json(tokens)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "owner", "admin", "created (UTC)"):
+        table.add_column(column, no_wrap=column == "id")
+    for info in tokens:
+        table.add_row(info.id, info.owner, "yes" if info.admin else "no", format_when(info.created_at))
+    _console().print(table if tokens else "no tokens")
 
 
 @token_app.command("revoke")
+@handle_errors
 def token_revoke(
-    token_id: Annotated[str | None, typer.Argument(help="Token id from `trainq token list`.")] = None,
+    ctx: typer.Context,
+    token_id: Annotated[str | None, typer.Argument(help="Token id from `trainq token list` (at least 8 hex digits).")] = None,
     owner: Annotated[str | None, typer.Option(help="Revoke every token of this owner.")] = None,
 ) -> None:
     """Revoke a token by id, or every token of an owner."""
-    _admin("revoke", *([token_id] if token_id else []), *(["--owner", owner] if owner else []))
+    for info in _client(ctx).revoke_tokens(token_id=token_id, owner=owner):
+        terminal.write(f"revoked {info.id} (owner {info.owner})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
     client = Client("http://127.0.0.1:8000", token=None)      # or TRAINQ_URL / TRAINQ_TOKEN
     record = client.submit("examples/digits.json").wait()       # a JobRecord once the job is final
-    print(record.state, record.progress.val_accuracy)
+    print(record.state, record.progress.val_accuracy)             # succeeded 0.9889
     for line in client.follow_logs(record.id): print(line)
 
 Every failed call raises :class:`TrainqClientError` with one readable line (the API's ``detail``,
@@ -27,10 +27,10 @@ from httpx_sse import aconnect_sse, connect_sse
 from pydantic import BaseModel, ValidationError
 
 from shared.records import JobRecord, JobState, JobSummary, JobsPage
-
-from shared.schemas import DryRunReport
-from shared.schemas import ArtifactList, QueueList, Readiness, TensorBoardConfig, WorkerList
-from shared.schemas import WorkerStatus
+from shared.schemas import (
+    ArtifactList, DryRunReport, QueueList, Readiness, TensorBoardConfig, TokenIssued, TokenList, TokenPublic, WorkerList,
+    WorkerStatus,
+)
 from shared.spec import JobSpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -261,16 +261,21 @@ class Client:
         return _parse(ArtifactList, self.request("GET", f"/jobs/{job_id}/artifacts"))
 
     def download_artifacts(self, job_id: str, dest: str | Path, *, on_file: Callable[[Path, int], None] | None = None) -> list[Path]:
-        """Download every artifact of ``job_id`` to ``dest/<path>`` (through the presigned URLs; no S3
-        credentials needed); return the files. ``on_file(path, size_bytes)`` after each.
+        """Download every artifact of ``job_id`` to ``dest/<job_id>/<path>`` (through the presigned
+        URLs; no S3 credentials needed), as ``trainq artifacts ID --download DEST`` does, so two jobs'
+        files never mix; return the files. ``<job_id>`` is the whole id also when ``job_id`` is a
+        prefix. ``on_file(path, size_bytes)`` after each.
 
         Raises:
-            TrainqClientError: a download failed, or a path would leave ``dest``.
+            TrainqClientError: a download failed, or a path would leave ``dest/<job_id>``.
         """
-        root = Path(dest).resolve()
+        listing = self.artifacts(job_id)
+        if not listing.job_id or Path(listing.job_id).name != listing.job_id or listing.job_id in (".", ".."):
+            raise TrainqClientError(f"unexpected job id {listing.job_id!r} in the API's answer")
+        root = Path(dest).resolve() / listing.job_id
         paths = []
         with httpx.Client(timeout=httpx.Timeout(30, read=300)) as plain:  # no bearer token to S3
-            for item in self.artifacts(job_id).files:
+            for item in listing.files:
                 target = (root / item.path).resolve()
                 if not target.is_relative_to(root):
                     raise TrainqClientError(f"artifact path {item.path!r} leaves {root}")
@@ -311,6 +316,28 @@ class Client:
     def tensorboard_config(self) -> TensorBoardConfig:
         """Where the TensorBoard event files are (no credentials)."""
         return _parse(TensorBoardConfig, self.request("GET", "/config/tensorboard"))
+
+    # -- tokens (admins) --------------------------------------------------------------------
+    def create_token(self, owner: str, *, admin: bool = False) -> TokenIssued:
+        """Issue a token for ``owner`` (its ``token`` is shown this once). Needs an admin token.
+
+        Raises:
+            TrainqClientError: 403 not an admin, 422 an invalid owner name.
+        """
+        return _parse(TokenIssued, self.request("POST", "/tokens", json={"owner": owner, "admin": admin}))
+
+    def tokens(self) -> list[TokenPublic]:
+        """Every token (never the token itself), oldest first. Needs an admin token."""
+        return _parse(TokenList, self.request("GET", "/tokens")).data
+
+    def revoke_tokens(self, *, token_id: str | None = None, owner: str | None = None) -> list[TokenPublic]:
+        """Revoke the token ``token_id`` (≥ 8 hex digits of its id) or every token of ``owner``; return them.
+
+        Raises:
+            TrainqClientError: 404 nothing matched, 422 neither or both given, 403 not an admin.
+        """
+        params = {k: v for k, v in {"id": token_id, "owner": owner}.items() if v is not None}
+        return _parse(TokenList, self.request("DELETE", "/tokens", params=params)).data
 
 
 class AsyncClient:

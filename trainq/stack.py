@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from shared.auth import TokenStore
+from shared.auth import ADMIN_OWNER, TokenStore
 from shared.records import ANONYMOUS_OWNER
 from shared.settings import Settings
 from shared.storage import Storage
@@ -236,7 +237,8 @@ class LocalStack:
         """
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", self.api_port)) == 0:
-                raise RuntimeError(f"port {self.api_port} is in use: is another trainq stack running? (--port to pick another)")
+                raise RuntimeError(f"port {self.api_port} is in use: is another trainq stack running? Pick another port: "
+                                   f"`make up PORT={self.api_port + 1}` or `trainq up --port {self.api_port + 1}`")
         try:
             self.start_redis()
             self.start_s3()
@@ -359,6 +361,24 @@ class LocalStack:
         )
 
 
+def banner(stack: LocalStack, admin_token: str | None) -> str:
+    """What to paste into another shell to use ``stack`` (its URL, and the admin token when auth is
+    on), then the first commands, all on the stack's own port."""
+    exports = f"export TRAINQ_URL={stack.api_url}" + (f" TRAINQ_TOKEN={admin_token}" if admin_token else "")
+    if admin_token:
+        auth = (f"auth: ON (AUTH_REQUIRED=true); the token below is the stack's ADMIN_TOKEN (owner {ADMIN_OWNER!r}). "
+                "Issue one per user with `trainq token create --owner NAME`.")
+    else:
+        auth = (f"auth: OFF (AUTH_REQUIRED unset). The API listens on 127.0.0.1 only and serves only this machine; "
+                f"every request acts as owner {ANONYMOUS_OWNER!r}. `AUTH_REQUIRED=true make up` turns tokens on.")
+    header = ' -H "Authorization: Bearer $TRAINQ_TOKEN"' if admin_token else ""
+    return "\n".join([
+        "", auth, "", "In another shell (the CLI and the README's examples read these):", f"  {exports}", "",
+        "Submit a job:", "  trainq submit examples/digits.json --wait",
+        f"  curl -X POST $TRAINQ_URL/jobs{header} -H 'content-type: application/json' -d @examples/digits.json",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainq.stack``: run the local stack until Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -368,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-seed", action="store_true", help="do not upload the sample data sets (digits, diabetes)")
     args = parser.parse_args(argv)
     stack = LocalStack(args.workdir.resolve() / str(args.port), api_port=args.port, workers=args.workers)
+    admin_token = None
+    if stack.settings.auth_required:
+        # With auth on, the stack's API gets an admin token of its own (unless ADMIN_TOKEN is set):
+        # the banner prints it, and `trainq token create` issues the rest through the API.
+        given = stack.env.get("ADMIN_TOKEN")
+        admin_token = "$ADMIN_TOKEN" if given else "tq_admin_" + secrets.token_hex(24)
+        stack.env.setdefault("ADMIN_TOKEN", admin_token)
     # A shell starts background jobs with SIGINT ignored; `kill -INT` must still stop the stack.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -386,19 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         print(stack.describe())
-        auth = ""
-        if stack.settings.auth_required:
-            token = stack.create_token(ANONYMOUS_OWNER, admin=True)
-            print(f"\nauth: ON (AUTH_REQUIRED=true). An admin token for owner {ANONYMOUS_OWNER!r}:\n  export TOKEN={token}")
-            print("More: REDIS_URL=… python -m trainq.admin token create --owner <name>")
-            auth = ' -H "Authorization: Bearer $TOKEN"'
-        else:
-            print(
-                f"\nauth: OFF (AUTH_REQUIRED unset). The API listens on 127.0.0.1 only and serves only this machine; "
-                f"every request acts as owner {ANONYMOUS_OWNER!r}. `AUTH_REQUIRED=true make up` turns tokens on."
-            )
-        print(f"\nSubmit a job:\n  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/digits.json")
-        print(f"  curl -X POST {stack.api_url}/jobs{auth} -H 'content-type: application/json' -d @examples/diabetes.json")
+        print(banner(stack, admin_token), flush=True)
         print("\nRunning; Ctrl-C stops everything (running jobs checkpoint first). A worker that exits is restarted.", flush=True)
         while True:
             try:

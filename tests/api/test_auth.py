@@ -48,7 +48,7 @@ def submit(api: httpx.Client, **overrides) -> dict:
 ROUTES = [("GET", "/jobs"), ("GET", "/jobs/some-id"), ("POST", "/jobs/some-id/cancel"), ("POST", "/jobs"),
           ("POST", "/jobs?dry_run=true"), ("GET", "/jobs/some-id/logs"), ("GET", "/jobs/some-id/logs?follow=true"),
           ("GET", "/jobs/some-id/artifacts"), ("GET", "/workers"), ("GET", "/queues"), ("GET", "/metrics"),
-          ("GET", "/config/tensorboard")]
+          ("GET", "/config/tensorboard"), ("GET", "/tokens"), ("POST", "/tokens"), ("DELETE", "/tokens?owner=x")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -166,3 +166,26 @@ def test_without_auth_the_api_serves_only_loopback_clients(stack: LocalStack, tm
         tester_job = submit(client(stack, stack.create_token("someone")))
         assert api.get(f"/jobs/{tester_job['id']}").status_code == 404
     assert "authentication is OFF" in (tmp_path / "logs" / "api.log").read_text()
+
+
+def test_admins_manage_tokens_through_the_api(stack: LocalStack, owners: dict[str, httpx.Client]):
+    # Creating a token needed direct Redis access (issue 20 item 2).
+    owner = f"carol-{uuid.uuid4().hex[:8]}"
+    for method, path in (("GET", "/tokens"), ("POST", "/tokens"), ("DELETE", f"/tokens?owner={owner}")):
+        refused = owners["alice"].request(method, path, json={"owner": owner})
+        assert refused.status_code == 403 and refused.json()["detail"].startswith("only an admin manages tokens")
+    with client(stack, ADMIN_TOKEN) as admin:
+        issued = admin.post("/tokens", json={"owner": owner})
+        assert issued.status_code == 201 and issued.json()["owner"] == owner and issued.json()["admin"] is False
+        token, token_id = issued.json()["token"], issued.json()["id"]
+        assert hashlib.sha256(token.encode()).hexdigest().startswith(token_id)
+        with client(stack, token) as carol:
+            assert carol.get("/jobs").status_code == 200
+            listed = admin.get("/tokens").json()["data"]
+            assert {"id": token_id, "owner": owner, "admin": False} == {k: v for k, v in next(t for t in listed if t["id"] == token_id).items() if k != "created_at"}
+            assert all("token" not in entry for entry in listed)
+            bad = admin.post("/tokens", json={"owner": "no spaces allowed"})
+            assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "owner"]
+            assert admin.delete("/tokens", params={"id": token_id}).json()["data"][0]["id"] == token_id
+            assert carol.get("/jobs").status_code == 401
+            assert admin.delete("/tokens", params={"id": token_id}).status_code == 404

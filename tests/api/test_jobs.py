@@ -176,3 +176,62 @@ def test_dry_run_of_a_csv_regression(api: httpx.Client, storage, tmp_path):
     assert missing.status_code == 422
     [error] = missing.json()["detail"]
     assert error["loc"] == ["body", "dataset", "target"] and "no column 'y' (dataset.target)" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s.update(epoch=3), "epoch: Extra inputs are not permitted; did you mean `epochs`?"),
+        (lambda s: s["optimizer"].update(learning_rate=0.1), "learning_rate: Extra inputs are not permitted; did you mean `lr`?"),
+        (lambda s: s["optimizer"].update(learnig_rate=0.1), "learnig_rate: Extra inputs are not permitted; did you mean `lr`?"),
+        (lambda s: s["dataset"].update(imagesize=8), "imagesize: Extra inputs are not permitted; did you mean `image_size`?"),
+        (lambda s: s.update(checkpoint={"every_step": 5}), "every_step: Extra inputs are not permitted; did you mean `every_steps`?"),
+        (lambda s: s.update(colour="red"), "colour: Extra inputs are not permitted"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_key_gets_the_closest_name_at_its_place(api: httpx.Client, mutate, message):
+    spec = example_spec()
+    mutate(spec)
+    response = api.post("/jobs", json=spec)
+    found = [f"{error['loc'][-1]}: {error['msg']}" for error in response.json()["detail"]]
+    assert response.status_code == 422 and found == [message], found
+
+
+def test_an_unknown_query_parameter_gets_the_closest_name(api: httpx.Client):
+    response = api.get("/jobs", params={"stat": "running"})
+    assert response.status_code == 422
+    assert [error["msg"] for error in response.json()["detail"]] == ["Extra inputs are not permitted; did you mean `state`?"]
+
+
+def test_a_unique_prefix_of_an_id_names_the_job(api: httpx.Client):
+    job = api.post("/jobs", json=example_spec() | {"queue": "test-nobody-listens"}).json()
+    short = job["id"][:6]
+    assert api.get(f"/jobs/{short}").json()["id"] == job["id"]
+    assert api.get(f"/jobs/{job['id'][:10].upper()}").json()["id"] == job["id"]
+    assert api.get(f"/jobs/{short}/artifacts").json()["job_id"] == job["id"]
+    assert api.get(f"/jobs/{short}/logs").status_code == 200
+    assert api.post(f"/jobs/{short}/cancel").json()["id"] == job["id"]
+    assert api.get(f"/jobs/{job['id']}").json()["state"] == "cancelled"
+    # Shorter than 6 is not a prefix; a prefix nobody has is a 404 like an unknown id.
+    assert api.get(f"/jobs/{job['id'][:5]}").status_code == 404
+    assert api.get(f"/jobs/{'f' * 31 if not job['id'].startswith('f' * 31) else '0' * 31}").status_code == 404
+
+
+def test_an_ambiguous_prefix_is_422_listing_the_matches(stack, api: httpx.Client, api_token: str):
+    import redis
+
+    from shared.jobs import OWNER_INDEX_KEY
+
+    owner = "short-ids"
+    ids = ["abcdef01" + "0" * 24, "abcdef02" + "0" * 24]
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    client.zadd(OWNER_INDEX_KEY.format(owner), {job_id: 1.0 for job_id in ids})
+    headers = {"Authorization": f"Bearer {stack.create_token(owner)}"}
+    response = api.get("/jobs/abcdef0", headers=headers)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["path", "job_id"] and f"matches 2 jobs ({ids[0]}, {ids[1]}); give more characters" in error["msg"]
+    # Another owner's ids are not matched (nor listed): for `tester` the same prefix is nothing.
+    assert api.get("/jobs/abcdef0").status_code == 404
+    client.delete(OWNER_INDEX_KEY.format(owner))
+    client.close()

@@ -87,7 +87,8 @@ def test_download_artifacts_copies_every_file(followed, client: Client, tmp_path
     record, _, _ = followed
     files = client.download_artifacts(record.id, tmp_path)
     listing = {item.path: item.size_bytes for item in client.artifacts(record.id).files}
-    assert {str(path.relative_to(tmp_path)): path.stat().st_size for path in files} == listing
+    # Into <dest>/<job_id>/, as `trainq artifacts ID --download DEST` (issue 20 item 5).
+    assert {str(path.relative_to(tmp_path / record.id)): path.stat().st_size for path in files} == listing
 
 
 def test_another_owner_gets_404_for_logs_and_artifacts(followed, stack: LocalStack):

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 from torch import nn
 
 from shared.exceptions import JobFailure
-from shared.spec import ModelSpec
+from shared.spec import JobSpec, ModelSpec
 from shared.storage import Storage
 from worker.faults import Fault, classify, in_stage
 

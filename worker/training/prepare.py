@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -18,6 +19,10 @@ from worker.training.artifacts import ArtifactWriter
 from worker.training.contract import TrainingCallbacks
 from worker.training.distributed import ProcessGroup
 from worker.training.state import TrainState
+
+logger = logging.getLogger(__name__)
+#: Seconds between log lines of a phase's file counts (a long download).
+PHASE_LOG_INTERVAL_S = 10.0
 
 
 class ScalarBuffer:
@@ -74,7 +79,7 @@ class Reporter:
         self.progress = Progress(epochs=spec.epochs)  # the fields the state does not hold
         self.writer: SummaryWriter | NullWriter = NullWriter()
         self.losses = ScalarBuffer()
-        self.last_progress = time.monotonic()
+        self.last_progress = self.last_phase_log = time.monotonic()
         # (monotonic time, step) of this attempt's first report after a step: the throughput is
         # measured from there, so the download, checks, model build and first step don't count.
         self.rate_origin: tuple[float, int] | None = None
@@ -125,10 +130,17 @@ class Reporter:
         """Record what the job is doing: written at once when the phase changes or its files are all done,
         else at most every ``progress_interval_s``."""
         changed = phase != self.progress.phase or (files_total is not None and files_done == files_total)
+        now = time.monotonic()
+        # The job's log says what it does before training too (a first download was 20 s of silence).
+        if phase not in (JobPhase.TRAINING, JobPhase.VALIDATING) and (
+            phase != self.progress.phase or (files_total and now - self.last_phase_log >= PHASE_LOG_INTERVAL_S)
+        ):
+            counts = f" {files_done or 0}/{files_total} files" if files_total else ""
+            logger.info("job %s: %s%s", self.artifacts.job_id, phase.value.replace("_", " "), counts)
+            self.last_phase_log = now
         self.progress.phase = phase
         self.progress.files_done, self.progress.files_total = files_done, files_total
         self.progress.bytes_done, self.progress.bytes_total = bytes_done, bytes_total
-        now = time.monotonic()
         if changed or now - self.last_progress >= self.settings.progress_interval_s:
             self.callbacks.on_progress(self.snapshot())
             self.last_progress = now
