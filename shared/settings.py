@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     dry_run_timeout_s: float = Field(
         120.0, gt=0, description="Seconds the API waits for a worker's dry-run result before answering `504`."
     )
+    dry_runs_per_owner: int = Field(
+        4, ge=1, description="Dry runs one owner may have waiting or running at once; more is a 429 with `Retry-After`."
+    )
+    dry_runs_max: int = Field(
+        64, ge=1, description="Dry runs all owners together may have waiting or running at once; more is a 429. Owners "
+        "are served in turn, one dry run each, so one owner's backlog does not delay another's."
+    )
     max_job_memory_bytes: int | None = Field(
         None,
         gt=0,
