@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
+from api.ratelimit import LookupLimiter
 from api.routes import artifacts, config, health, jobs, logs, workers
 from shared.auth import ANONYMOUS_OWNER, MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
@@ -99,6 +101,17 @@ async def redis_unavailable(request: Request, exc: redis.ConnectionError | redis
     )
 
 
+def _async_redis(settings: Settings) -> redis.asyncio.Redis:
+    """The asyncio client of the API's routes, on a pool of ``API_REDIS_CONNECTIONS`` where a request
+    *waits* for a free connection (up to ``API_REDIS_WAIT_S``, then 503): a burst beyond the pool is
+    served in turn instead of failing everyone (issue 17: 150 random tokens made 10 real ones 503)."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.api_redis_connections, timeout=settings.api_redis_wait_s,
+        health_check_interval=30,
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
 def _warn_about_auth(settings: Settings) -> None:
     if settings.admin_token is not None and len(settings.admin_token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
         logger.warning("ADMIN_TOKEN is shorter than %d characters and is ignored", MIN_ADMIN_TOKEN_CHARS)
@@ -118,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         _warn_about_auth(settings)
-        app.state.store = JobStore.from_url(settings.redis_url, with_async=True)
+        app.state.store = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30), _async_redis(settings))
+        app.state.lookup_limiter = LookupLimiter(settings.auth_lookups_per_minute)
         app.state.celery = make_celery(settings)
         app.state.storage = Storage(settings)
         # Readiness must answer within a probe's timeout: one try, short timeouts.

@@ -54,6 +54,19 @@ class Settings(BaseSettings):
         "(e.g. `openssl rand -hex 32`), a shorter one is ignored with a warning. Per-user tokens: "
         "`python -m trainq.admin token create`.",
     )
+    auth_lookups_per_minute: int = Field(
+        120,
+        ge=1,
+        description="Bearer tokens not seen authenticating in the last minute that one client address may present to "
+        "one API process in any 60 s (malformed ones included); more is a 429 before any Redis call. Behind a proxy "
+        "every client has the proxy's address; tokens that authenticated recently are never counted.",
+    )
+    api_redis_connections: int = Field(
+        100, ge=1, description="Redis connections one API process keeps for its routes; a request waits for a free one."
+    )
+    api_redis_wait_s: float = Field(
+        10.0, gt=0, description="Seconds a request waits for a free Redis connection (`API_REDIS_CONNECTIONS`) before a 503."
+    )
     max_active_jobs_per_owner: int = Field(
         100, ge=1, description="Jobs an owner may have queued, running or retrying at once; more is a 429."
     )
