@@ -37,30 +37,26 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 _MAX_ECHO_CHARS = 200
+#: Levels of nesting echoed back in a 422's ``input``; deeper ones are ``"…"``.
+MAX_ECHO_DEPTH = 20
 #: Errors listed in one 422; the rest are counted (60,000 unknown keys made a 6 MB answer).
 MAX_ERRORS = 50
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/±Infinity (not valid JSON) with their names, recursively."""
+def _echoable(value: Any, depth: int = 0) -> Any:
+    """``value`` made safe to echo in a 422: NaN/±Infinity (not valid JSON) as their names, lone
+    surrogates (``"\\ud800"``, not UTF-8) as escapes, and nesting past :data:`MAX_ECHO_DEPTH` as
+    ``"…"``. Depth-bounded: JSON nested 600 deep made the recursion a 500 (issue 17)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _encodable(value: Any) -> Any:
-    """``value`` with lone surrogates (``"\\ud800"`` in the JSON) written as escapes, recursively, so
-    that the answer can be encoded as UTF-8 (pydantic refuses them; echoing them back was a 500)."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict | list | tuple) and depth >= MAX_ECHO_DEPTH:
+        return "…"
     if isinstance(value, dict):
-        return {_encodable(key): _encodable(item) for key, item in value.items()}
+        return {_echoable(key, depth + 1): _echoable(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_encodable(item) for item in value]
+        return [_echoable(item, depth + 1) for item in value]
     return value
 
 
@@ -80,15 +76,18 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     ``MAX_ERRORS`` are listed; a last entry of type ``too_many_errors`` counts the rest.
     """
     found = exc.errors()
-    errors = [_short_input(error) for error in _encodable(_finite(jsonable_encoder(found[:MAX_ERRORS])))]
+    errors = [_short_input(error) for error in jsonable_encoder(_echoable(found[:MAX_ERRORS]))]
     for error in errors:
         if error["loc"] and error["loc"][0] == "body":
-            error["loc"] = ["body", *_encodable(json_path(error["loc"][1:], exc.body))]
+            error["loc"] = ["body", *_echoable(json_path(error["loc"][1:], exc.body))]
     if len(found) > MAX_ERRORS:
         errors.append(
             {"loc": ["body"], "msg": f"{len(found) - MAX_ERRORS} more errors not shown ({len(found)} in all)",
              "type": "too_many_errors", "input": None}
         )
+    first = errors[0] if errors else {"loc": [], "type": "?"}
+    logger.info("%s %s: 422: %d error(s), first %s at %s", request.method, request.url.path, len(found),
+                first["type"], ".".join(map(str, first["loc"]))[:200])
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 

@@ -21,6 +21,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.deps import StorageDep, StoreDep, VisibleJobDep
 from shared.joblogs import COMPLETE_METADATA, log_uri
 from shared.jobs import JobRecord, JobStore
+from shared.numbers import parse_int
 from shared.schemas import ErrorDetail
 from shared.storage import Storage, parse_s3_uri
 
@@ -71,6 +72,16 @@ def _whole_logs(storage: Storage, uris: list[str]) -> Iterator[bytes]:
         yield from body.iter_chunks(64 * 1024)
 
 
+def _resume_point(last_event_id: str | None) -> tuple[int, int] | None:
+    """``(attempt, byte offset)`` of an event id this route sent (``"<attempt>:<offset>"``); None for
+    anything else (the stream then starts at the beginning)."""
+    try:
+        attempt, offset = (last_event_id or "").split(":")
+        return parse_int(attempt, low=1), parse_int(offset)
+    except ValueError:  # not two parts, or not strict numbers ("²".isdigit() was a 500)
+        return None
+
+
 @router.get(
     "/{job_id}/logs",
     response_class=StreamingResponse,
@@ -95,10 +106,7 @@ def read_logs(
 
     With `follow=true`, server-sent events that go on until the job ends."""
     if query.follow:
-        attempt, offset = query.attempt or 1, 0
-        resume = (last_event_id or "").split(":")
-        if len(resume) == 2 and resume[0].isdigit() and resume[1].isdigit() and int(resume[0]) >= 1:
-            attempt, offset = int(resume[0]), int(resume[1])  # an id this route sent: "<attempt>:<offset>"
+        attempt, offset = _resume_point(last_event_id) or (query.attempt or 1, 0)
         return EventSourceResponse(_follow(job, storage, store, attempt, offset, only=query.attempt is not None), ping=15)
     if query.attempt is not None:
         uri = log_uri(storage, job.id, query.attempt)
