@@ -87,6 +87,12 @@ async def get_principal(
     return Principal(owner=ANONYMOUS_OWNER)
 
 
+async def token_principal(token: str, store: JobStore, settings: Settings) -> Principal | None:
+    """Who ``token`` acts as now (``ADMIN_TOKEN`` or a stored token); None when unknown or revoked."""
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    return await authenticate_async(token, store.aredis, admin_token)
+
+
 async def _bearer_principal(request: Request, token: str, store: JobStore, settings: Settings) -> Principal:
     """The principal of ``token``: 429 when its client is over ``AUTH_LOOKUPS_PER_MINUTE`` (before any
     Redis call), 401 when it is malformed (no Redis call either), unknown or revoked."""
@@ -98,8 +104,7 @@ async def _bearer_principal(request: Request, token: str, store: JobStore, setti
             "too many unknown bearer tokens from this address (AUTH_LOOKUPS_PER_MINUTE); try again later",
             headers={"Retry-After": str(int(wait_s))},
         )
-    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    principal = await authenticate_async(token, store.aredis, admin_token)
+    principal = await token_principal(token, store, settings)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
