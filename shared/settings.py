@@ -196,12 +196,21 @@ class Settings(BaseSettings):
     data_uris_allowed_by_owner: dict[str, list[str]] = Field(
         {},
         description=(
-            "More S3 prefixes per owner, as JSON: `{\"alice\": [\"s3://team-a/\"]}`. An owner's specs may read "
-            "`DATA_URIS_ALLOWED` and its own entries here; other owners' entries stay closed to it."
+            "More S3 prefixes (and `local://` folders) per owner, as JSON: `{\"alice\": [\"s3://team-a/\", "
+            "\"local://alice/\"]}`. An owner's specs may read `DATA_URIS_ALLOWED`, `LOCAL_PATHS_ALLOWED` and its "
+            "own entries here; other owners' entries stay closed to it."
+        ),
+    )
+    local_paths_allowed: Annotated[list[str], NoDecode] = Field(
+        ["local://"],
+        description=(
+            "`local://` folders under `DATA_ROOT` every owner's specs may read (comma-separated, or a JSON list), "
+            "e.g. `local://shared/`; the default `local://` is all of `DATA_ROOT`; empty: none (then only an "
+            "owner's own `local://` entries of `DATA_URIS_ALLOWED_BY_OWNER`)."
         ),
     )
 
-    @field_validator("queues", "data_uris_allowed", mode="before")
+    @field_validator("queues", "data_uris_allowed", "local_paths_allowed", mode="before")
     @classmethod
     def _split_list(cls, value: object, info: ValidationInfo) -> object:
         # Environment variables hold `a,b` or `["a", "b"]`. An empty DATA_URIS_ALLOWED means its default.
@@ -225,9 +234,24 @@ class Settings(BaseSettings):
             check_queue_name(queue)
         if self.default_queue not in self.queues:
             raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")
-        for prefix in [*(self.data_uris_allowed or []), *(p for ps in self.data_uris_allowed_by_owner.values() for p in ps)]:
+        for prefix in [*(self.data_uris_allowed or []), *(p for ps in self.data_uris_allowed_by_owner.values() for p in ps),
+                       *self.local_paths_allowed]:
             check_s3_prefix(prefix)
+        self._check_data_root_apart()
         return self
+
+    def _check_data_root_apart(self) -> None:
+        # A cache inside DATA_ROOT made every owner's cached S3 data, other jobs' work folders and
+        # live logs readable as `local://cache/...` (issue 17); DATA_ROOT inside the cache would
+        # let a job's downloads appear as local data.
+        if self.data_root is None:
+            return
+        root, cache = self.data_root.expanduser().resolve(), self.data_cache_dir.expanduser().resolve()
+        if cache.is_relative_to(root) or root.is_relative_to(cache):
+            raise ValueError(
+                f"DATA_ROOT ({root}) and DATA_CACHE_DIR ({cache}) must not contain one another: `local://` URIs would "
+                "read other owners' cached data and jobs' work folders. Put them side by side (e.g. /data and /cache)."
+            )
 
 
 @lru_cache(maxsize=1)
