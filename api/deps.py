@@ -97,7 +97,8 @@ async def _bearer_principal(request: Request, token: str, store: JobStore, setti
     """The principal of ``token``: 429 when its client is over ``AUTH_LOOKUPS_PER_MINUTE`` (before any
     Redis call), 401 when it is malformed (no Redis call either), unknown or revoked."""
     limiter = request.app.state.lookup_limiter
-    wait_s = limiter.admit(request.client.host if request.client else "", token)
+    address = request.client.host if request.client else ""
+    wait_s = limiter.admit(address, token)
     if wait_s is not None:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -111,7 +112,7 @@ async def _bearer_principal(request: Request, token: str, store: JobStore, setti
             "invalid or revoked bearer token",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
-    limiter.authenticated(token)
+    limiter.authenticated(address, token)
     return principal
 
 

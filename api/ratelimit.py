@@ -1,12 +1,13 @@
 """Token look-ups per client address: what an unauthenticated flood may cost before any Redis call.
 
-A bearer token that has not authenticated recently costs one Redis ``HGETALL`` to check, so a client
-sending random tokens spent the API's Redis connections (issue 17). :class:`LookupLimiter` counts,
-per client address and in this process, the presented tokens it has not seen authenticate in the
-last window (malformed ones included: they are refused without a look-up, but counted); past
-``AUTH_LOOKUPS_PER_MINUTE`` such a client gets a 429 before any Redis call. A token that
-authenticated in the window is not counted, so its owner keeps working from behind the same address
-(a NAT, a proxy) while another client there floods. It is still looked up: a revoked token fails at once.
+A bearer token costs one Redis ``HGETALL`` to check, so a client sending random tokens spent the
+API's Redis connections (issue 17). :class:`LookupLimiter` counts, per client address and in this
+process, the tokens that failed to authenticate in the last window and those being looked up now
+(malformed ones included: they are refused without a look-up, but counted); past
+``AUTH_LOOKUPS_PER_MINUTE`` such a client gets a 429 before any Redis call. A look-up that succeeds
+is not counted, and a token that authenticated in the window is never refused, so its owner keeps
+working from behind the same address (a NAT, a proxy) while another client there floods. It is
+still looked up: a revoked token fails at once.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ _MAX_TRACKED = 10_000
 
 
 class LookupLimiter:
-    """Sliding-window count of unknown-token look-ups per client address.
+    """Sliding-window count of failed (and pending) token look-ups per client address.
 
     Args:
-        per_window: look-ups of tokens not seen authenticating that one address may cause per window.
+        per_window: failed or pending look-ups one address may have in a window.
         window_s: the window in seconds.
     """
 
@@ -34,14 +35,14 @@ class LookupLimiter:
         self._known: OrderedDict[str, float] = OrderedDict()  # token digest → when it last authenticated
 
     def admit(self, address: str, token: str) -> float | None:
-        """Count ``token`` presented from ``address`` unless it authenticated in the window.
+        """Count ``token`` presented from ``address`` unless it authenticated in the window; call
+        :meth:`authenticated` when it does (that takes the count back).
 
         Returns:
             None when it may be looked up; else the seconds until ``address`` may try again.
         """
         now = time.monotonic()
-        seen = self._known.get(_digest(token))
-        if seen is not None and now - seen < self.window_s:
+        if self._is_known(token, now):
             return None
         calls = self._calls.setdefault(address, deque())
         self._calls.move_to_end(address)
@@ -53,12 +54,21 @@ class LookupLimiter:
         _trim(self._calls)
         return None
 
-    def authenticated(self, token: str) -> None:
-        """Remember that ``token`` authenticated now: it is not counted for the next window."""
+    def authenticated(self, address: str, token: str) -> None:
+        """``token`` from ``address`` authenticated: take back its count and never refuse it for a window."""
+        now = time.monotonic()
+        calls = self._calls.get(address)
+        if calls and not self._is_known(token, now):  # admit counted it
+            calls.pop()  # counts only: which of the address's entries goes does not matter
         key = _digest(token)
-        self._known[key] = time.monotonic()
+        self._known[key] = now
         self._known.move_to_end(key)
         _trim(self._known)
+
+
+    def _is_known(self, token: str, now: float) -> bool:
+        seen = self._known.get(_digest(token))
+        return seen is not None and now - seen < self.window_s
 
 
 def _digest(token: str) -> str:

@@ -57,9 +57,10 @@ class Settings(BaseSettings):
     auth_lookups_per_minute: int = Field(
         120,
         ge=1,
-        description="Bearer tokens not seen authenticating in the last minute that one client address may present to "
-        "one API process in any 60 s (malformed ones included); more is a 429 before any Redis call. Behind a proxy "
-        "every client has the proxy's address; tokens that authenticated recently are never counted.",
+        description="Failed (or pending) bearer-token look-ups one client address may cause in one API process in any "
+        "60 s (malformed tokens included); more is a 429 before any Redis call. A look-up that succeeds is not counted, "
+        "and a token that authenticated in the last minute is never refused. Behind a proxy every client has the "
+        "proxy's address.",
     )
     api_redis_connections: int = Field(
         100, ge=1, description="Redis connections one API process keeps for its routes; a request waits for a free one."
