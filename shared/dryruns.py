@@ -25,7 +25,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -114,8 +114,9 @@ async def _admit(
 ) -> None:
     pending = PENDING_KEY.format(queue=queue, owner=request.owner)
     keys = [ACTIVE_KEY, OWNER_ACTIVE_KEY.format(request.owner), pending, ROTATION_KEY.format(queue=queue)]
-    payload = json.dumps(request.__dict__)
-    args = [time.time(), request.deadline, request.request_id, per_owner, overall, request.owner, payload, int(2 * timeout_s) + 60]
+    payload = json.dumps(asdict(request))
+    ttl_s = int(2 * timeout_s) + 60
+    args = [time.time(), request.deadline, request.request_id, per_owner, overall, request.owner, payload, ttl_s]
     refused = await client.register_script(_ADMIT)(keys=keys, args=args)
     if refused:
         raise _retry_after(request.owner, refused[0], refused[1], per_owner, overall)
@@ -127,7 +128,7 @@ async def _release(client: redis.asyncio.Redis, request: DryRunRequest, *, unsen
     pipe.zrem(ACTIVE_KEY, request.request_id)
     pipe.zrem(OWNER_ACTIVE_KEY.format(request.owner), request.request_id)
     if unsent_on is not None:
-        pipe.lrem(PENDING_KEY.format(queue=unsent_on, owner=request.owner), 0, json.dumps(request.__dict__))
+        pipe.lrem(PENDING_KEY.format(queue=unsent_on, owner=request.owner), 0, json.dumps(asdict(request)))
     await pipe.execute()
 
 
@@ -174,12 +175,14 @@ async def request_dry_run(
     try:
         await asyncio.to_thread(app.send_task, DRY_RUN_TASK, args=[queue], queue=queue)
     except BaseException:
-        await _release(client, request, unsent_on=queue)
+        await asyncio.shield(_release(client, request, unsent_on=queue))
         raise
     try:
         return await _wait_for_reply(client, request)
     finally:
-        await _release(client, request)
+        # Shielded: a request cancelled while waiting (client gone, shutdown) still frees its places
+        # at once (else they are freed when its deadline passes) and its worker skips it.
+        await asyncio.shield(_release(client, request))
 
 
 def take_next_dry_run(client: redis.Redis, queue: str) -> DryRunRequest | None:
@@ -189,7 +192,8 @@ def take_next_dry_run(client: redis.Redis, queue: str) -> DryRunRequest | None:
     set), is dropped and the next one taken.
     """
     while True:
-        item = client.register_script(_TAKE_NEXT)(keys=[ROTATION_KEY.format(queue=queue)], args=[PENDING_KEY.format(queue=queue, owner="")])
+        keys, args = [ROTATION_KEY.format(queue=queue)], [PENDING_KEY.format(queue=queue, owner="")]
+        item = client.register_script(_TAKE_NEXT)(keys=keys, args=args)
         if item is None:
             return None
         request = DryRunRequest(**json.loads(item))
