@@ -29,8 +29,8 @@ import redis.asyncio
 from pydantic import BaseModel, Field
 
 from shared.auth import ANONYMOUS_OWNER
-from shared.numbers import parse_float
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.numbers import parse_float
 from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
 from shared.spec import JobSpec
 
