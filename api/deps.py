@@ -72,15 +72,7 @@ async def get_principal(
     sets ``X-Forwarded-For``, is a 403).
     """
     if credentials is not None:
-        admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        principal = await authenticate_async(credentials.credentials, store.aredis, admin_token)
-        if principal is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "invalid or revoked bearer token",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        return principal
+        return await _bearer_principal(request, credentials.credentials, store, settings)
     if settings.auth_required:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -94,6 +86,35 @@ async def get_principal(
             "machine; set AUTH_REQUIRED=true to serve others",
         )
     return Principal(owner=ANONYMOUS_OWNER)
+
+
+async def token_principal(token: str, store: JobStore, settings: Settings) -> Principal | None:
+    """Who ``token`` acts as now (``ADMIN_TOKEN`` or a stored token); None when unknown or revoked."""
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    return await authenticate_async(token, store.aredis, admin_token)
+
+
+async def _bearer_principal(request: Request, token: str, store: JobStore, settings: Settings) -> Principal:
+    """The principal of ``token``: 429 when its client is over ``AUTH_LOOKUPS_PER_MINUTE`` (before any
+    Redis call), 401 when it is malformed (no Redis call either), unknown or revoked."""
+    limiter = request.app.state.lookup_limiter
+    address = request.client.host if request.client else ""
+    wait_s = limiter.admit(address, token)
+    if wait_s is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "too many unknown bearer tokens from this address (AUTH_LOOKUPS_PER_MINUTE); try again later",
+            headers={"Retry-After": str(int(wait_s))},
+        )
+    principal = await token_principal(token, store, settings)
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked bearer token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    limiter.authenticated(address, token)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

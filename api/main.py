@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
+from api.ratelimit import LookupLimiter
 from api.routes import artifacts, config, health, jobs, logs, tokens, workers
 from api.suggest import did_you_mean, field_names_at
 from shared.auth import MIN_ADMIN_TOKEN_CHARS
@@ -37,30 +39,26 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 _MAX_ECHO_CHARS = 200
+#: Levels of nesting echoed back in a 422's ``input``; deeper ones are ``"…"``.
+MAX_ECHO_DEPTH = 20
 #: Errors listed in one 422; the rest are counted (60,000 unknown keys made a 6 MB answer).
 MAX_ERRORS = 50
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/±Infinity (not valid JSON) with their names, recursively."""
+def _echoable(value: Any, depth: int = 0) -> Any:
+    """``value`` made safe to echo in a 422: NaN/±Infinity (not valid JSON) as their names, lone
+    surrogates (``"\\ud800"``, not UTF-8) as escapes, and nesting past :data:`MAX_ECHO_DEPTH` as
+    ``"…"``. Depth-bounded: JSON nested 600 deep made the recursion a 500 (issue 17)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _encodable(value: Any) -> Any:
-    """``value`` with lone surrogates (``"\\ud800"`` in the JSON) written as escapes, recursively, so
-    that the answer can be encoded as UTF-8 (pydantic refuses them; echoing them back was a 500)."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict | list | tuple) and depth >= MAX_ECHO_DEPTH:
+        return "…"
     if isinstance(value, dict):
-        return {_encodable(key): _encodable(item) for key, item in value.items()}
+        return {_echoable(key, depth + 1): _echoable(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_encodable(item) for item in value]
+        return [_echoable(item, depth + 1) for item in value]
     return value
 
 
@@ -80,7 +78,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     ``MAX_ERRORS`` are listed; a last entry of type ``too_many_errors`` counts the rest.
     """
     found = exc.errors()
-    errors = [_short_input(error) for error in _encodable(_finite(jsonable_encoder(found[:MAX_ERRORS])))]
+    errors = [_short_input(error) for error in jsonable_encoder(_echoable(found[:MAX_ERRORS]))]
     route = request.scope.get("route")
     body_field = getattr(route, "body_field", None)
     query_names = set()
@@ -95,12 +93,15 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
             elif where == "query":
                 error["msg"] += did_you_mean(None, loc, query_names)
         if error["loc"] and error["loc"][0] == "body":
-            error["loc"] = ["body", *_encodable(json_path(error["loc"][1:], exc.body))]
+            error["loc"] = ["body", *_echoable(json_path(error["loc"][1:], exc.body))]
     if len(found) > MAX_ERRORS:
         errors.append(
             {"loc": ["body"], "msg": f"{len(found) - MAX_ERRORS} more errors not shown ({len(found)} in all)",
              "type": "too_many_errors", "input": None}
         )
+    first = errors[0] if errors else {"loc": [], "type": "?"}
+    logger.info("%s %s: 422: %d error(s), first %s at %s", request.method, request.url.path, len(found),
+                first["type"], ".".join(map(str, first["loc"]))[:200])
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
@@ -111,6 +112,17 @@ async def redis_unavailable(request: Request, exc: redis.ConnectionError | redis
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"detail": "job store unavailable; try again shortly"},
     )
+
+
+def _async_redis(settings: Settings) -> redis.asyncio.Redis:
+    """The asyncio client of the API's routes, on a pool of ``API_REDIS_CONNECTIONS`` where a request
+    *waits* for a free connection (up to ``API_REDIS_WAIT_S``, then 503): a burst beyond the pool is
+    served in turn instead of failing everyone (issue 17: 150 random tokens made 10 real ones 503)."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.api_redis_connections, timeout=settings.api_redis_wait_s,
+        health_check_interval=30,
+    )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def _warn_about_auth(settings: Settings) -> None:
@@ -132,7 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         _warn_about_auth(settings)
-        app.state.store = JobStore.from_url(settings.redis_url, with_async=True)
+        app.state.store = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30), _async_redis(settings))
+        app.state.lookup_limiter = LookupLimiter(settings.auth_lookups_per_minute)
         app.state.celery = make_celery(settings)
         app.state.storage = Storage(settings)
         # Readiness must answer within a probe's timeout: one try, short timeouts.

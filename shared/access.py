@@ -2,8 +2,9 @@
 
 The same checks run twice: at submit (the API answers 422 naming the field) and in the worker
 before anything is downloaded (a job recorded before the settings changed, or sent by other
-means, fails at once as a job error). ``local://`` URIs are confined by ``DATA_ROOT`` instead
-(:mod:`shared.paths`).
+means, fails at once as a job error). ``local://`` URIs are checked the same way against
+``LOCAL_PATHS_ALLOWED`` and an owner's own ``local://`` entries, and the worker confines them to
+``DATA_ROOT`` (:mod:`shared.paths`).
 
 Only queue names the operator configured in ``QUEUES`` are accepted, and those are checked at
 start-up (:mod:`shared.names`).
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.exceptions import JobFailure
-from shared.names import split_s3_uri
+from shared.names import LOCAL_SCHEME, split_s3_uri
 from shared.paths import key_problem, printable
 from shared.spec import JobSpec
 
@@ -46,15 +47,23 @@ def allowed_data_prefixes(settings: Settings, owner: str | None = None) -> list[
     ``tables/`` and ``weights/`` of ``S3_BUCKET``) and the owner's own entries of
     ``DATA_URIS_ALLOWED_BY_OWNER``. Each ends with ``/`` (or is a whole bucket, ``s3://b/``)."""
     uris = settings.data_uris_allowed or [f"s3://{settings.s3_bucket}/{prefix}" for prefix in DEFAULT_DATA_PREFIXES]
-    uris = [*uris, *settings.data_uris_allowed_by_owner.get(owner or "", [])]
+    uris = [*uris, *(uri for uri in settings.data_uris_allowed_by_owner.get(owner or "", []) if not uri.startswith(LOCAL_SCHEME))]
     return [uri if uri.endswith("/") else f"{uri}/" for uri in uris]
+
+
+def allowed_local_prefixes(settings: Settings, owner: str | None = None) -> list[str]:
+    """The ``local://`` folders ``owner``'s specs may read: ``LOCAL_PATHS_ALLOWED`` (all of
+    ``DATA_ROOT`` by default) and the owner's ``local://`` entries of ``DATA_URIS_ALLOWED_BY_OWNER``."""
+    own = [uri for uri in settings.data_uris_allowed_by_owner.get(owner or "", []) if uri.startswith(LOCAL_SCHEME)]
+    return [uri if uri.endswith("/") else f"{uri}/" for uri in [*settings.local_paths_allowed, *own]]
 
 
 def settings_for_owner(settings: Settings, owner: str | None) -> Settings:
     """``settings`` with ``DATA_URIS_ALLOWED`` set to what ``owner`` may read, and no per-owner
     entries: what a worker hands the training engine, which checks a spec without knowing whose it is."""
     return settings.model_copy(
-        update={"data_uris_allowed": allowed_data_prefixes(settings, owner), "data_uris_allowed_by_owner": {}}
+        update={"data_uris_allowed": allowed_data_prefixes(settings, owner),
+                "local_paths_allowed": allowed_local_prefixes(settings, owner), "data_uris_allowed_by_owner": {}}
     )
 
 
@@ -68,10 +77,15 @@ def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) ->
     ``s3://b/database/``. Another job's artifacts (``s3://<bucket>/<S3_PREFIX>/<job_id>/…``) are
     readable only when an allowed prefix covers them.
     """
-    if uri.startswith("local://"):  # confined by DATA_ROOT on the worker; only its form is checked here
-        problem = key_problem(uri[len("local://"):].removesuffix("/"))
+    if uri.startswith(LOCAL_SCHEME):  # the worker also confines it to DATA_ROOT, symlinks resolved
+        path = uri[len(LOCAL_SCHEME):].removesuffix("/")
+        problem = key_problem(path)
         if problem is not None:
             raise ValueError(f"the path of {printable(uri)} {problem}")
+        local = allowed_local_prefixes(settings, owner)
+        if not any(prefix == LOCAL_SCHEME or f"{path}/".startswith(prefix[len(LOCAL_SCHEME):]) for prefix in local):
+            raise ValueError(f"{printable(uri)} is not under a folder this service may read ({', '.join(local) or 'none'}; "
+                             "see LOCAL_PATHS_ALLOWED)")
         return
     parts = split_s3_uri(uri)
     if parts is None:

@@ -22,14 +22,22 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
+from shared.records import ANONYMOUS_OWNER
+
 TOKEN_KEY = "trainq:token:{}"
 TOKENS_KEY = "trainq:tokens"
 TOKEN_PREFIX = "tq_"
+#: Every token :meth:`TokenStore.create` issues: the prefix and 32 random bytes in URL-safe base64
+#: (43 characters). Anything else is refused without a look-up (issue 17: random tokens took the
+#: API's Redis connections from everyone).
+TOKEN_PATTERN = re.compile(r"^tq_[A-Za-z0-9_-]{43}$")
 #: Owner names: also part of Redis keys, so no ``:`` or spaces.
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 #: The owner of requests made with ``ADMIN_TOKEN``.
 ADMIN_OWNER = "admin"
-_MAX_TOKEN_CHARS = 512
+#: Owners the service itself acts as: only an admin token may carry them (an ordinary token for
+#: ``admin`` read and cancelled every job submitted with ``ADMIN_TOKEN``; issue 17).
+RESERVED_OWNERS = frozenset({ANONYMOUS_OWNER, ADMIN_OWNER})
 #: ``ADMIN_TOKEN`` shorter than this is ignored (the API warns at start).
 MIN_ADMIN_TOKEN_CHARS = 32
 
@@ -68,7 +76,7 @@ def check_owner(owner: str) -> str:
     Raises:
         ValueError: not 1–64 characters of letters, digits, ``_ . @ -`` (starting with a letter or digit).
     """
-    if not OWNER_PATTERN.match(owner):
+    if not OWNER_PATTERN.fullmatch(owner):  # fullmatch: `$` alone lets "name\n" through
         raise ValueError(f"owner {owner!r} must match {OWNER_PATTERN.pattern}")
     return owner
 
@@ -87,9 +95,13 @@ class TokenStore:
         """Issue a new token for ``owner`` and return it (shown once; only its hash is kept).
 
         Raises:
-            ValueError: ``owner`` is not a valid owner name.
+            ValueError: ``owner`` is not a valid owner name, or a reserved one (:data:`RESERVED_OWNERS`)
+                for a token that is not ``admin``.
         """
         check_owner(owner)
+        if owner in RESERVED_OWNERS and not admin:
+            raise ValueError(f"owner {owner!r} is reserved for the service ({', '.join(sorted(RESERVED_OWNERS))}); "
+                             "only an admin token (--admin) may act as it")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_digest(token)
         pipe = self.redis.pipeline(transaction=True)
@@ -142,18 +154,24 @@ class TokenStore:
         return matches
 
 
+def is_token_shaped(token: str) -> bool:
+    """True when ``token`` has the shape of an issued token (:data:`TOKEN_PATTERN`); no look-up."""
+    return TOKEN_PATTERN.fullmatch(token) is not None
+
+
 def _token_key(token: str) -> str | None:
-    """The Redis key of ``token``'s hash; None for a token no store could hold (empty, too long)."""
-    if not token or len(token) > _MAX_TOKEN_CHARS:
-        return None
-    return TOKEN_KEY.format(token_digest(token))
+    """The Redis key of ``token``'s hash; None for a token no store holds (not :data:`TOKEN_PATTERN`)."""
+    return TOKEN_KEY.format(token_digest(token)) if is_token_shaped(token) else None
 
 
 def _principal(raw: dict[bytes, bytes]) -> Principal | None:
     """The principal of a token's stored hash (empty: unknown or revoked)."""
     if not raw:
         return None
-    return Principal(owner=raw[b"owner"].decode(), admin=raw.get(b"admin") == b"1")
+    principal = Principal(owner=raw[b"owner"].decode(), admin=raw.get(b"admin") == b"1")
+    if principal.owner in RESERVED_OWNERS and not principal.admin:
+        return None  # issued before reserved owners were refused: it must not act as the service
+    return principal
 
 
 def _is_admin_token(token: str, admin_token: str | None) -> bool:

@@ -29,6 +29,7 @@ import redis.asyncio
 from pydantic import BaseModel
 
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.numbers import parse_float
 from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
 from shared.records import ALLOWED_TRANSITIONS, ANONYMOUS_OWNER, STARTABLE_STATES, SUMMARY_FIELDS, JobRecord, JobState, JobSummary, JobsPage, Progress, Transition
 from shared.spec import JobSpec
@@ -72,7 +73,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     """
     try:
         score, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split(" ", 1)
-        return float(score), job_id
+        return parse_float(score), job_id  # strict: "nan" reached Redis as a score (issue 17)
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"not a cursor from a previous page: {cursor[:40]!r}") from exc
 

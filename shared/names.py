@@ -14,6 +14,7 @@ from shared.spec import QUEUE_PATTERN
 #: Keys of kombu's Redis transport (``Channel.unacked_key`` and friends) and of Celery's
 #: control and event exchanges; a queue of that name would collide with them.
 RESERVED_QUEUE_NAMES = frozenset({"unacked", "unacked_index", "unacked_mutex", "celeryev", "celery.pidbox", "reply.celery.pidbox"})
+LOCAL_SCHEME = "local://"
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$", re.S)
 
 
@@ -33,7 +34,13 @@ def split_s3_uri(uri: str) -> tuple[str, str] | None:
 
 
 def check_s3_prefix(uri: str) -> None:
-    """Raise ValueError unless ``uri`` is ``s3://<bucket>/<prefix>`` with a plain relative prefix."""
+    """Raise ValueError unless ``uri`` is ``s3://<bucket>/<prefix>`` or ``local://<folder>`` with a
+    plain relative prefix (``local://`` alone: all of ``DATA_ROOT``)."""
+    if uri.startswith(LOCAL_SCHEME):
+        path = uri[len(LOCAL_SCHEME):].removesuffix("/")
+        if path and key_problem(path) is not None:
+            raise ValueError(f"LOCAL_PATHS_ALLOWED: {printable(uri)!r} is not local://<folder>/ with a plain relative path")
+        return
     parts = split_s3_uri(uri)
     key = parts[1] if parts else ""
     if parts is None or (key and key_problem(key.removesuffix("/")) is not None):

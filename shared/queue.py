@@ -8,16 +8,11 @@ Configured for long GPU jobs:
 * the Redis transport's ``visibility_timeout`` (``VISIBILITY_TIMEOUT_S``) is longer than the
   longest job, so a running job is not re-delivered to a second worker (celery/celery#5935).
 
-Dry runs (``trainq.dry_run``, on ``DRY_RUN_QUEUE``) are the other task: the API sends one and
-waits for its reply on a Redis list (:func:`request_dry_run`), so the API never imports torch.
+Dry runs (``trainq.dry_run``, on ``DRY_RUN_QUEUE``) are the other task, queued fairly between
+owners by :mod:`shared.dryruns`; the API waits for the reply on Redis, so it never imports torch.
 """
 
 from __future__ import annotations
-
-import json
-import time
-import uuid
-from typing import Any
 
 import redis
 from celery import Celery
@@ -30,13 +25,6 @@ _PRIORITY_SEP, _PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
 
 #: Name of the training task: its only argument is the job id; the spec is read from the job record.
 TRAIN_TASK = "trainq.train"
-#: Name of the dry-run task: ``(request_id, spec as JSON, deadline in seconds since the epoch)``.
-DRY_RUN_TASK = "trainq.dry_run"
-#: Redis list a dry run's reply is pushed to, by request id.
-DRY_RUN_REPLY_KEY = "trainq:dry-run:{}"
-#: Seconds a reply waits in Redis for the API process that asked (it may have given up).
-DRY_RUN_REPLY_TTL_S = 60
-_BLPOP_SLICE_S = 2.0
 
 
 def _transport_options(visibility_timeout_s: int) -> dict[str, int]:
@@ -80,40 +68,3 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
     for name in [queue, *(f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS)]:
         pipe.llen(name)
     return sum(pipe.execute())
-
-
-def request_dry_run(
-    app: Celery, client: redis.Redis, spec: dict[str, Any], queue: str, timeout_s: float, *, owner: str | None = None
-) -> dict[str, Any] | None:
-    """Send a dry run of ``spec`` to a worker on ``queue``; wait up to ``timeout_s`` seconds for its reply.
-
-    The reply comes back on a Redis list (``BLPOP``), so no Celery result backend is needed and
-    the training task keeps ``task_ignore_result``. The message expires with the wait: a worker
-    that takes it later skips it.
-
-    Returns:
-        The reply (see :func:`send_dry_run_reply`), or None when none came in time.
-    """
-    request_id = uuid.uuid4().hex
-    # The owner goes along: the worker checks the spec's URIs against what that owner may read.
-    app.send_task(DRY_RUN_TASK, args=[request_id, spec, time.time() + timeout_s, owner], queue=queue, expires=timeout_s)
-    key, deadline = DRY_RUN_REPLY_KEY.format(request_id), time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        # Short blocking pops: redis-py's socket timeout (5 s by default) would cut a longer one.
-        reply = client.blpop([key], timeout=min(left, _BLPOP_SLICE_S))
-        if reply is not None:
-            return json.loads(reply[1])
-    return None
-
-
-def send_dry_run_reply(client: redis.Redis, request_id: str, reply: dict[str, Any]) -> None:
-    """Hand a dry run's reply to the API process waiting for it.
-
-    ``reply`` is ``{"report": DryRunReport}``, ``{"errors": [{"loc", "msg", "type"}, ...]}`` (a
-    422's ``detail``) or ``{"unavailable": message}`` (a 503).
-    """
-    key = DRY_RUN_REPLY_KEY.format(request_id)
-    with client.pipeline(transaction=True) as pipe:
-        pipe.rpush(key, json.dumps(reply))
-        pipe.expire(key, DRY_RUN_REPLY_TTL_S)
-        pipe.execute()

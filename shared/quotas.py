@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
-import redis
+import redis.asyncio
 
 from shared.exceptions import QuotaExceededError
 
@@ -49,14 +49,14 @@ def rate_exceeded(owner: str, per_minute: int, window_s: float, wait_s: str | by
     )
 
 
-def count_submission(client: redis.Redis, owner: str, per_minute: int, *, window_s: float = 60.0) -> None:
-    """Count one submission by ``owner``; refuse it if ``per_minute`` were exceeded.
+async def count_submission(client: redis.asyncio.Redis, owner: str, per_minute: int, *, window_s: float = 60.0) -> None:
+    """Count one submission by ``owner`` (on the API's asyncio client); refuse it if ``per_minute`` were exceeded.
 
     Raises:
         QuotaExceededError: ``owner`` already submitted ``per_minute`` times in the last
             ``window_s`` seconds; ``retry_after_s`` says when the next one is accepted.
     """
     script = client.register_script(_SLIDING_WINDOW)
-    wait = script(keys=[RATE_KEY.format(owner)], args=[time.time(), window_s, per_minute, uuid.uuid4().hex])
+    wait = await script(keys=[RATE_KEY.format(owner)], args=[time.time(), window_s, per_minute, uuid.uuid4().hex])
     if wait is not None:
         raise rate_exceeded(owner, per_minute, window_s, wait)

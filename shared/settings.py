@@ -56,6 +56,20 @@ class Settings(BaseSettings):
         "(e.g. `openssl rand -hex 32`), a shorter one is ignored with a warning. Per-user tokens: "
         "`python -m trainq.admin token create`.",
     )
+    auth_lookups_per_minute: int = Field(
+        120,
+        ge=1,
+        description="Failed (or pending) bearer-token look-ups one client address may cause in one API process in any "
+        "60 s (malformed tokens included); more is a 429 before any Redis call. A look-up that succeeds is not counted, "
+        "and a token that authenticated in the last minute is never refused. Behind a proxy every client has the "
+        "proxy's address.",
+    )
+    api_redis_connections: int = Field(
+        100, ge=1, description="Redis connections one API process keeps for its routes; a request waits for a free one."
+    )
+    api_redis_wait_s: float = Field(
+        10.0, gt=0, description="Seconds a request waits for a free Redis connection (`API_REDIS_CONNECTIONS`) before a 503."
+    )
     max_active_jobs_per_owner: int = Field(
         100, ge=1, description="Jobs an owner may have queued, running or retrying at once; more is a 429."
     )
@@ -124,6 +138,13 @@ class Settings(BaseSettings):
     dry_run_timeout_s: float = Field(
         120.0, gt=0, description="Seconds the API waits for a worker's dry-run result before answering `504`."
     )
+    dry_runs_per_owner: int = Field(
+        4, ge=1, description="Dry runs one owner may have waiting or running at once; more is a 429 with `Retry-After`."
+    )
+    dry_runs_max: int = Field(
+        64, ge=1, description="Dry runs all owners together may have waiting or running at once; more is a 429. Owners "
+        "are served in turn, one dry run each, so one owner's backlog does not delay another's."
+    )
     max_job_memory_bytes: int | None = Field(
         None,
         gt=0,
@@ -178,12 +199,21 @@ class Settings(BaseSettings):
     data_uris_allowed_by_owner: dict[str, list[str]] = Field(
         {},
         description=(
-            "More S3 prefixes per owner, as JSON: `{\"alice\": [\"s3://team-a/\"]}`. An owner's specs may read "
-            "`DATA_URIS_ALLOWED` and its own entries here; other owners' entries stay closed to it."
+            "More S3 prefixes (and `local://` folders) per owner, as JSON: `{\"alice\": [\"s3://team-a/\", "
+            "\"local://alice/\"]}`. An owner's specs may read `DATA_URIS_ALLOWED`, `LOCAL_PATHS_ALLOWED` and its "
+            "own entries here; other owners' entries stay closed to it."
+        ),
+    )
+    local_paths_allowed: Annotated[list[str], NoDecode] = Field(
+        ["local://"],
+        description=(
+            "`local://` folders under `DATA_ROOT` every owner's specs may read (comma-separated, or a JSON list), "
+            "e.g. `local://shared/`; the default `local://` is all of `DATA_ROOT`; empty: none (then only an "
+            "owner's own `local://` entries of `DATA_URIS_ALLOWED_BY_OWNER`)."
         ),
     )
 
-    @field_validator("queues", "data_uris_allowed", mode="before")
+    @field_validator("queues", "data_uris_allowed", "local_paths_allowed", mode="before")
     @classmethod
     def _split_list(cls, value: object, info: ValidationInfo) -> object:
         # Environment variables hold `a,b` or `["a", "b"]`. An empty DATA_URIS_ALLOWED means its default.
@@ -205,9 +235,24 @@ class Settings(BaseSettings):
             check_queue_name(queue)
         if self.default_queue not in self.queues:
             raise ValueError(f"DEFAULT_QUEUE {self.default_queue!r} must be one of QUEUES {self.queues}")
-        for prefix in [*(self.data_uris_allowed or []), *(p for ps in self.data_uris_allowed_by_owner.values() for p in ps)]:
+        for prefix in [*(self.data_uris_allowed or []), *(p for ps in self.data_uris_allowed_by_owner.values() for p in ps),
+                       *self.local_paths_allowed]:
             check_s3_prefix(prefix)
+        self._check_data_root_apart()
         return self
+
+    def _check_data_root_apart(self) -> None:
+        # A cache inside DATA_ROOT made every owner's cached S3 data, other jobs' work folders and
+        # live logs readable as `local://cache/...` (issue 17); DATA_ROOT inside the cache would
+        # let a job's downloads appear as local data.
+        if self.data_root is None:
+            return
+        root, cache = self.data_root.expanduser().resolve(), self.data_cache_dir.expanduser().resolve()
+        if cache.is_relative_to(root) or root.is_relative_to(cache):
+            raise ValueError(
+                f"DATA_ROOT ({root}) and DATA_CACHE_DIR ({cache}) must not contain one another: `local://` URIs would "
+                "read other owners' cached data and jobs' work folders. Put them side by side (e.g. /data and /cache)."
+            )
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
 """The Celery task ``trainq.dry_run``: a spec's dry run on a worker, answered over Redis.
 
-The API sends it to ``DRY_RUN_QUEUE`` and waits (:func:`shared.queue.request_dry_run`); any
-worker consuming that queue runs it between jobs — the local stack's worker consumes
+The API queues the request in its owner's list and sends a ticket to ``DRY_RUN_QUEUE``
+(:func:`shared.dryruns.request_dry_run`); any worker consuming that queue takes a ticket between
+jobs and serves the next owner's request in turn (:func:`shared.dryruns.take_next_dry_run`) — the local stack's worker consumes
 ``default,dry-run``; a deployment may add cheap CPU workers for it. It is acknowledged on
 receipt (a dry run that kills its worker is not delivered again) and it stops when the API has
 stopped waiting or the worker shuts down.
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from shared.exceptions import Interrupted, JobFailure
 from shared.access import settings_for_owner
-from shared.queue import DRY_RUN_TASK, send_dry_run_reply
+from shared.dryruns import DRY_RUN_TASK, send_dry_run_reply, take_next_dry_run
 from shared.sanitize import public_message
 from shared.settings import Settings, get_settings
 from shared.spec import JobSpec
@@ -69,14 +70,17 @@ _storage: Storage | None = None
 
 
 @app.task(name=DRY_RUN_TASK, acks_late=False, ignore_result=True)
-def dry_run_task(request_id: str, spec: dict[str, Any], deadline: float, owner: str | None = None) -> None:
-    """Celery entry point (task ``trainq.dry_run``): dry-run ``spec``, push the reply for ``request_id``."""
+def dry_run_task(queue: str) -> None:
+    """Celery entry point (task ``trainq.dry_run``, a ticket): serve the next owner's dry run on ``queue``, if any."""
     global _redis, _storage
     settings = get_settings()
     if _redis is None:
         _redis = redis.Redis.from_url(settings.redis_url)
         _storage = Storage(settings)
+    request = take_next_dry_run(_redis, queue)
+    if request is None:
+        return  # every request this ticket could serve was served by another, or given up
     started = time.monotonic()
-    reply = run_dry_run(spec, _storage, settings_for_owner(settings, owner), deadline)
-    logger.info("dry run %s: %s in %.1f s", request_id, next(iter(reply)), time.monotonic() - started)
-    send_dry_run_reply(_redis, request_id, reply)
+    reply = run_dry_run(request.spec, _storage, settings_for_owner(settings, request.owner), request.deadline)
+    logger.info("dry run %s of %s: %s in %.1f s", request.request_id, request.owner, next(iter(reply)), time.monotonic() - started)
+    send_dry_run_reply(_redis, request.request_id, reply)

@@ -17,8 +17,10 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """`{"status": "ok"}` while the process serves requests (no dependency checked: a liveness probe)."""
+async def healthz() -> dict[str, str]:
+    """`{"status": "ok"}` while the process serves requests (no dependency checked: a liveness probe).
+
+    Async: it never waits for the threadpool, so a busy pool cannot fail the liveness probe."""
     return {"status": "ok"}
 
 

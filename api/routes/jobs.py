@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep, VisibleJobDep
 from shared.access import spec_access_problems
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.dryruns import request_dry_run
 from shared.jobs import JobStore
-from shared.queue import enqueue, request_dry_run
+from shared.queue import enqueue
 from shared.quotas import count_submission
 from shared.records import JobRecord, JobState, JobsPage
 from shared.sanitize import public_message
@@ -83,13 +84,13 @@ async def create_job(
     """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
-    # An async route: FastAPI would run a sync one in its threadpool. What blocks (a dry run's wait,
-    # kombu's publish) goes to the threadpool below; the record is one Lua script on redis.asyncio.
+    # An async route: FastAPI would run a sync one in its threadpool. Only kombu's publish goes to a
+    # thread; the record is one Lua script on redis.asyncio and a dry run waits on it too (issue 17).
     if dry_run:
         response.status_code = status.HTTP_200_OK
-        return await run_in_threadpool(_checked_dry_run, spec, settings, store, celery, principal.owner)
+        return await _checked_dry_run(spec, settings, store, celery, principal.owner)
     if spec_access_problems(spec, settings, principal.owner):
-        await run_in_threadpool(_count_submission, store, principal.owner, settings)  # a refused submission counts too
+        await _count_submission(store, principal.owner, settings)  # a refused submission counts too
         _check_access(spec, settings, principal.owner)
     queue = spec.queue or settings.default_queue
     # Shielded: a cancelled request (server shutdown) must not stop between recording and enqueueing.
@@ -111,18 +112,18 @@ async def create_job(
     return record
 
 
-def _count_submission(store: JobStore, owner: str, settings: Settings) -> None:
+async def _count_submission(store: JobStore, owner: str, settings: Settings) -> None:
     try:
-        count_submission(store.redis, owner, settings.submissions_per_minute)
+        await count_submission(store.aredis, owner, settings.submissions_per_minute)
     except QuotaExceededError as exc:
         raise _too_many(exc) from exc
 
 
-def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
+async def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
     """A dry run counts as a submission and is checked like one (429, then 422), then runs on a worker."""
-    _count_submission(store, owner, settings)
+    await _count_submission(store, owner, settings)
     _check_access(spec, settings, owner)
-    return _dry_run(spec, settings, store, celery, owner)
+    return await _dry_run(spec, settings, store, celery, owner)
 
 
 def _enqueue_or_fail(celery: Celery, store: JobStore, record: JobRecord) -> None:
@@ -150,12 +151,16 @@ def _check_access(spec: JobSpec, settings: Settings, owner: str) -> None:
         raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
 
 
-def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
-    """Run the dry run on a worker (``DRY_RUN_QUEUE``) and wait for it; this process never imports torch."""
+async def _dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
+    """Run the dry run on a worker (``DRY_RUN_QUEUE``, owners in turn) and wait for it without a
+    thread; this process never imports torch."""
     try:
-        reply = request_dry_run(
-            celery, store.redis, spec.model_dump(mode="json"), settings.dry_run_queue, settings.dry_run_timeout_s, owner=owner
+        reply = await request_dry_run(
+            celery, store.aredis, spec.model_dump(mode="json"), settings.dry_run_queue, settings.dry_run_timeout_s,
+            owner=owner, per_owner=settings.dry_runs_per_owner, overall=settings.dry_runs_max,
         )
+    except QuotaExceededError as exc:
+        raise _too_many(exc) from exc
     except OperationalError as exc:
         logger.error("dry run: could not enqueue: %s", exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again later") from exc

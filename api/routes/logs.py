@@ -13,16 +13,19 @@ from typing import Annotated
 
 import anyio
 from botocore.exceptions import ClientError
-from fastapi import APIRouter, Header, HTTPException, Query, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, status
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import StorageDep, StoreDep, VisibleJobDep
+from api.deps import SettingsDep, StorageDep, StoreDep, VisibleJobDep, bearer, token_principal
 from shared.joblogs import COMPLETE_METADATA, log_uri
 from shared.jobs import JobStore
+from shared.numbers import parse_int
 from shared.records import JobRecord
 from shared.schemas import ErrorDetail
+from shared.settings import Settings
 from shared.storage import Storage, parse_s3_uri
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ router = APIRouter(prefix="/jobs", tags=["logs"])
 POLL_S = 1.0
 #: Seconds to wait, once the job is final, for its last attempt's log to be marked complete.
 FINAL_GRACE_S = 20.0
+#: Seconds between checks, while following, that the request's token is still valid: revoking it
+#: ends its open streams within this (they went on until the job ended, for days; issue 17).
+REAUTH_S = 5.0
 
 
 class LogsQuery(BaseModel):
@@ -72,6 +78,16 @@ def _whole_logs(storage: Storage, uris: list[str]) -> Iterator[bytes]:
         yield from body.iter_chunks(64 * 1024)
 
 
+def _resume_point(last_event_id: str | None) -> tuple[int, int] | None:
+    """``(attempt, byte offset)`` of an event id this route sent (``"<attempt>:<offset>"``); None for
+    anything else (the stream then starts at the beginning)."""
+    try:
+        attempt, offset = (last_event_id or "").split(":")
+        return parse_int(attempt, low=1), parse_int(offset)
+    except ValueError:  # not two parts, or not strict numbers ("²".isdigit() was a 500)
+        return None
+
+
 @router.get(
     "/{job_id}/logs",
     response_class=StreamingResponse,
@@ -90,17 +106,18 @@ def read_logs(
     query: Annotated[LogsQuery, Query()],
     storage: StorageDep,
     store: StoreDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     last_event_id: Annotated[str | None, Header(max_length=64, include_in_schema=False)] = None,
 ):
     """The job's training log: each attempt's engine lines, warnings and tracebacks, oldest first.
 
     With `follow=true`, server-sent events that go on until the job ends."""
     if query.follow:
-        attempt, offset = query.attempt or 1, 0
-        resume = (last_event_id or "").split(":")
-        if len(resume) == 2 and resume[0].isdigit() and resume[1].isdigit() and int(resume[0]) >= 1:
-            attempt, offset = int(resume[0]), int(resume[1])  # an id this route sent: "<attempt>:<offset>"
-        return EventSourceResponse(_follow(job, storage, store, attempt, offset, only=query.attempt is not None), ping=15)
+        attempt, offset = _resume_point(last_event_id) or (query.attempt or 1, 0)
+        token = credentials.credentials if credentials is not None else None
+        events = _follow(job, storage, store, attempt, offset, only=query.attempt is not None, token=token, settings=settings)
+        return EventSourceResponse(events, ping=15)
     if query.attempt is not None:
         uri = log_uri(storage, job.id, query.attempt)
         if _head(storage, uri) is None:
@@ -112,12 +129,25 @@ def read_logs(
 
 
 async def _follow(
-    job: JobRecord, storage: Storage, store: JobStore, attempt: int, offset: int, *, only: bool
+    job: JobRecord, storage: Storage, store: JobStore, attempt: int, offset: int, *, only: bool,
+    token: str | None = None, settings: Settings | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Events with new whole lines of the log as they are uploaded, attempt after attempt, then ``end``."""
+    """Events with new whole lines of the log as they are uploaded, attempt after attempt, then ``end``.
+
+    With ``token`` (the request's bearer token), every :data:`REAUTH_S` seconds the token must still
+    let its owner see the job; when it no longer does (revoked), an ``end`` event says so and the
+    stream stops."""
     waiting_since: float | None = None  # since when this attempt is over, its log not yet marked complete
+    checked_at = anyio.current_time()
     while True:
         record = await anyio.to_thread.run_sync(store.get, job.id)
+        if token is not None and settings is not None and anyio.current_time() - checked_at >= REAUTH_S:
+            principal = await token_principal(token, store, settings)
+            if principal is None or not principal.can_see(job.owner):
+                error = "the bearer token was revoked; the stream ended"
+                yield ServerSentEvent(data=json.dumps({"state": record.state.value, "error": error}), event="end")
+                return
+            checked_at = anyio.current_time()
         uri = log_uri(storage, job.id, attempt)
         head = await anyio.to_thread.run_sync(_head, storage, uri)
         if head is not None and head[0] > offset:

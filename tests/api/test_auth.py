@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import secrets
 import subprocess
 import sys
 import uuid
@@ -13,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from shared.auth import TOKEN_KEY, TOKENS_KEY, TokenStore
 from tests.conftest import ADMIN_TOKEN, api_process
 from tests.fixtures import REPO, example_spec
 from trainq.stack import LocalStack
@@ -189,3 +192,47 @@ def test_admins_manage_tokens_through_the_api(stack: LocalStack, owners: dict[st
             assert admin.delete("/tokens", params={"id": token_id}).json()["data"][0]["id"] == token_id
             assert carol.get("/jobs").status_code == 401
             assert admin.delete("/tokens", params={"id": token_id}).status_code == 404
+
+
+@pytest.mark.parametrize("owner", ["admin", "local"])
+def test_the_reserved_owners_cannot_be_issued_an_ordinary_token(stack: LocalStack, owner: str):
+    refused = _admin(stack, "token", "create", "--owner", owner)
+    assert refused.returncode == 1 and "reserved" in refused.stderr and not refused.stdout
+    with pytest.raises(ValueError, match="reserved"):
+        TokenStore(redis.Redis.from_url(stack.env["REDIS_URL"])).create(owner)
+    # One issued before the rule (written as the store wrote it then) no longer authenticates.
+    old = "tq_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(old.encode()).hexdigest()
+    client_ = redis.Redis.from_url(stack.env["REDIS_URL"])
+    client_.hset(TOKEN_KEY.format(digest), mapping={"owner": owner, "admin": 0, "created_at": 0})
+    client_.sadd(TOKENS_KEY, digest)
+    with client(stack, ADMIN_TOKEN) as admin:
+        job = submit(admin)  # a job of the owner `admin`
+    with client(stack, old) as impostor:
+        assert impostor.get(f"/jobs/{job['id']}").status_code == 401
+    assert _admin(stack, "token", "create", "--owner", owner, "--admin").returncode == 0  # an admin may act as it
+
+
+def test_a_flood_of_unknown_tokens_neither_fails_nor_starves_real_clients(stack: LocalStack, tmp_path: Path):
+    """150 random tokens and 50 malformed ones at once, beside 10 requests of a real token, on a pool of
+    4 Redis connections: the real ones are served, the flood is 401 or 429, nobody gets a 503."""
+    real = {"Authorization": f"Bearer {stack.create_token(f'victim-{uuid.uuid4().hex[:8]}')}"}
+    random_tokens = [{"Authorization": f"Bearer tq_{secrets.token_urlsafe(32)}"} for _ in range(150)]
+    malformed = [{"Authorization": f"Bearer {secrets.token_hex(12)}"} for _ in range(50)]
+
+    async def burst(url: str) -> tuple[list[httpx.Response], list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as api:
+            assert (await api.get("/jobs", headers=real)).status_code == 200
+            flood = [api.get("/jobs", headers=headers) for headers in random_tokens + malformed]
+            served = [api.get("/jobs", headers=real) for _ in range(10)]
+            answers = await asyncio.gather(*flood, *served)
+            return answers[:-10], answers[-10:]
+
+    with api_process(stack, tmp_path, API_REDIS_CONNECTIONS="4", AUTH_LOOKUPS_PER_MINUTE="50") as extra:
+        flood, served = asyncio.run(burst(extra.api_url))
+    assert [response.status_code for response in served] == [200] * 10
+    codes = [response.status_code for response in flood]
+    assert set(codes) <= {401, 429}, sorted(set(codes))
+    assert codes.count(401) <= 50  # the rest were refused before any look-up, with when to retry
+    assert all(int(response.headers["Retry-After"]) >= 1 for response in flood if response.status_code == 429)

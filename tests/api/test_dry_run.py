@@ -3,18 +3,24 @@ through the job's own preparation, and answers what would fail the job as a 422 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+import redis.asyncio
 import torch
 
-from shared.queue import make_celery, request_dry_run
+from shared.dryruns import ACTIVE_KEY, OWNER_ACTIVE_KEY, request_dry_run
+from shared.queue import make_celery
 from shared.storage import Storage
+from tests.conftest import api_process
 from tests.fixtures import example_spec
 from trainq.sample_data import write_digits
 
@@ -79,7 +85,97 @@ def test_a_job_too_large_for_memory_is_refused_with_the_numbers(slow_api: httpx.
 
 
 def test_without_a_worker_the_wait_is_bounded(stack):
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    client = redis.asyncio.Redis.from_url(stack.env["REDIS_URL"])
     started = time.monotonic()
-    assert request_dry_run(make_celery(stack.settings), client, example_spec(), "dry-run-nobody-listens", 1.5) is None
-    assert time.monotonic() - started < 10  # and the message expires: a worker that starts later skips it
+    wait = request_dry_run(
+        make_celery(stack.settings), client, example_spec(), "dry-run-nobody-listens", 1.5, owner="tester", per_owner=1, overall=1000
+    )
+    assert asyncio.run(wait) is None
+    assert time.monotonic() - started < 10  # and the request is withdrawn: a worker that starts later skips it
+
+
+#: Concurrent dry runs of one owner while no worker takes any (issue 17: they held all 40 threads).
+FLOOD = 40
+#: A dry run the worker answers at once: a folder under an allowed prefix with nothing in it.
+EMPTY_DATASET_SPEC = example_spec() | {"dataset": example_spec()["dataset"] | {"uri": "s3://trainq/datasets/nothing-here/"}}
+
+
+def _dry_run(url: str, token: str, spec: dict, timeout_s: float = 300) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"}) as client:
+        return client.post("/jobs", params={"dry_run": "true"}, json=spec)
+
+
+def _wait_for(check, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+def _forget_dry_runs(client: redis.Redis, *owners: str) -> None:
+    """Free the places of ``owners``' dry runs (their API process is gone), so later tests have them."""
+    for owner in owners:
+        members = client.zrange(OWNER_ACTIVE_KEY.format(owner), 0, -1)
+        if members:
+            client.zrem(ACTIVE_KEY, *members)
+        client.delete(OWNER_ACTIVE_KEY.format(owner))
+
+
+def test_a_dry_run_flood_holds_no_thread_and_is_bounded_per_owner_and_overall(stack, tmp_path: Path):
+    env = {"DRY_RUN_QUEUE": "dry-run-flood", "DRY_RUN_TIMEOUT_S": "60", "DRY_RUNS_PER_OWNER": str(FLOOD),
+           "DRY_RUNS_MAX": str(FLOOD + 1)}
+    flooder, other, third = (stack.create_token(owner) for owner in ("flood-a", "flood-b", "flood-c"))
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        with api_process(stack, tmp_path, **env) as extra, ThreadPoolExecutor(FLOOD + 1) as pool:
+            headers = {"Authorization": f"Bearer {flooder}"}
+            api = httpx.Client(base_url=extra.api_url, timeout=10, headers=headers)
+            job = api.post("/jobs", json=example_spec() | {"queue": "test-nobody-listens"}).raise_for_status().json()
+            flood_deadline = time.monotonic() + 60
+            flood = [pool.submit(_dry_run, extra.api_url, flooder, example_spec()) for _ in range(FLOOD)]
+            _wait_for(lambda: client.zcard(OWNER_ACTIVE_KEY.format("flood-a")) == FLOOD, "the flood is waiting")
+
+            # Every other route still answers (they waited for the flood's deadline: 12.7 s of 15).
+            assert httpx.get(f"{extra.api_url}/healthz", timeout=10).status_code == 200
+            assert api.get(f"/jobs/{job['id']}").json()["id"] == job["id"]
+            # One owner past its bound: 429 at once, with when to retry.
+            over = _dry_run(extra.api_url, flooder, example_spec(), timeout_s=10)
+            assert over.status_code == 429 and "DRY_RUNS_PER_OWNER" in over.json()["detail"]
+            assert 1 <= int(over.headers["Retry-After"]) <= 60
+            # Another owner is admitted (the one place left), a third is refused by the overall bound.
+            waiting = pool.submit(_dry_run, extra.api_url, other, example_spec())
+            _wait_for(lambda: client.zcard(OWNER_ACTIVE_KEY.format("flood-b")) == 1, "flood-b's dry run is waiting")
+            full = _dry_run(extra.api_url, third, example_spec(), timeout_s=10)
+            assert full.status_code == 429 and "DRY_RUNS_MAX" in full.json()["detail"] and "Retry-After" in full.headers
+            assert not any(future.done() for future in [*flood, waiting]) and time.monotonic() < flood_deadline
+            api.close()
+    finally:
+        _forget_dry_runs(client, "flood-a", "flood-b", "flood-c")
+
+
+def test_one_owners_backlog_does_not_delay_another_owners_dry_run(stack, tmp_path: Path):
+    env = {"DRY_RUN_QUEUE": "dry-run-fair", "DRY_RUN_TIMEOUT_S": "300", "DRY_RUNS_PER_OWNER": "30", "DRY_RUNS_MAX": "1000"}
+    heavy, light = stack.create_token("team-a"), stack.create_token("team-b")
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def dry_run(owner: str, token: str) -> httpx.Response:
+        response = _dry_run(extra.api_url, token, EMPTY_DATASET_SPEC)
+        with lock:
+            answered.append(owner)
+        return response
+
+    try:
+        with api_process(stack, tmp_path, **env) as extra, ThreadPoolExecutor(26) as pool:
+            backlog = [pool.submit(dry_run, "team-a", heavy) for _ in range(25)]
+            _wait_for(lambda: client.zcard(OWNER_ACTIVE_KEY.format("team-a")) == 25, "team-a's 25 dry runs are queued")
+            single = pool.submit(dry_run, "team-b", light)
+            _wait_for(lambda: client.zcard(OWNER_ACTIVE_KEY.format("team-b")) == 1, "team-b's dry run is queued")
+            extra.start_worker("fair-worker", queues=["dry-run-fair"])  # 26 requests wait: a FIFO serves team-b last
+            assert single.result().status_code == 422, single.result().text
+            assert all(future.result().status_code == 422 for future in backlog)
+    finally:
+        _forget_dry_runs(client, "team-a", "team-b")
+    # Owners are served in turn: team-a's first, team-b's second (seen by the clients a poll apart).
+    assert answered.index("team-b") < 10, answered

@@ -4,6 +4,7 @@ no internal addresses in answers."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -143,10 +144,40 @@ def test_503_does_not_name_the_redis_address(stack: LocalStack, tmp_path: Path):
     with api_process(stack, tmp_path, healthy=False, REDIS_URL=f"redis://127.0.0.1:{port}/0") as down:
         ready = httpx.get(f"{down.api_url}/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] == "unavailable" and ready.json()["s3"] == "ok"
-        response = httpx.get(f"{down.api_url}/jobs", headers={"Authorization": "Bearer tq_x"})
+        # A token of the issued shape (a malformed one is refused without asking Redis).
+        response = httpx.get(f"{down.api_url}/jobs", headers={"Authorization": "Bearer tq_" + "x" * 43})
         assert response.status_code == 503
         assert response.json()["detail"] == "job store unavailable; try again shortly"
         for answer in (ready, response):
             assert str(port) not in answer.text and "127.0.0.1" not in answer.text
         assert httpx.get(f"{down.api_url}/healthz").status_code == 200  # the process is up
     assert str(port) in (tmp_path / "logs" / "api.log").read_text()  # the details are in the server log
+
+
+@pytest.mark.parametrize("depth", [600, 950, 5000])
+@pytest.mark.parametrize("brackets", ["[]", '{"a":}'])
+def test_deeply_nested_json_is_a_4xx_never_a_500(api: httpx.Client, depth: int, brackets: str):
+    opening, closing = (brackets[0], brackets[1]) if brackets == "[]" else ('{"a":', "}")
+    body = '{"dataset": {"uri": "s3://trainq/datasets/digits/"}, "name": ' + opening * depth + "1" * (brackets != "[]")
+    body += closing * depth + "}"
+    response = api.post("/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text[:300]
+    assert len(response.content) < 20_000
+
+
+@pytest.mark.parametrize("cursor_text", [b"nan x", b"inf x", b"-Infinity x", b"1_0 x", b"\xd9\xa3 x", b"1e999 x"])
+def test_a_cursor_with_an_odd_number_is_a_422(api: httpx.Client, cursor_text: bytes):
+    cursor = base64.urlsafe_b64encode(cursor_text).decode().rstrip("=")
+    response = api.get("/jobs", params={"cursor": cursor})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["query", "cursor"]
+
+
+# Header bytes are Latin-1 to the server: b"\xb2" is "²", which str.isdigit() takes for a digit.
+@pytest.mark.parametrize("last_event_id", [b"\xb2:0", b"1:\xb9", "١:0".encode(), b"0:0", b"1:-1", b"1:1_0", b":", b"1:2:3"])
+def test_an_odd_last_event_id_starts_the_log_from_the_beginning(api: httpx.Client, last_event_id: bytes):
+    job = api.post("/jobs", json=example_spec() | {"queue": PARKED}).json()
+    api.post(f"/jobs/{job['id']}/cancel").raise_for_status()  # final and never ran: the stream ends at once
+    response = api.get(f"/jobs/{job['id']}/logs", params={"follow": "true"}, headers={"Last-Event-ID": last_event_id})
+    assert response.status_code == 200, response.text
+    assert "event: end" in response.text

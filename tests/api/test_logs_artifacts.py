@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from shared.auth import TokenStore
 from shared.records import JobState
 from shared.storage import Storage
-from tests.fixtures import fast_digits_spec, with_dataset
+from tests.fixtures import example_spec, fast_digits_spec, with_dataset
 from trainq.client import AsyncClient, Client, TrainqClientError
 from trainq.stack import LocalStack
 
@@ -120,3 +124,30 @@ def test_the_async_client_reads_lists_and_waits(followed, stack: LocalStack, api
     again, page = asyncio.run(main())
     assert again.id == record.id and again.state is JobState.SUCCEEDED
     assert record.id in [job.id for job in page.data]
+
+
+def test_revoking_a_token_ends_its_open_log_streams(stack):
+    owner = f"revoked-{uuid.uuid4().hex[:8]}"
+    token = stack.create_token(owner)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=stack.api_url, headers=headers, timeout=httpx.Timeout(30, read=120)) as http:
+        job = http.post("/jobs", json=example_spec() | {"queue": "test-nobody-listens"}).json()  # stays queued
+
+        def follow() -> list[str]:
+            give_up = time.monotonic() + 60  # pings every 15 s let the loop look at it
+            with http.stream("GET", f"/jobs/{job['id']}/logs", params={"follow": "true"}) as response:
+                assert response.status_code == 200
+                events = []
+                for line in response.iter_lines():
+                    events += [line] if line.startswith(("event:", "data:")) else []
+                    if time.monotonic() > give_up:
+                        return events + ["(still open)"]
+                return events
+
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(follow)
+            time.sleep(1)  # the stream is open
+            assert not stream.done()
+            TokenStore(redis.Redis.from_url(stack.env["REDIS_URL"])).revoke(owner=owner)
+            events = stream.result()  # before: it went on until the job ended (this one never starts)
+    assert events[-2:] == ["event: end", 'data: {"state": "queued", "error": "the bearer token was revoked; the stream ended"}']

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -116,3 +117,38 @@ def test_an_owner_reads_its_own_prefixes_and_no_one_elses(monkeypatch):
         check_uri_allowed("s3://team-b/data/y.csv", engine_settings)
     with pytest.raises(ValidationError, match="not s3://<bucket>/<prefix>/"):
         Settings(data_uris_allowed_by_owner={"carol": ["s3://x/../y/"]})
+
+
+@pytest.mark.parametrize(("root", "cache"), [("data", "data/cache"), ("cache/data", "cache"), ("same", "same")])
+def test_data_root_and_the_cache_that_contain_one_another_are_refused_at_start(tmp_path: Path, root: str, cache: str):
+    # The cache inside DATA_ROOT made `local://cache/...` read other owners' cached data (issue 17).
+    with pytest.raises(ValidationError, match=r"DATA_ROOT \(.*\) and DATA_CACHE_DIR \(.*\) must not contain one another"):
+        Settings(data_root=tmp_path / root, data_cache_dir=tmp_path / cache)
+
+
+def test_a_cache_reached_through_a_symlink_is_refused_too(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cache").symlink_to(tmp_path / "data" / "hidden-cache")
+    with pytest.raises(ValidationError, match="must not contain one another"):
+        Settings(data_root=tmp_path / "data", data_cache_dir=tmp_path / "cache")
+    Settings(data_root=tmp_path / "data", data_cache_dir=tmp_path / "elsewhere")  # side by side is fine
+
+
+def test_local_folders_are_granted_per_owner_like_s3_prefixes(monkeypatch):
+    monkeypatch.setenv("LOCAL_PATHS_ALLOWED", "local://shared/")
+    monkeypatch.setenv("DATA_URIS_ALLOWED_BY_OWNER", '{"alice": ["local://alice/", "s3://team-a/"]}')
+    settings = Settings()
+    check_uri_allowed("local://shared/digits/", settings, "bob")
+    check_uri_allowed("local://alice/x.csv", settings, "alice")
+    check_uri_allowed("s3://team-a/x.csv", settings, "alice")
+    for uri, owner in [("local://alice/x.csv", "bob"), ("local://alice/x.csv", None), ("local://alicex/y", "alice"),
+                       ("local://cache/datasets/", "alice")]:
+        with pytest.raises(ValueError, match="is not under a folder this service may read"):
+            check_uri_allowed(uri, settings, owner)
+    engine_settings = settings_for_owner(settings, "alice")  # what the worker checks the spec with
+    check_uri_allowed("local://alice/x.csv", engine_settings)
+    assert allowed_data_prefixes(engine_settings) == allowed_data_prefixes(settings, "alice")
+    assert Settings(local_paths_allowed="").local_paths_allowed == []  # empty: only the owners' own folders
+    assert Settings().local_paths_allowed == ["local://shared/"]
+    with pytest.raises(ValidationError, match="LOCAL_PATHS_ALLOWED"):
+        Settings(local_paths_allowed=["local://a/../b/"])

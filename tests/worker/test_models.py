@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from shared.exceptions import JobFailure
 from shared.spec import TORCHVISION_ARCHS, ModelSpec
 from worker.training.models import SmallCNN, build_model
 
@@ -163,3 +164,30 @@ def test_empty_or_garbage_weights_give_a_reason(tmp_path, content: bytes, messag
     (tmp_path / "w.pt").write_bytes(content)
     with pytest.raises(JobFailure, match=message):
         load_initial_weights(SmallCNN(1, 3), tmp_path / "w.pt", "s3://trainq/w.pt")
+
+
+def test_compressed_weights_that_would_load_too_much_fail_before_loading(tmp_path):
+    """A small deflate-compressed `.pt` declaring 64 MB for a model of ~100 KB: refused from the
+    zip directory, naming the URI (it grew the worker by the declared size before; issue 17)."""
+    import zipfile
+
+    from worker.training.models import load_initial_weights
+
+    plain, packed = tmp_path / "plain.pt", tmp_path / "packed.pt"
+    torch.save({"weight": torch.zeros(16 * 2**20)}, plain)  # 64 MiB of zeros
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    plain.unlink()
+    assert packed.stat().st_size < 2**20
+    with pytest.raises(JobFailure, match=r"s3://trainq/weights/bomb\.pt would load 67,1\d\d,\d\d\d bytes \(uncompressed\)"):
+        load_initial_weights(SmallCNN(1, 3), packed, "s3://trainq/weights/bomb.pt")
+
+
+def test_weights_within_the_bound_still_load(tmp_path):
+    from worker.training.models import load_initial_weights
+
+    source, target = SmallCNN(1, 3), SmallCNN(1, 3)
+    torch.save({"model": source.state_dict(), "optimizer": {"state": {}}}, tmp_path / "w.pt")
+    load_initial_weights(target, tmp_path / "w.pt", "s3://trainq/w.pt")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True))

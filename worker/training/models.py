@@ -14,6 +14,7 @@ from shared.exceptions import JobFailure
 from shared.spec import JobSpec, ModelSpec
 from shared.storage import Storage
 from worker.faults import Fault, classify, in_stage
+from worker.training.weights import check_weights_size
 
 #: Key prefixes that wrappers add to a state_dict: ``nn.DataParallel`` and DDP (``module.``),
 #: ``torch.compile`` (``_orig_mod.``). Stripped from initial weights when every key has one.
@@ -179,12 +180,14 @@ def load_initial_weights(model: nn.Module, path: Path, uri: str) -> None:
     are accepted: the prefix is stripped.
 
     Raises:
-        JobFailure: the file is empty, not a ``torch.save`` file, not a state dict, or its tensors
+        JobFailure: the file is empty, would load more than such weights can need
+            (:func:`~worker.training.weights.check_weights_size`), is not a ``torch.save`` file, not a state dict, or its tensors
             do not fit the model (naming ``uri``, a few missing and unexpected keys, their counts and
             the shapes that differ).
     """
     if path.stat().st_size == 0:
         raise JobFailure(f"model.weights_uri {uri} is an empty file (0 bytes)")
+    check_weights_size(path, uri, model)  # before torch.load allocates what the file declares
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
