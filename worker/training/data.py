@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,16 +401,29 @@ class SeededTransform(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = self.indices[position]
         image, label = self.base[index]
-        # torchvision's random transforms draw from the CPU generator. Seed only that one and put
-        # its state back: torch.manual_seed + fork_rng also touch every accelerator's generator
-        # and cost ~140 µs a sample, more than decoding an 8x8 PNG (bench/README.md).
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
-        try:
+        with seeded_draws(self.sample_seed(index)):
             return self.transform(image), label
-        finally:
-            generator.set_state(state)
+
+    def sample_seed(self, index: int) -> int:
+        """The seed of sample ``index``'s augmentation this epoch: a function of (seed, epoch, index)."""
+        return hash((self.seed, self.epoch, index)) & (2**63 - 1)
+
+
+@contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Random transforms inside draw from the CPU generator seeded with ``seed``; its state is put back.
+
+    torchvision's random transforms draw from the CPU generator, whatever the image's device.
+    Only that one is seeded: torch.manual_seed + fork_rng also touch every accelerator's
+    generator and cost ~140 µs a sample, more than decoding an 8x8 PNG (bench/README.md).
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def _image_folders(

@@ -43,7 +43,7 @@ from shared.exceptions import DatasetError, Interrupted, JobFailure
 from shared.jobs import DatasetInfo, JobPhase, MemoryEstimate, Progress
 from shared.sanitize import public_message
 from shared.settings import Settings
-from shared.spec import CsvDataset, JobSpec
+from shared.spec import CsvDataset, ImageFolderDataset, JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.faults import Fault, classify, in_stage, mark_stage
 from worker.training.checkpoint import (
@@ -56,9 +56,11 @@ from worker.training.checkpoint import (
 )
 from worker.training.cpu import probe_threads, training_threads, usable_cpus
 from worker.training.data import LoadOptions, TrainingData, load_data
+from worker.training.device_data import on_device
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
 from worker.training.memory import check_memory, estimate_memory, memory_budget
+from worker.training.prefetch import DevicePrefetcher
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
 from worker.training.uploads import BackgroundUploader
@@ -844,7 +846,7 @@ class Prepared:
 
     ``loader`` yields this process's training batches ``(inputs, targets)`` of
     ``spec.batch_size / world_size`` (the last one may be smaller), shuffled by ``sampler`` per
-    epoch; ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
+    epoch, already on the device (:class:`~worker.training.prefetch.DevicePrefetcher`); ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
     with ``channels_last``), not yet wrapped for DDP or compiled (:func:`training_module`);
     ``fast`` is how the loop moves batches and runs forward, backward and the optimizer step.
     ``memory`` is the estimate the job was checked against.
@@ -856,7 +858,7 @@ class Prepared:
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loader: StatefulDataLoader
+    loader: DevicePrefetcher
     sampler: DistributedSampler
     val_loader: DataLoader
     steps_per_epoch: int
@@ -917,6 +919,8 @@ def prepare(
     options = LoadOptions(max_image_pixels=settings.max_image_pixels, should_stop=should_stop, on_progress=report)
     try:
         data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root, options)
+        if isinstance(spec.dataset, ImageFolderDataset):
+            data = on_device(data, spec.dataset, device)  # dataset.decode: JPEGs decoded on the device
     except DatasetError as exc:
         exc.field = exc.field or _dataset_field(str(exc), spec)
         raise
@@ -961,6 +965,7 @@ def prepare(
     try:
         optimizer = build_optimizer(spec, model.parameters())
         loader, sampler, val_loader = _loaders(data, spec, device, group, model=model)
+        loader = DevicePrefetcher(loader, fast)  # yields batches on the device, the next one staged on CUDA
         steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation_steps)
         scheduler = build_scheduler(spec, optimizer, total_steps=spec.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     except ValueError as exc:
@@ -1047,8 +1052,7 @@ def _train(run: _Run, spec: JobSpec, storage: Storage, settings: Settings, callb
             run.sampler.set_epoch(epoch)
             data.set_epoch(epoch)
             batches = len(loader)
-            for inputs, targets in loader:
-                inputs, targets = fast.to_device(inputs, targets)
+            for inputs, targets in loader:  # on the device already (DevicePrefetcher)
                 if run.progress.step == 0 and run.batch_in_epoch == 0 and inputs.dim() == 4:
                     writer.add_image("inputs", make_grid(inputs[:64].cpu(), nrow=8, normalize=True), 0)
                 group_start = (run.batch_in_epoch // accumulate) * accumulate
@@ -1159,9 +1163,9 @@ def _probe_step(run: _Run, spec: JobSpec) -> Callable[[list[Any]], None]:
 
     def step(samples: list[Any]) -> None:
         if not batch:
-            inputs, targets = run.data.collate(samples)
+            inputs, targets = run.fast.to_device(*run.data.collate(samples))  # decoded here with dataset.decode: device
             repeats = math.ceil(spec.batch_size / len(samples))
-            batch.extend(run.fast.to_device(torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
+            batch.extend((torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
         with run.fast.autocast():
             loss = run.loss_fn(model(batch[0]), batch[1])
         loss.backward()
