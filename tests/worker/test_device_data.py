@@ -168,3 +168,20 @@ def test_a_job_decoding_on_the_device_trains_and_resumes_as_the_worker_path(stor
 def _final(storage: Storage, job_id: str, tmp_path: Path) -> dict:
     path = storage.download_file(storage.job_uri(job_id, "checkpoints", "final.pt"), tmp_path / f"{job_id}.pt")
     return load_checkpoint(path)["model"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_staged_batches_equal_the_ones_moved_when_asked(tmp_path: Path):
+    # The side stream, the event and record_stream must not change a value (nvJPEG is deterministic).
+    write_photos(tmp_path / "root" / "photos")
+    spec = spec_of("device")  # the CMYK JPEG and the PNG among them decode on the CPU
+    data = on_device(load_image_folder(spec, None, tmp_path / "cache", seed=1, data_root=tmp_path / "root"), spec, torch.device("cuda"))
+    fast = FastPath(torch.device("cuda"), channels_last=True, finish=data.finish)
+
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(data.train, batch_size=4, shuffle=True, num_workers=2, pin_memory=True,
+                                  collate_fn=data.collate, generator=torch.Generator().manual_seed(0))
+
+    staged = [(inputs.cpu(), targets.cpu()) for inputs, targets in DevicePrefetcher(loader(), fast)]
+    asked = [tuple(t.cpu() for t in fast.to_device(*batch)) for batch in loader()]
+    assert len(staged) == len(asked) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(staged, asked))
