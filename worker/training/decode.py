@@ -256,7 +256,11 @@ def decode_images(
 
 
 def _decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """``decode_jpeg`` of ``files`` in one call, else one by one; None where it fails."""
+    """``decode_jpeg`` of ``files`` to RGB in one call, else one by one; None where it fails.
+
+    Always RGB, nvJPEG's most used output: a gray JPEG comes back with its channel repeated,
+    which :func:`match_channels` turns back into exactly that channel (the luma of ``(y, y, y)``
+    is ``y``)."""
     if not files:
         return []
     with warnings.catch_warnings():
@@ -266,13 +270,13 @@ def _decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch
 
 def _decode_jpegs_loudly(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     try:
-        return list(decode_jpeg(files, mode=ImageReadMode.UNCHANGED, device=device))
+        return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         pass
     decoded: list[torch.Tensor | None] = []
     for data in files:
         try:
-            decoded.append(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+            decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
             decoded.append(None)
     return decoded
