@@ -252,6 +252,17 @@ class ImageFolderDataset(SpecModel):
         default_factory=list, max_length=32, description="Transforms for validation images, in order (the kinds of `train_transforms`)."
     )
     normalize: Normalize | None = Field(None, description="Per-channel normalization after scaling to [0, 1].")
+    decode: Literal["auto", "workers", "device"] = Field(
+        "auto",
+        description="Where images are decoded and augmented. `workers`: in the DataLoader workers (Pillow "
+        "on the CPU), which send uint8 batches. `device`: the workers send the encoded files and the "
+        "training process decodes each batch in one call on the training device (nvJPEG on a CUDA GPU, "
+        "libjpeg-turbo on a CPU), then runs the transforms there per image with parameters drawn from "
+        "(seed, epoch, index); files that decoder refuses (CMYK, non-JPEG) are decoded on the CPU. "
+        "`auto`: `device` when the job trains on a CUDA GPU and every image is a JPEG, else `workers`. "
+        "Both give the same images (the one decoding contract: modes, EXIF orientation); on a CPU bit "
+        "for bit, on a GPU within nvJPEG's rounding.",
+    )
 
     @field_validator("channels", mode="before")
     @classmethod

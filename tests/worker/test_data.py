@@ -275,7 +275,7 @@ RGB_SPEC = ImageFolderDataset(uri="s3://trainq/tests/modes/", image_size=4, chan
 
 def _model_input(image: Image.Image, spec: ImageFolderDataset) -> torch.Tensor:
     """What the model sees: to_mode, then the job's transform (a 4x4 image is not resized)."""
-    from worker.training.images import to_mode
+    from worker.training.decode import to_mode
     from worker.training.transforms import build_transform
 
     return build_transform([], spec)(to_mode(image, "L" if spec.channels == 1 else "RGB")).as_subclass(torch.Tensor)

@@ -254,9 +254,9 @@ def _probe_step(prepared: Prepared, spec: JobSpec) -> Callable[[list[Any]], None
 
     def step(samples: list[Any]) -> None:
         if not batch:
-            inputs, targets = prepared.data.collate(samples)
+            inputs, targets = prepared.fast.to_device(*prepared.data.collate(samples))  # decoded here with dataset.decode: device
             repeats = math.ceil(spec.batch_size / len(samples))
-            batch.extend(prepared.fast.to_device(torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
+            batch.extend((torch.cat([inputs] * repeats)[: spec.batch_size], torch.cat([targets] * repeats)[: spec.batch_size]))
         with prepared.fast.autocast():
             loss = prepared.loss_fn(model(batch[0]), batch[1])
         loss.backward()

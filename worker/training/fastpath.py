@@ -25,6 +25,7 @@ from torch import nn
 
 from shared.exceptions import JobFailure
 from shared.spec import PerformanceSpec
+from worker.training.device_data import EncodedBatch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Compute capability from which CUDA GPUs have bf16 tensor cores (Ampere, sm_80).
@@ -81,8 +82,17 @@ class FastPath:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
-    def to_device(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy a batch to the device (asynchronously from pinned memory); NHWC for 4-D inputs if set."""
+    def to_device(self, inputs: torch.Tensor | EncodedBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy a batch to the device (asynchronously from pinned memory); NHWC for 4-D inputs if set.
+
+        An :class:`~worker.training.device_data.EncodedBatch` (``dataset.decode: device``) is
+        decoded and augmented on the device by the data's ``finish``.
+        """
+        if isinstance(inputs, EncodedBatch):
+            inputs = self.finish(inputs.to(self.device))
+            if self.channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            return inputs, targets.to(self.device, non_blocking=True)
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         else:

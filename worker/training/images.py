@@ -11,9 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -24,11 +22,14 @@ from shared.records import JobPhase
 from shared.spec import ImageFolderDataset, Loc
 from shared.storage import Storage
 from worker.faults import in_stage
+from worker.training.decode import DecodeError, ImageModeError, decode_file
 from worker.training.sources import DEFAULT_MAX_IMAGE_PIXELS, LoadOptions, TrainingData, blaming, fetch_folder, split_indices
 from worker.training.transforms import SeededTransform, build_augment, build_finish, collate_images
 
+
 class _VisibleImageFolder(ImageFolder):
-    """``ImageFolder`` that ignores hidden folders and files, names bad files, returns PIL images.
+    """``ImageFolder`` that ignores hidden folders and files, names bad files, returns the decoding
+    contract's tensors (:func:`worker.training.decode.image_to_tensor`: EXIF orientation applied).
 
     ``source_uri`` is used in error messages so a failure names the S3 object, not a cache path.
     ``class_index`` maps class names to label indices shared by several folders (the union of
@@ -57,12 +58,10 @@ class _VisibleImageFolder(ImageFolder):
         relative = Path(path).relative_to(self.root_path)
         return not any(part.startswith(".") for part in relative.parts) and path.lower().endswith(IMG_EXTENSIONS)
 
-    def _load(self, path: str) -> Image.Image:
+    def _load(self, path: str) -> torch.Tensor:
         try:
-            with Image.open(path) as image:
-                _check_pixels(image, self.options.max_image_pixels)
-                return to_mode(image, self.mode)
-        except Exception as exc:  # PIL raises several types for truncated or non-image files
+            return decode_file(path, self.mode, self.options.max_image_pixels)
+        except DecodeError as exc:
             raise DatasetError(f"cannot read image {self.source_uri}/{self.relative(path)}: {_without_path(str(exc), path)}") from exc
 
     def relative(self, path: str) -> str:
@@ -106,72 +105,12 @@ def visible_class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
-class ImageModeError(ValueError):
-    """An image whose pixel mode or values cannot be scaled to [0, 1]; the message names the mode."""
-
-
-#: Pillow modes of one channel with more than 8 bits, and the value that maps to 1.0: 16-bit
-#: unsigned (any byte order) and 32-bit signed ``I``. ``I`` holds what 16-bit PNGs and TIFFs
-#: opened as in older Pillow versions, so it is read as 16-bit: values must lie in 0..65535.
-HIGH_BIT_MODES: dict[str, float] = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
-
-
-def to_mode(image: Image.Image, mode: str) -> Image.Image | torch.Tensor:
-    """``image`` in ``mode`` (``"L"`` or ``"RGB"``), ready for :func:`build_transform`, which
-    scales it to [0, 1].
-
-    8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV…) are converted by Pillow and
-    returned as a PIL image: alpha is dropped, a palette (with or without transparency) is looked
-    up, CMYK/YCbCr/LAB/HSV become RGB, and grayscale is Pillow's ITU-R 601-2 luma. Modes with more
-    bits become a float tensor ``(channels, H, W)`` already in [0, 1]: 16-bit (``I;16``, ``I;16B``,
-    and ``I``) divided by 65535, 32-bit float ``F`` taken as is.
-
-    Raises:
-        ImageModeError: ``I`` with values outside 0..65535, ``F`` with values outside [0, 1]
-            (or NaN), or a mode Pillow cannot convert (e.g. premultiplied ``La``); the message
-            names the mode (the caller names the file).
-    """
-    channels = 1 if mode == "L" else 3
-    if image.mode in HIGH_BIT_MODES or image.mode == "F":
-        pixels = np.asarray(image)
-        values = pixels.astype(np.float32) / HIGH_BIT_MODES.get(image.mode, 1.0)
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if not (0.0 <= low and high <= 1.0):  # also catches NaN
-            raise ImageModeError(
-                f"mode {image.mode!r} pixel values span {float(pixels.min()):g}..{float(pixels.max()):g}; "
-                f"expected {'0..65535' if image.mode == 'I' else '0..1'}: rescale the file to 8 or 16 bits"
-            )
-        return torch.from_numpy(values).unsqueeze(0).expand(channels, -1, -1).contiguous()
-    if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
-        image = image.convert("RGBA")  # as Pillow recommends, so the palette is not mangled
-    elif image.mode in ("LAB",) and mode == "L":
-        image = image.convert("RGB")  # Pillow has no LAB → L
-    try:
-        return image.convert(mode)
-    except ValueError as exc:
-        raise ImageModeError(f"mode {image.mode!r} cannot be converted to {mode} ({exc})") from exc
-
-
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
-    """Refuse an image larger than ``max_pixels`` from its header, before decoding it.
-
-    Raises:
-        ValueError: naming the size and the ``MAX_IMAGE_PIXELS`` limit.
-    """
-    if image.width * image.height > max_pixels:
-        raise ValueError(
-            f"{image.width}x{image.height} = {image.width * image.height:,} pixels is more than MAX_IMAGE_PIXELS ({max_pixels:,})"
-        )
-
-
 def _decode_problem(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB") -> tuple[str, str] | None:
     try:
-        with Image.open(path) as image:
-            _check_pixels(image, max_pixels)
-            image.load()  # a full decode: catches truncated files, not just bad headers
-            to_mode(image, mode)  # and a mode or value range that cannot be scaled to [0, 1]
-    except Exception as exc:
-        return path, f"{type(exc).__name__}: {exc}"
+        decode_file(path, mode, max_pixels)  # a full decode: catches truncated files and unscalable modes
+    except DecodeError as exc:
+        cause = exc if isinstance(exc, ImageModeError) or exc.__cause__ is None else exc.__cause__
+        return path, f"{type(cause).__name__}: {cause}"
     return None
 
 

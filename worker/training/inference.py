@@ -7,7 +7,7 @@
     value = model(preprocess({"age": 0.03, "sex": -0.04, ...}).unsqueeze(0))  # CSV job
 
 The preprocessing is the job's own validation path: an image is converted to the job's channels
-(:func:`~worker.training.images.to_mode`), then ``eval_transforms``, the resize to ``image_size``,
+(:func:`~worker.training.decode.image_to_tensor`: EXIF orientation applied), then ``eval_transforms``, the resize to ``image_size``,
 the scaling to [0, 1] and ``normalize``; a CSV row is standardized with the training split's
 mean and std that the checkpoint keeps.
 """
@@ -25,7 +25,7 @@ from torch import nn
 
 from shared.spec import CsvDataset, JobSpec
 from worker.training.checkpoint import load_checkpoint
-from worker.training.images import to_mode
+from worker.training.decode import image_to_tensor
 from worker.training.transforms import build_transform
 from worker.training.models import build_model
 
@@ -41,8 +41,8 @@ class ImagePreprocess:
     def __call__(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             with Image.open(image) as opened:
-                return self.transform(to_mode(opened, self.mode)).as_subclass(torch.Tensor)
-        return self.transform(to_mode(image, self.mode)).as_subclass(torch.Tensor)
+                return self.transform(image_to_tensor(opened, self.mode)).as_subclass(torch.Tensor)
+        return self.transform(image_to_tensor(image, self.mode)).as_subclass(torch.Tensor)
 
 
 class RowPreprocess:

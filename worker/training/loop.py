@@ -182,8 +182,7 @@ def train_step(t: Trainer, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
     state, spec, fast, optimizer = t.state, t.spec, t.prepared.fast, t.prepared.optimizer
     # forward backward, one micro-batch at a time (DDP all-reduces the gradients with the last one)
     micro_losses = []
-    for index, (inputs, targets) in enumerate(micro_batches):
-        inputs, targets = fast.to_device(inputs, targets)
+    for index, (inputs, targets) in enumerate(micro_batches):  # on the device already (DevicePrefetcher)
         t.reporter.log_inputs(inputs)
         state.batch_in_epoch += 1
         with gradient_sync(t.train_model, stepping=index == group_size - 1):

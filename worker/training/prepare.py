@@ -12,21 +12,22 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shared.access import check_spec_access
 from shared.exceptions import DatasetError, Interrupted, JobFailure
 from shared.records import JobPhase
 from shared.schemas import MemoryEstimate
 from shared.settings import Settings
-from shared.spec import JobSpec
+from shared.spec import ImageFolderDataset, JobSpec
 from shared.storage import ShouldStop, Storage
 from worker.training.data import load_data
+from worker.training.device_data import on_device
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup
 from worker.training.fastpath import FastPath, build_fast_path, prepare_model
 from worker.training.loaders import build_loaders
 from worker.training.memory import check_memory, estimate_memory
 from worker.training.models import build_model, check_input_size, load_initial_weights
+from worker.training.prefetch import DevicePrefetcher
 from worker.training.recipe import build_loss, build_optimizer, build_scheduler
 from worker.training.sources import LoadOptions, TrainingData
 
@@ -62,7 +63,8 @@ class Prepared:
 
     ``loader`` yields this process's training batches ``(inputs, targets)`` of
     ``spec.batch_size / world_size`` (the last one may be smaller), shuffled by ``sampler`` per
-    epoch; ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
+    epoch, already on the device (:class:`~worker.training.prefetch.DevicePrefetcher`);
+    ``val_loader`` the validation set in order. ``model`` is on the device (NHWC weights
     with ``channels_last``), not yet wrapped for DDP or compiled (:func:`training_module`);
     ``fast`` is how the loop moves batches and runs forward, backward and the optimizer step.
     ``memory`` is the estimate the job was checked against.
@@ -74,7 +76,7 @@ class Prepared:
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loader: StatefulDataLoader
+    loader: DevicePrefetcher
     sampler: DistributedSampler
     val_loader: DataLoader
     steps_per_epoch: int
@@ -134,6 +136,8 @@ def prepare(
         group.barrier()  # rank 0 downloads and verifies the data first; the others find it cached
     options = LoadOptions(max_image_pixels=settings.max_image_pixels, should_stop=should_stop, on_progress=report)
     data = load_data(spec, storage, settings.data_cache_dir / "datasets", settings.data_root, options)
+    if isinstance(spec.dataset, ImageFolderDataset):
+        data = on_device(data, spec.dataset, device)  # dataset.decode: JPEGs decoded on the device
     if group.is_main:
         group.barrier()
     if spec.model.num_classes is not None and data.task == "classification" and spec.model.num_classes != data.num_outputs:
@@ -175,6 +179,7 @@ def prepare(
     try:
         optimizer = build_optimizer(spec, model.parameters())
         loader, sampler, val_loader = build_loaders(data, spec, device, group, model=model)
+        loader = DevicePrefetcher(loader, fast)  # yields batches on the device, the next one staged on CUDA
         steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation_steps)
         scheduler = build_scheduler(spec, optimizer, total_steps=spec.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     except ValueError as exc:

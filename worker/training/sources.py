@@ -78,7 +78,8 @@ class TrainingData:
         num_outputs: model outputs: the class count, or 1 for regression.
         metadata: stored in every checkpoint (e.g. the CSV's feature names, mean and std).
         collate: the DataLoader's ``collate_fn``.
-        finish: applied to each batch's inputs once on the device (identity for CSV tables).
+        finish: applied to each batch's inputs once on the device (identity for CSV tables; with
+            ``dataset.decode: device`` it decodes and augments too: :mod:`worker.training.device_data`).
     """
 
     train: Dataset

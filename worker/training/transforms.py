@@ -7,11 +7,16 @@ one would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from shared.spec import ImageFolderDataset, Transform
+from worker.training.decode import stack_images
+
 
 def _transform_op(spec: Transform) -> v2.Transform:
     match spec.name:
@@ -57,10 +62,11 @@ def build_augment(steps: list[Transform], spec: ImageFolderDataset) -> v2.Compos
     """The DataLoader workers' part of :func:`build_transform`: PIL image → ``steps`` → resize.
 
     Returns a ``(channels, image_size, image_size)`` tensor in the image's own type: ``uint8``
-    for 8-bit images, float in [0, 1] for 16-bit and float ones (see :func:`to_mode`). A uint8
-    batch is a quarter of the bytes of a float32 one through shared memory, pinning and the
-    host-to-device copy: at 224 px, 150 KB an image instead of 602 KB. timm's ``PrefetchLoader``
-    and NVIDIA's DALI examples normalize on the GPU for the same reason.
+    for 8-bit images, float in [0, 1] for 16-bit and float ones (see
+    :func:`worker.training.decode.to_mode`). A uint8 batch is a quarter of the bytes of a float32
+    one through shared memory, pinning and the host-to-device copy: at 224 px, 150 KB an image
+    instead of 602 KB. timm's ``PrefetchLoader`` and NVIDIA's DALI examples normalize on the GPU
+    for the same reason.
     """
     return v2.Compose(_augment_ops(steps, spec))
 
@@ -81,9 +87,7 @@ def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     is scaled to float32 in [0, 1] first (what :func:`build_finish` would do to each), so no
     uint8 value is ever stacked unscaled beside floats.
     """
-    if len({image.dtype for image, _ in batch}) > 1:
-        batch = [(v2.functional.to_dtype(image, torch.float32, scale=True), label) for image, label in batch]
-    return default_collate(batch)
+    return stack_images([image for image, _ in batch]), default_collate([label for _, label in batch])
 
 
 class SeededTransform(Dataset):
@@ -115,13 +119,26 @@ class SeededTransform(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = self.indices[position]
         image, label = self.base[index]
-        # torchvision's random transforms draw from the CPU generator. Seed only that one and put
-        # its state back: torch.manual_seed + fork_rng also touch every accelerator's generator
-        # and cost ~140 µs a sample, more than decoding an 8x8 PNG (bench/README.md).
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
-        try:
+        with seeded_draws(self.sample_seed(index)):
             return self.transform(image), label
-        finally:
-            generator.set_state(state)
+
+    def sample_seed(self, index: int) -> int:
+        """The seed of sample ``index``'s augmentation this epoch: a function of (seed, epoch, index)."""
+        return hash((self.seed, self.epoch, index)) & (2**63 - 1)
+
+
+@contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Random transforms inside draw from the CPU generator seeded with ``seed``; its state is put back.
+
+    torchvision's random transforms draw from the CPU generator, whatever the image's device.
+    Only that one is seeded: torch.manual_seed + fork_rng also touch every accelerator's
+    generator and cost ~140 µs a sample, more than decoding an 8x8 PNG (bench/README.md).
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
