@@ -14,7 +14,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from shared.exceptions import DatasetError
 from shared.records import Progress
-from shared.settings import Settings
 from shared.spec import ImageFolderDataset, JobSpec
 from shared.storage import Storage
 from tests.fixtures import fast_digits_spec
