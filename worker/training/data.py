@@ -35,6 +35,7 @@ from shared.settings import Settings
 from shared.spec import CsvDataset, ImageFolderDataset, JobSpec, Transform
 from shared.storage import ShouldStop, Storage, TransferProgress
 from worker.faults import in_stage
+from worker.training.split import check_class_counts, split_indices
 
 #: The ``MAX_IMAGE_PIXELS`` setting's default (width × height), below Pillow's 89,478,485.
 DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
@@ -477,12 +478,15 @@ class SeededTransform(Dataset):
 
 
 def _image_folders(
-    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None, options: LoadOptions | None = None
+    uris: list[str], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None, options: LoadOptions | None = None,
+    also: list[str] = (),
 ) -> tuple[Dataset, list[str]]:
+    """The image folders of ``uris`` as one dataset, and the class names: those of their folders and ``also``."""
     roots = [(uri, fetch_folder(uri, storage, cache_dir, data_root, options)) for uri in uris]
     classes = sorted({name for _, root in roots for name in visible_class_folders(root)})
     if not classes:
         raise DatasetError(f"no class folders under {', '.join(uris)} (expected <class_name>/<image> files)")
+    classes = sorted(set(classes) | set(also))
     index = {name: i for i, name in enumerate(classes)}
     folders = [_VisibleImageFolder(root, uri, mode, index, options) for uri, root in roots]
     for folder in folders:
@@ -500,31 +504,32 @@ def load_image_folder(
 ) -> TrainingData:
     """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
 
-    Without ``val_uri``, a seeded random ``val_fraction`` of the images (at least one) is held
-    out; the same seed always gives the same split.
+    Without ``val_uri``, a seeded ``val_fraction`` of the images (at least one) is held out,
+    per class (:func:`worker.training.split.split_indices`); the same seed always gives the same split.
 
     Raises:
-        DatasetError: as :func:`load_data`, or fewer than 2 classes.
+        DatasetError: as :func:`load_data`, fewer than 2 classes, or a class with no training image.
     """
     mode = "L" if spec.channels == 1 else "RGB"
     uris = [spec.uri, *spec.extra_uris]
-    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root, options)
+    # Classes of both sets: one the validation set lacks is fine, one the training set lacks is
+    # refused below in the words a CSV gets (check_class_counts).
+    val_classes = visible_class_folders(fetch_folder(spec.val_uri, storage, cache_dir, data_root, options)) if spec.val_uri else []
+    full, classes = _image_folders(uris, storage, cache_dir, mode, data_root, options, also=val_classes)
     if len(classes) < 2:
         raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
     train_transform = build_augment(spec.train_transforms, spec)
     eval_transform = build_augment(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_full, val_classes = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root, options)
-        if val_classes != classes:
-            raise DatasetError(
-                f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}", field="dataset.val_uri"
-            )
+        val_full, _ = _image_folders([spec.val_uri], storage, cache_dir, mode, data_root, options, also=classes)
         train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
     else:
-        train_indices, val_indices = _split(len(full), spec.val_fraction, seed, spec.uri)
+        train_indices, val_indices = _split(len(full), spec.val_fraction, seed, spec.uri, labels=_folder_targets(full))
         val = SeededTransform(full, val_indices, eval_transform, seed)
+    train = SeededTransform(full, train_indices, train_transform, seed)
+    check_class_counts(classes, dataset_labels(train), dataset_labels(val), spec.uri)
     return TrainingData(
-        train=SeededTransform(full, train_indices, train_transform, seed),
+        train=train,
         val=val,
         task="classification",
         classes=classes,
@@ -535,13 +540,25 @@ def load_image_folder(
     )
 
 
-def _split(count: int, val_fraction: float, seed: int, uri: str) -> tuple[list[int], list[int]]:
-    """Seeded random (train, val) index lists; at least one sample in each."""
-    num_val = max(1, round(count * val_fraction))
-    if count - num_val < 1:
-        raise DatasetError(f"{uri} has {count} sample(s): too few to hold out a validation split")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[num_val:], order[:num_val]
+def _split(count: int, val_fraction: float, seed: int, uri: str, labels: list | None = None) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists, stratified by ``labels`` when given (:mod:`worker.training.split`)."""
+    return split_indices(count, val_fraction, seed, uri, labels)
+
+
+def _folder_targets(dataset: Dataset) -> list[int]:
+    """Class indices of an ImageFolder or a ConcatDataset of them, in index order (no decoding)."""
+    if hasattr(dataset, "targets"):
+        return list(dataset.targets)
+    return [target for folder in dataset.datasets for target in folder.targets]
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Class indices of a classification set of :class:`TrainingData` (``train`` or ``val``),
+    without decoding a sample: a CSV's TensorDataset or a SeededTransform over image folders."""
+    if hasattr(dataset, "tensors"):
+        return [int(label) for label in dataset.tensors[1].flatten().tolist()]
+    targets = _folder_targets(dataset.base)
+    return [targets[index] for index in dataset.indices]
 
 
 # -- CSV tables ----------------------------------------------------------------------------------
@@ -626,19 +643,30 @@ def load_csv(
         val_x = torch.tensor(val_rows, dtype=torch.float32)
         train_lines, val_lines = [i + 2 for i in range(len(raw))], [i + 2 for i in range(len(val_raw))]
     else:
-        train_idx, val_idx = _split(len(rows), spec.val_fraction, seed, spec.uri)
+        labels = raw if spec.task == "classification" else None
+        train_idx, val_idx = _split(len(rows), spec.val_fraction, seed, spec.uri, labels=labels)
         train_x, val_x = features[train_idx], features[val_idx]
         train_raw, val_raw = [raw[i] for i in train_idx], [raw[i] for i in val_idx]
         train_lines, val_lines = [i + 2 for i in train_idx], [i + 2 for i in val_idx]
-    classes = sorted(set(train_raw)) if spec.task == "classification" else []
+    # Every class either split names; a class with no training row is refused below, in the words
+    # an image folder gets (check_class_counts).
+    classes = sorted(set(train_raw) | set(val_raw)) if spec.task == "classification" else []
     if spec.task == "classification" and len(classes) < 2:
         raise DatasetError(f"{spec.uri}: target {spec.target!r} has {len(classes)} distinct value(s); classification needs at least 2")
     mean = train_x.mean(dim=0)
     std = train_x.std(dim=0, unbiased=False).clamp_min(1e-12)
     std = torch.where(std < 1e-8, torch.ones_like(std), std)  # constant columns stay as they are
+    train_y = _targets(train_raw, spec, classes, spec.uri, train_lines)
+    val_y = _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)
+    if classes:
+        first_val_line = {}
+        for value, line in zip(val_raw, val_lines, strict=True):
+            first_val_line.setdefault(value, line)
+        shown = [f"the target at {spec.val_uri or spec.uri} line {first_val_line.get(name, '?')}" for name in classes]
+        check_class_counts(classes, train_y.tolist(), val_y.tolist(), spec.uri, shown)
     return TrainingData(
-        train=TensorDataset((train_x - mean) / std, _targets(train_raw, spec, classes, spec.uri, train_lines)),
-        val=TensorDataset((val_x - mean) / std, _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)),
+        train=TensorDataset((train_x - mean) / std, train_y),
+        val=TensorDataset((val_x - mean) / std, val_y),
         task=spec.task,
         classes=classes,
         input_shape=(len(names),),
