@@ -5,7 +5,8 @@ an image folder ``a/`` 30, ``b/`` 30, ``rare/`` 2 with ``val_fraction: 0.3`` put
 images in validation for seeds 1, 4 and 9, and the model never saw the class. A classification
 split here is stratified, as scikit-learn's ``train_test_split(stratify=…)``: each class gives
 its share of ``val_fraction`` (largest remainders make the total exact), and every class with at
-least 2 samples has at least one in each split. A class of 1 sample trains.
+least 2 samples has at least one in each split (in validation: as long as at least as many
+samples are held out as there are such classes). A class of 1 sample trains.
 
 Whatever the type (image folders, CSV tables) and however the split was made (``val_fraction``
 or a separate ``val_uri``), :func:`check_class_counts` then refuses a class with no training
@@ -30,8 +31,8 @@ def split_indices(
     the same split.
 
     ``max(1, round(count * val_fraction))`` samples are held out: drawn per class of ``labels``
-    (one label per sample; a class of ``n ≥ 2`` samples holds out between 1 and ``n − 1``, so
-    more may be held out when many classes are tiny), or at random without labels (regression).
+    (one label per sample; a class of ``n ≥ 2`` samples holds out between 1 and ``n − 1`` while
+    there are at least as many to hold out as such classes), or at random without labels (regression).
 
     Raises:
         DatasetError: fewer than 2 samples, naming ``uri``.
@@ -59,9 +60,12 @@ def split_indices(
 
 def _held_out_per_class(sizes: list[int], num_val: int, count: int) -> list[int]:
     """How many samples of each class (of ``sizes``) go to validation: the shares of ``num_val``
-    by largest remainder, each within [1, n − 1] for a class of n ≥ 2 samples, 0 for n = 1."""
+    by largest remainder, each within [1, n − 1] for a class of n ≥ 2 samples (within [0, n − 1]
+    when ``num_val`` is smaller than the number of such classes), 0 for n = 1."""
     exact = [size * num_val / count for size in sizes]
     low = [1 if size >= 2 else 0 for size in sizes]
+    if sum(low) > num_val:  # fewer held out than classes: the largest shares get one (none loses training)
+        low = [0] * len(sizes)
     high = [size - 1 if size >= 2 else 0 for size in sizes]
     held = [min(max(math.floor(share), lo), hi) for share, lo, hi in zip(exact, low, high, strict=True)]
     by_remainder = sorted(range(len(sizes)), key=lambda i: (held[i] - exact[i], i))  # furthest below its share first
