@@ -11,12 +11,22 @@ different thread counts, and resume must stay bit-identical); else, for a one-pr
 with DataLoader workers, :func:`probe_threads` measures one batch's loading and a training step
 before step 1 and :func:`decide_threads` gives the workers' cores to torch when the workers
 would be mostly idle; else the CPUs this process may use minus the DataLoader workers (at least 1).
+
+The probe times the machine as it is, busy or not: beside a CPU hog it can choose otherwise, and
+the same spec would train with another count and end with other weights (issue 19). So its
+choice is recorded once per (spec, machine) on the worker (:func:`recorded_threads`) and every
+later run of that spec there trains with it: the same spec and seed give the same weights,
+whatever the load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,3 +206,60 @@ def probe_threads(
         time_step(share)
     threads = decide_threads(reserve, share, num_workers, data_s, step_s)
     return ThreadChoice(threads, reserve, share, data_s, step_s, time.perf_counter() - started)
+
+
+#: Spec fields that do not change what one training step computes or costs: runs that differ only
+#: in them share a recorded thread count.
+_NOT_IN_STEP = ("name", "seed", "epochs", "max_runtime_s", "checkpoint", "early_stopping", "queue")
+
+
+def threads_key(spec: Any) -> str:
+    """A name for ``spec`` (a JobSpec) on this machine: a hash of the spec's fields that shape a
+    training step, the usable CPUs, the CPU model and capability, and the torch version."""
+    fields = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IN_STEP}
+    machine = {
+        "cpus": usable_cpus(), "cpu": _cpu_model(), "arch": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps([fields, machine], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def recorded_threads(folder: Path, key: str, probe: Callable[[], ThreadChoice]) -> tuple[int, ThreadChoice | None]:
+    """The thread count recorded under ``folder`` for ``key``; else ``probe()``'s, recorded first.
+
+    Returns ``(threads, choice)``: ``choice`` is None when the count was recorded before. The
+    record is created atomically (a hard link, refused if one exists): of two runs probing at
+    once, both train with the count that was recorded first.
+    """
+    path = folder / f"{key}.json"
+    recorded = _read_threads(path)
+    if recorded is not None:
+        return recorded, None
+    choice = probe()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"threads": choice.threads, "probe": choice.describe()}))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    recorded = _read_threads(path)
+    return (recorded, choice) if recorded is not None else (choice.threads, choice)
+
+
+def _read_threads(path: Path) -> int | None:
+    try:
+        threads = json.loads(path.read_text())["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return threads if isinstance(threads, int) and threads >= 1 else None

@@ -54,7 +54,7 @@ from worker.training.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
-from worker.training.cpu import probe_threads, training_threads, usable_cpus
+from worker.training.cpu import ThreadChoice, probe_threads, recorded_threads, threads_key, training_threads, usable_cpus
 from worker.training.data import LoadOptions, TrainingData, load_data
 from worker.training.distributed import SINGLE_PROCESS, ProcessGroup, launch
 from worker.training.fastpath import FastPath, build_fast_path, configure_backends, prepare_model, training_module
@@ -1094,7 +1094,9 @@ def _choose_threads(run: _Run, spec: JobSpec, settings: Settings, device: torch.
     give different floating-point results at different thread counts, so a resume with another
     count would not be bit-identical), if this worker has that many CPUs; else, on a fresh
     one-process CPU job whose DataLoader workers hold cores torch could use, the probe's choice
-    (:func:`worker.training.cpu.probe_threads`); else ``static`` (usable CPUs − workers).
+    (:func:`worker.training.cpu.probe_threads`), made once per spec and machine and recorded in
+    ``DATA_CACHE_DIR/threads`` (:func:`~worker.training.cpu.recorded_threads`); else ``static``
+    (usable CPUs − workers).
     """
     threads = static
     if settings.torch_threads:
@@ -1106,16 +1108,19 @@ def _choose_threads(run: _Run, spec: JobSpec, settings: Settings, device: torch.
             logger.warning("job %s: resumed from a run with %d torch threads; this worker has %d CPUs, so %d (not bit-identical)",
                            run.job_id, run.resumed_threads, usable_cpus(), static)
     elif device.type == "cpu" and not run.group.distributed and spec.num_workers and usable_cpus() > static:
-        rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
-        try:
-            choice = probe_threads(
-                num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=run.data.train.__getitem__,
-                num_samples=len(run.data.train), train_step=_probe_step(run, spec),
-            )
-        finally:
-            restore_rng_state(rng)
-        threads = choice.threads
-        logger.info("job %s: %s: %d torch thread(s)", run.job_id, choice.describe(), threads)
+        def probe() -> ThreadChoice:
+            rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
+            try:
+                return probe_threads(
+                    num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=run.data.train.__getitem__,
+                    num_samples=len(run.data.train), train_step=_probe_step(run, spec),
+                )
+            finally:
+                restore_rng_state(rng)
+
+        # Probed once per spec and machine, then reused: a probe beside a busy CPU must not change the weights.
+        threads, choice = recorded_threads(settings.data_cache_dir / "threads", threads_key(spec), probe)
+        logger.info("job %s: %s: %d torch thread(s)", run.job_id, choice.describe() if choice else "as recorded for this spec", threads)
     torch.set_num_threads(threads)
     logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", run.job_id, threads, spec.num_workers)
     return threads
