@@ -411,3 +411,19 @@ def test_a_time_limit_ends_a_job_whose_loader_workers_are_stopped(faults: FaultS
         assert record["finished_at"] - started < 20 + STOP_TIMEOUT_S + 15
     finally:
         faults.stack.stop_process(worker)
+
+
+def test_a_loader_worker_killed_by_sigbus_fails_the_job_as_a_job_error_with_advice(faults: FaultStack):
+    # pytorch/pytorch#5040: out of shared memory, a DataLoader worker dies of SIGBUS.
+    worker = faults.start_worker()
+    try:
+        job_id = faults.submit(resumable_spec(epochs=50))
+        faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 5)
+        children = psutil.Process(faults.stack.processes[worker].pid).children(recursive=True)
+        children[0].send_signal(signal.SIGBUS)
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+    finally:
+        faults.stack.stop_process(worker)
+    assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "job error", record
+    assert "a DataLoader worker ran out of shared memory (SIGBUS" in record["error"] and "--shm-size" in record["error"]
+    assert "internal error" not in record["error"]
