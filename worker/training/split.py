@@ -27,8 +27,8 @@ from shared.exceptions import DatasetError
 def split_indices(
     count: int, val_fraction: float, seed: int, uri: str, labels: Sequence[Hashable] | None = None
 ) -> tuple[list[int], list[int]]:
-    """Seeded ``(train, val)`` index lists of ``count`` samples, each sorted; the same seed gives
-    the same split.
+    """Seeded ``(train, val)`` index lists of ``count`` samples (sorted when stratified); the same
+    seed gives the same split.
 
     ``max(1, round(count * val_fraction))`` samples are held out: drawn per class of ``labels``
     (one label per sample; a class of ``n ≥ 2`` samples holds out between 1 and ``n − 1`` while
@@ -43,7 +43,7 @@ def split_indices(
     generator = torch.Generator().manual_seed(seed)
     if labels is None:
         order = torch.randperm(count, generator=generator).tolist()
-        return sorted(order[num_val:]), sorted(order[:num_val])
+        return order[num_val:], order[:num_val]  # as before stratification: a regression split is unchanged
     members: dict[Hashable, list[int]] = {}
     for index, label in enumerate(labels):
         members.setdefault(label, []).append(index)
