@@ -171,6 +171,8 @@ class Watchdog(threading.Thread):
                 raise
             finally:
                 self.end()  # before the handler goes: no interrupt may arrive after it
+            if self.hang is not None:  # it returned once its processes were killed: not a result to trust
+                raise JobHung(self.hang)
 
     def end(self) -> None:
         """The attempt ended (in the main thread): stand down."""
@@ -198,7 +200,8 @@ class Watchdog(threading.Thread):
                     self._due_since, self._due_cause = now, reason
             stuck_s = now - self._last_progress
             if self._due_since is not None:
-                noticed = self._last_poll > self._due_since + _CLOCK_MARGIN_S
+                margin = _CLOCK_MARGIN_S if self._due_cause is StopReason.TIME_LIMIT else 0.0
+                noticed = self._last_poll > self._due_since + margin
                 bound = self.stop_timeout_s + (STOP_UPLOAD_WAIT_S if noticed else 0.0)
                 if now - self._due_since >= bound:
                     return Hang(self._due_cause, self._phase, stuck_s)
@@ -210,7 +213,8 @@ class Watchdog(threading.Thread):
     def _escalate(self, hang: Hang) -> None:
         self.hang = hang
         cause = getattr(hang.cause, "value", hang.cause)
-        logger.error("job %s: %s due but %s; stopping its processes", self.job_id, cause, hang.describe())
+        logger.error("job %s: %s due, but no progress in %s for %.0f s: killing the attempt's processes", self.job_id, cause,
+                     hang.phase, hang.stuck_s)
         killed = self.kill_processes()
         if self._ended.wait(self.escalate_after_s):
             return
