@@ -427,3 +427,31 @@ def test_a_loader_worker_killed_by_sigbus_fails_the_job_as_a_job_error_with_advi
     assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "job error", record
     assert "a DataLoader worker ran out of shared memory (SIGBUS" in record["error"] and "--shm-size" in record["error"]
     assert "internal error" not in record["error"]
+
+
+def test_a_cancel_ends_a_job_whose_download_hangs(faults: FaultStack, tmp_path: Path):
+    from trainq.sample_data import write_digits
+
+    write_digits(tmp_path, limit=50)
+    uri = "s3://trainq/datasets/hung-download/"
+    faults.storage.upload_dir(tmp_path, uri)  # straight to S3, not through the proxy
+    faults.proxy.slow_marker, faults.proxy.slow_delay_s = b"/datasets/hung-download/", 600.0  # a GET that never answers
+    worker = faults.start_worker(STOP_TIMEOUT_S=str(STOP_TIMEOUT_S))
+    try:
+        spec = resumable_spec()
+        spec["dataset"] = spec["dataset"] | {"uri": uri}
+        job_id = faults.submit(spec)
+        faults.wait_until(job_id, lambda r: r["progress"]["phase"] == "downloading")
+        time.sleep(2)
+        asked = time.monotonic()
+        faults.api.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+        ended_after_s = time.monotonic() - asked
+    finally:
+        faults.proxy.slow_marker, faults.proxy.slow_delay_s = None, 0.05
+        faults.stack.stop_process(worker)
+    # The main thread, interrupted, then waits in boto3's cleanup for the GET that never answers:
+    # the watchdog's last resort records the outcome and exits the worker (a supervisor restarts
+    # it), STOP_TIMEOUT_S + 2 × 10 s (its escalation steps) after the cancel.
+    assert record["state"] == "cancelled" and ended_after_s < STOP_TIMEOUT_S + 2 * 10 + 10, ended_after_s
+    assert record["transitions"][-1]["reason"].startswith("cancelled by request; the job hung in downloading (no progress for ")
