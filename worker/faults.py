@@ -83,8 +83,10 @@ _ADVICE = "lower performance.prefetch_factor, num_workers or batch_size"
 RESOURCE_FAULTS: tuple[tuple[Callable[[BaseException], bool], str], ...] = (
     (
         lambda exc: _killed_by(exc) == "Bus error",
-        "a DataLoader worker ran out of shared memory (SIGBUS; /dev/shm is too small for its batches): "
-        f"{_ADVICE}, or give the worker a larger /dev/shm (docker run --shm-size)",
+        (
+            "a DataLoader worker ran out of shared memory (SIGBUS; /dev/shm is too small for its batches): "
+            f"{_ADVICE}, or give the worker a larger /dev/shm (docker run --shm-size)"
+        ),
     ),
     (
         lambda exc: _killed_by(exc) == "Killed",
@@ -97,13 +99,17 @@ RESOURCE_FAULTS: tuple[tuple[Callable[[BaseException], bool], str], ...] = (
     ),
     (
         lambda exc: isinstance(exc, OSError) and exc.errno == errno.ENOSPC,
-        "the worker's disk is full (its data cache holds the job's dataset and checkpoints): use a smaller dataset, "
-        "or ask the operator for a larger DATA_CACHE_DIR",
+        (
+            "the worker's disk is full (its data cache holds the job's dataset and checkpoints): use a smaller dataset, "
+            "or ask the operator for a larger DATA_CACHE_DIR"
+        ),
     ),
     (
         lambda exc: (isinstance(exc, OSError) and exc.errno == errno.EMFILE) or "received 0 items of ancdata" in str(exc),
-        f"too many open files (each DataLoader worker shares batches through file descriptors): {_ADVICE}, "
-        "or ask the operator to raise the worker's open-file limit (ulimit -n)",
+        (
+            f"too many open files (each DataLoader worker shares batches through file descriptors): {_ADVICE}, "
+            "or ask the operator to raise the worker's open-file limit (ulimit -n)"
+        ),
     ),
 )
 

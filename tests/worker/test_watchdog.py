@@ -16,8 +16,10 @@ from worker.watchdog import STALLED, JobHung, Watchdog
 
 
 def watchdog(stop: StopReason | None = None, **overrides) -> Watchdog:
-    options = dict(max_runtime_s=3600, stop_timeout_s=0.5, stall_timeout_s=0, on_abandon=lambda hang: None, escalate_after_s=0.5,
-                   check_interval_s=0.05)
+    options = {
+        "max_runtime_s": 3600, "stop_timeout_s": 0.5, "stall_timeout_s": 0, "on_abandon": lambda hang: None,
+        "escalate_after_s": 0.5, "check_interval_s": 0.05,
+    }
     return Watchdog("job-1", lambda: stop, **(options | overrides))
 
 
