@@ -131,7 +131,12 @@ class DryRunReport(BaseModel):
 
     task: str
     classes: list[str] = Field(description="Class names in label-index order (empty for regression).")
-    counts: dict[str, int] = Field(description="Training samples per class (classification) or rows (`rows`).")
+    counts: dict[str, int] = Field(
+        description="Training samples per class, every class listed (0 included), or rows (`rows`) for regression."
+    )
+    val_counts: dict[str, int] = Field(
+        default_factory=dict, description="Validation samples per class, every class listed (0 included), or rows (`rows`)."
+    )
     input_shape: list[int] = Field(description="Shape of one input, e.g. [3, 224, 224] or [10].")
     num_outputs: int
     parameters: int = Field(description="Trainable parameters of the model.")

@@ -112,6 +112,19 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(10.0, gt=0, description="Seconds between a worker's scans for jobs whose worker died.")
     cancel_poll_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's checks for a cancel request.")
+    stop_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds a running job may take to notice a cancel, time limit or shutdown (plus, once noticed, the "
+        "minute its last checkpoint upload may take); past that the worker's watchdog kills the job's processes and "
+        "ends it as hung (`worker/watchdog.py`).",
+    )
+    stall_timeout_s: float = Field(
+        900.0,
+        ge=0,
+        description="Seconds a running job may go without progress (a step, a validation batch, a file or bytes "
+        "downloaded) before the watchdog stops it as hung and requeues it (up to `max_attempts`); 0 never does.",
+    )
     log_upload_interval_s: float = Field(
         5.0, gt=0, description="Seconds between uploads of a running job's log (`<prefix>/<job_id>/logs/attempt-N.log`)."
     )

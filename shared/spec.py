@@ -240,8 +240,8 @@ class ImageFolderDataset(SpecModel):
         0.2,
         gt=0.0,
         lt=1.0,
-        description="Fraction of the images held out for validation, chosen with `seed` "
-        "(used when `val_uri` is not set).",
+        description="Fraction of the images held out for validation, per class, chosen with `seed` "
+        "(used when `val_uri` is not set): every class of 2 or more images has one in each split.",
     )
     image_size: Int = Field(32, ge=4, le=1024, description="Images are resized to a square of this side, in pixels.")
     channels: Literal[1, 3] = Field(3, description="1 converts images to grayscale, 3 to RGB.")
@@ -306,7 +306,7 @@ class CsvDataset(SpecModel):
     )
     task: Literal["classification", "regression"] = Field(description="What the target is.")
     val_uri: DataUri | None = Field(None, description="A separate validation CSV with the same columns.")
-    val_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="Rows held out for validation, chosen with `seed`.")
+    val_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="Rows held out for validation, chosen with `seed` (per class for classification).")
 
     @field_validator("uri", "val_uri")
     @classmethod

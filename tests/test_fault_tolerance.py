@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import psutil
 import pytest
 import redis
 import torch
@@ -354,3 +355,103 @@ def test_cancel_while_downloading_ends_within_seconds_and_shows_the_phase(faults
     progress = record["progress"]
     assert progress["phase"] == "downloading" and progress["files_total"] == 300 and 0 < progress["files_done"] < 300
     assert 0 < progress["bytes_done"] < progress["bytes_total"]
+
+
+# -- a stuck job still stops (worker/watchdog.py) --------------------------------------------
+
+#: A short watchdog bound, so the tests spend seconds, not the default 20 s, per stuck job.
+STOP_TIMEOUT_S = 5.0
+
+
+def _stop_loader_workers(faults: FaultStack, worker: str) -> list[psutil.Process]:
+    """SIGSTOP every process the worker has started (the job's DataLoader workers), as a read on a
+    dead network mount or a deadlock would stop them; return them."""
+    children = psutil.Process(faults.stack.processes[worker].pid).children(recursive=True)
+    assert children, "the job has no DataLoader worker processes"
+    for child in children:
+        child.send_signal(signal.SIGSTOP)
+    return children
+
+
+def test_a_cancel_ends_a_job_whose_loader_workers_are_stopped(faults: FaultStack):
+    worker = faults.start_worker(STOP_TIMEOUT_S=str(STOP_TIMEOUT_S))
+    try:
+        job_id = faults.submit(resumable_spec(epochs=50))
+        faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 5)
+        stopped = _stop_loader_workers(faults, worker)
+        time.sleep(1)
+        asked = time.monotonic()
+        faults.api.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+        ended_after_s = time.monotonic() - asked
+        assert record["state"] == "cancelled", record
+        # The bound: STOP_TIMEOUT_S to notice, then the processes are killed and the loop raises
+        # within torch's 5 s worker check.
+        assert ended_after_s < STOP_TIMEOUT_S + 15, ended_after_s
+        reason = record["transitions"][-1]["reason"]
+        assert reason.startswith("cancelled by request; the job hung in training (no progress for "), reason
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stopped)
+        # The worker is free again: the next job runs.
+        assert wait_for_job(faults.api, faults.submit(resumable_spec(epochs=1)), timeout_s=120)["state"] == "succeeded"
+    finally:
+        faults.stack.stop_process(worker)
+
+
+def test_a_time_limit_ends_a_job_whose_loader_workers_are_stopped(faults: FaultStack):
+    worker = faults.start_worker(STOP_TIMEOUT_S=str(STOP_TIMEOUT_S))
+    try:
+        spec = resumable_spec(epochs=50, max_runtime_s=20)
+        job_id = faults.submit(spec)
+        faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 5)
+        _stop_loader_workers(faults, worker)
+        started = faults.get(job_id)["started_at"]
+        record = wait_for_job(faults.api, job_id, timeout_s=90)
+        assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "time limit", record
+        assert record["error"].startswith("time limit: max_runtime_s is 20; the job hung in training"), record["error"]
+        assert record["finished_at"] - started < 20 + STOP_TIMEOUT_S + 15
+    finally:
+        faults.stack.stop_process(worker)
+
+
+def test_a_loader_worker_killed_by_sigbus_fails_the_job_as_a_job_error_with_advice(faults: FaultStack):
+    # pytorch/pytorch#5040: out of shared memory, a DataLoader worker dies of SIGBUS.
+    worker = faults.start_worker()
+    try:
+        job_id = faults.submit(resumable_spec(epochs=50))
+        faults.wait_until(job_id, lambda r: r["progress"]["step"] >= 5)
+        children = psutil.Process(faults.stack.processes[worker].pid).children(recursive=True)
+        children[0].send_signal(signal.SIGBUS)
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+    finally:
+        faults.stack.stop_process(worker)
+    assert record["state"] == "failed" and record["transitions"][-1]["reason"] == "job error", record
+    assert "a DataLoader worker ran out of shared memory (SIGBUS" in record["error"] and "--shm-size" in record["error"]
+    assert "internal error" not in record["error"]
+
+
+def test_a_cancel_ends_a_job_whose_download_hangs(faults: FaultStack, tmp_path: Path):
+    from trainq.sample_data import write_digits
+
+    write_digits(tmp_path, limit=50)
+    uri = "s3://trainq/datasets/hung-download/"
+    faults.storage.upload_dir(tmp_path, uri)  # straight to S3, not through the proxy
+    faults.proxy.slow_marker, faults.proxy.slow_delay_s = b"/datasets/hung-download/", 600.0  # a GET that never answers
+    worker = faults.start_worker(STOP_TIMEOUT_S=str(STOP_TIMEOUT_S))
+    try:
+        spec = resumable_spec()
+        spec["dataset"] = spec["dataset"] | {"uri": uri}
+        job_id = faults.submit(spec)
+        faults.wait_until(job_id, lambda r: r["progress"]["phase"] == "downloading")
+        time.sleep(2)
+        asked = time.monotonic()
+        faults.api.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        record = wait_for_job(faults.api, job_id, timeout_s=60)
+        ended_after_s = time.monotonic() - asked
+    finally:
+        faults.proxy.slow_marker, faults.proxy.slow_delay_s = None, 0.05
+        faults.stack.stop_process(worker)
+    # The main thread, interrupted, then waits in boto3's cleanup for the GET that never answers:
+    # the watchdog's last resort records the outcome and exits the worker (a supervisor restarts
+    # it), STOP_TIMEOUT_S + 2 × 10 s (its escalation steps) after the cancel.
+    assert record["state"] == "cancelled" and ended_after_s < STOP_TIMEOUT_S + 2 * 10 + 10, ended_after_s
+    assert record["transitions"][-1]["reason"].startswith("cancelled by request; the job hung in downloading (no progress for ")

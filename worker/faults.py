@@ -6,7 +6,8 @@ worker that dies, is drained (SIGTERM) or loses its lease is handled elsewhere, 
 too: the reaper requeues the job (:mod:`worker.recovery`) or the engine raises
 ``TrainingStopped``. Everything else fails the job at once: its own faults (bad data, spec or
 weights: :class:`~shared.exceptions.JobFailure`, an S3 object it names that is missing or
-forbidden, running out of GPU memory) as a job error, and anything unexpected as an *internal*
+forbidden, running out of GPU memory, or of shared memory, host memory, disk or open files:
+:data:`RESOURCE_FAULTS`) as a job error, and anything unexpected as an *internal*
 error whose traceback goes to the worker's log. A retry would fail the same way (Celery's
 ``autoretry_for`` and boto3's retry modes follow the same rule: retry a short list, never "any
 error").
@@ -19,9 +20,10 @@ can say which stage failed; :func:`public_message` keeps worker-local paths out 
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -71,8 +73,71 @@ _WRAPPERS = (RetriesExceededError, S3UploadFailedError)
 _STAGE_ATTR = "_trainq_stage"
 
 
+# -- resource faults of the job's own making ---------------------------------------------------
+
+#: Exhausted resources a job's own settings drive (its DataLoader workers, batch, data): a job error
+#: with advice, not an internal error (a retry on the same worker would fail the same way). Each
+#: row: a test on the exception, and what the job's ``error`` says.
+_DATALOADER_KILLED = re.compile(r"DataLoader worker \(pid\(?s?\)? [\d, ]+\) is killed by signal: (?P<signal>[\w ]+)")
+_ADVICE = "lower performance.prefetch_factor, num_workers or batch_size"
+RESOURCE_FAULTS: tuple[tuple[Callable[[BaseException], bool], str], ...] = (
+    (
+        lambda exc: _killed_by(exc) == "Bus error",
+        (
+            "a DataLoader worker ran out of shared memory (SIGBUS; /dev/shm is too small for its batches): "
+            f"{_ADVICE}, or give the worker a larger /dev/shm (docker run --shm-size)"
+        ),
+    ),
+    (
+        lambda exc: _killed_by(exc) == "Killed",
+        f"a DataLoader worker was killed (SIGKILL: usually the host ran out of memory): {_ADVICE}",
+    ),
+    (
+        lambda exc: isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+        or "DefaultCPUAllocator: not enough memory" in str(exc),
+        "out of host memory: lower batch_size, dataset.image_size or num_workers, or pick a smaller model.arch",
+    ),
+    (
+        lambda exc: isinstance(exc, OSError) and exc.errno == errno.ENOSPC,
+        (
+            "the worker's disk is full (its data cache holds the job's dataset and checkpoints): use a smaller dataset, "
+            "or ask the operator for a larger DATA_CACHE_DIR"
+        ),
+    ),
+    (
+        lambda exc: (isinstance(exc, OSError) and exc.errno == errno.EMFILE) or "received 0 items of ancdata" in str(exc),
+        (
+            f"too many open files (each DataLoader worker shares batches through file descriptors): {_ADVICE}, "
+            "or ask the operator to raise the worker's open-file limit (ulimit -n)"
+        ),
+    ),
+)
+
+
+def _killed_by(exc: BaseException) -> str | None:
+    match = _DATALOADER_KILLED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    return match["signal"].strip().rstrip(".") if match else None
+
+
+def resource_fault(exc: BaseException) -> str | None:
+    """The job's ``error`` text when ``exc``, or one it was raised ``from``, is a resource the
+    job exhausted (shared memory, host memory, disk, open files), else None. (torch's DataLoader
+    raises "worker exited unexpectedly" from the "killed by signal: Bus error" that says why.)"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = next((message for test, message in RESOURCE_FAULTS if test(current)), None)
+        if message is not None:
+            return message
+        current = current.__cause__  # not __context__: a bug while handling a full disk is still a bug
+    return None
+
+
 def _classify_one(exc: BaseException) -> Fault | None:
     if isinstance(exc, JobFailure | ValidationError):
+        return Fault.JOB
+    if resource_fault(exc) is not None:
         return Fault.JOB
     if isinstance(exc, TRANSIENT_TYPES):
         return Fault.TRANSIENT
@@ -145,6 +210,8 @@ def describe(exc: BaseException) -> str:
         return f"storage (S3) refused {operation}: {code}"
     if _is_cuda_oom(current):
         return "out of GPU memory: lower batch_size or dataset.image_size, or pick a smaller model.arch"
+    if (resource := resource_fault(current)) is not None:
+        return resource
     return f"{name}: {current}"
 
 

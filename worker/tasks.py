@@ -37,6 +37,7 @@ from worker.joblog import JobLog
 from worker.presence import STATS, MeteredStorage
 from worker.recovery import requeue
 from worker.training import CheckpointKind, StopReason, TrainingCallbacks, TrainingStopped, run_training
+from worker.watchdog import STALLED, Hang, JobHung, Watchdog
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,8 +63,8 @@ class RecordCallbacks(TrainingCallbacks):
     Progress writes are best effort: a Redis restart must not stop training.
     """
 
-    def __init__(self, store: JobStore, job_id: str, monitor: JobMonitor) -> None:
-        self.store, self.job_id, self.monitor = store, job_id, monitor
+    def __init__(self, store: JobStore, job_id: str, monitor: JobMonitor, watchdog: Watchdog | None = None) -> None:
+        self.store, self.job_id, self.monitor, self.watchdog = store, job_id, monitor, watchdog
         self.artifacts = Artifacts()
 
     def _write(self, **fields) -> None:
@@ -78,6 +79,8 @@ class RecordCallbacks(TrainingCallbacks):
         self._write(device=device, dataset=dataset, artifacts=self.artifacts, resumed_from=resumed_from)
 
     def on_progress(self, progress: Progress) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progressed(progress)
         self._write(progress=progress)
         STATS.observe_progress(progress)
 
@@ -91,6 +94,8 @@ class RecordCallbacks(TrainingCallbacks):
         self._write(artifacts=self.artifacts)
 
     def stop_requested(self) -> StopReason | None:
+        if self.watchdog is not None:
+            self.watchdog.polled()  # the engine asks after each step, batch or file: it progresses
         return self.monitor.stop_requested()
 
 
@@ -129,18 +134,32 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             return store.get(job_id).state
         return state
 
+    limit = record.spec.time_limit_s(settings.max_runtime_s)
+
+    def end_hung(hang: Hang) -> JobState:
+        return _end_hung(hang, finish, lambda reason, retries: _requeue(store, celery, job_id, reason, attempt, retries),
+                         limit, worker_name, settings)
+
+    watchdog = Watchdog(
+        job_id, monitor.stop_requested, max_runtime_s=limit, stop_timeout_s=settings.stop_timeout_s,
+        stall_timeout_s=settings.stall_timeout_s, on_abandon=end_hung,
+    )
     try:
         spec = JobSpec.model_validate(record.spec.model_dump(mode="json"))
-        callbacks = RecordCallbacks(store, job_id, monitor)
+        callbacks = RecordCallbacks(store, job_id, monitor, watchdog)
         if record.cancel_requested_at is not None:
             return finish(JobState.CANCELLED, reason="cancelled before the attempt started")
-        # The engine checks the spec's URIs again, against what this job's owner may read.
-        result = run_training(job_id, spec, storage, settings_for_owner(settings, record.owner), callbacks)
+        # The engine checks the spec's URIs again, against what this job's owner may read; the
+        # watchdog ends it if it does not stop when it should (worker.watchdog).
+        with watchdog.guard():
+            result = run_training(job_id, spec, storage, settings_for_owner(settings, record.owner), callbacks)
+    except JobHung as hung:
+        logger.error("job %s: attempt %d: %s", job_id, attempt, hung)
+        return end_hung(hung.hang or watchdog.hang)
     except TrainingStopped as stop:
         if stop.reason is StopReason.CANCELLED:
             return finish(JobState.CANCELLED, reason=f"cancelled by request at step {stop.step}")
         if stop.reason is StopReason.TIME_LIMIT:
-            limit = spec.time_limit_s(settings.max_runtime_s)
             message = f"time limit: ran {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
             return finish(JobState.FAILED, reason="time limit", error=message)
         if stop.reason is StopReason.SHUTDOWN:
@@ -172,6 +191,27 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         if job_log is not None:
             job_log.close()
         STATS.job_ended()
+
+
+def _end_hung(
+    hang: Hang, finish: Callable[..., JobState], requeue_job: Callable[[str, int | None], JobState],
+    limit: float, worker_name: str, settings: Settings,
+) -> JobState:
+    """The outcome of an attempt the watchdog ended: what was due, and that the job hung.
+
+    A cancel ends it cancelled, a time limit failed, a shutdown back in the queue (not the job's
+    fault), a stall (no progress, nothing asked) back in the queue up to ``max_attempts`` (a dead
+    mount may come back; a deadlock in the job's code fails it after the last attempt).
+    """
+    if hang.cause is StopReason.CANCELLED:
+        return finish(JobState.CANCELLED, reason=f"cancelled by request; {hang.describe()}")
+    if hang.cause is StopReason.TIME_LIMIT:
+        message = f"time limit: max_runtime_s is {limit:g}; {hang.describe()}, so no checkpoint was saved"
+        return finish(JobState.FAILED, reason="time limit", error=message)
+    if hang.cause is StopReason.SHUTDOWN:
+        return requeue_job(f"worker {worker_name} shut down; {hang.describe()}", None)
+    assert hang.cause == STALLED
+    return requeue_job(f"hung: {hang.describe()} (stall_timeout_s is {settings.stall_timeout_s:g})", settings.max_attempts)
 
 
 def _start_job_log(job_id: str, attempt: int, worker_name: str, storage: Storage, settings: Settings) -> JobLog | None:

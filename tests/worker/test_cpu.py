@@ -4,6 +4,8 @@ before step 1 and the count a resumed checkpoint was trained with."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,28 @@ def test_the_probed_thread_count_holds_for_the_whole_job_and_its_resume(storage:
     want, got = final_checkpoint(storage, "threads-reference", tmp_path), final_checkpoint(storage, "threads-resumed", tmp_path)
     assert got["torch_threads"] == 2
     for name, tensor in want["model"].items():  # the probe changed nothing of the job but its threads
+        assert torch.equal(got["model"][name], tensor), name
+
+
+def test_the_same_spec_beside_a_cpu_hog_trains_to_the_same_weights(storage: Storage, settings: Settings, tmp_path: Path, monkeypatch):
+    """Issue 19: a probe timed on a busy machine chose another thread count, and the same spec ended
+    with other weights. Run 2 is beside a real CPU hog, and its probe is made to choose the other
+    count (what a hog can do): it must train with the count run 1 recorded."""
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu, "IDLE_DATA_FRACTION", float("inf"))  # the probe times both counts
+    spec = JobSpec.model_validate(fast_digits_spec(epochs=1, num_workers=1))  # reserve 1 thread, share 2
+    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: share)
+    run_training("hog-quiet", spec, storage, settings, Recorder())
+    monkeypatch.setattr(cpu, "decide_threads", lambda reserve, share, *args: reserve)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a core kept busy
+    try:
+        run_training("hog-busy", spec.model_copy(update={"name": "another name"}), storage, settings, Recorder())
+    finally:
+        hog.kill()
+        hog.wait()
+    want, got = final_checkpoint(storage, "hog-quiet", tmp_path), final_checkpoint(storage, "hog-busy", tmp_path)
+    assert want["torch_threads"] == got["torch_threads"] == 2
+    for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
 
 

@@ -14,6 +14,8 @@ from shared.exceptions import DatasetError
 from shared.spec import ImageFolderDataset
 from shared.storage import Storage
 from worker.training.images import load_image_folder
+from worker.training.sources import dataset_labels
+from worker.training.split import class_counts
 from worker.training.transforms import SeededTransform, build_transform
 
 
@@ -136,7 +138,9 @@ def test_separate_val_prefix_must_have_the_same_classes(tmp_path: Path, storage:
     storage.upload_dir(make_folder(tmp_path / "train", {"a": 2, "b": 2}), "s3://trainq/tests/tv/train/")
     storage.upload_dir(make_folder(tmp_path / "val", {"a": 1, "c": 1}), "s3://trainq/tests/tv/val/")
     spec = ImageFolderDataset(uri="s3://trainq/tests/tv/train/", val_uri="s3://trainq/tests/tv/val/", image_size=8)
-    with pytest.raises(DatasetError, match=r"classes of s3://trainq/tests/tv/val/ \['a', 'c'\] differ"):
+    # A class the training set lacks is refused in the words a CSV gets (issue 19); one the
+    # validation set lacks ('b') is fine.
+    with pytest.raises(DatasetError, match=r"tv/train/: 1 class\(es\) have no training sample.*: 'c' \(1 in validation\)"):
         load_image_folder(spec, storage, tmp_path / "cache", seed=0)
 
 
@@ -248,7 +252,7 @@ def test_local_symlinks_out_of_data_root_are_refused_like_missing_files(tmp_path
     [
         ("x,y\n1,0\nhunter2,1\n3,0\n4,1\n", {"task": "classification"}, "line 3: column 'x' is not a number"),
         ("x,y\n1,1.5\n2,hunter2\n3,0.5\n4,1\n", {"task": "regression"}, "line 3: target 'y' is not a finite number"),
-        ("x,y\n1,a\n2,b\n3,a\n4,b\n", {"task": "classification", "val_uri": "VAL"}, "line 3: the value of target 'y' is not a class"),
+        ("x,y\n1,a\n2,b\n3,a\n4,b\n", {"task": "classification", "val_uri": "VAL"}, "secrets-val.csv line 3 (1 in validation)"),
     ],
 )
 def test_csv_errors_name_the_column_and_line_never_a_value(tmp_path: Path, storage: Storage, rows, dataset, message):
@@ -387,3 +391,55 @@ def test_a_csv_at_the_top_of_data_root_is_read(tmp_path: Path):
     root, spec = _csv(tmp_path, "x1,x2,y\n1,2,a\n3,4,b\n5,6,a\n7,8,b\n9,10,a\n")
     data = load_data(spec, None, tmp_path / "cache", data_root=root)
     assert data.classes == ["a", "b"] and len(data.train) + len(data.val) == 5
+
+
+# -- the split: every class reaches training (issue 19, keras-team/keras#796) --------------------
+
+RARE = {"a": 30, "b": 30, "rare": 2}
+
+
+@pytest.mark.parametrize("seed", range(12))  # 1, 4 and 9 left `rare` out of training before
+def test_every_class_of_2_or_more_images_is_in_both_splits(tmp_path: Path, storage: Storage, seed: int):
+    storage.upload_dir(make_folder(tmp_path / "src", RARE), "s3://trainq/tests/rare/")
+    spec = ImageFolderDataset(uri="s3://trainq/tests/rare/", val_fraction=0.3, image_size=8)
+    data = load_image_folder(spec, storage, tmp_path / "cache", seed=seed)
+    train, val = dataset_labels(data.train), dataset_labels(data.val)
+    assert class_counts(data.classes, train) == {"a": 21, "b": 21, "rare": 1}
+    assert class_counts(data.classes, val) == {"a": 9, "b": 9, "rare": 1}  # round(62 × 0.3) = 19 held out
+
+
+@pytest.mark.parametrize("seed", [1, 4, 9])
+def test_a_csv_of_the_same_classes_splits_the_same_way(tmp_path: Path, storage: Storage, seed: int):
+    from shared.spec import CsvDataset
+    from worker.training.tables import load_csv
+
+    rows = [f"{i},{name}" for name, count in RARE.items() for i in range(count)]
+    (tmp_path / "rare.csv").write_text("x,y\n" + "\n".join(rows) + "\n")
+    uri = storage.upload_file(tmp_path / "rare.csv", "s3://trainq/tests/rare.csv")
+    data = load_csv(CsvDataset(type="csv", uri=uri, target="y", task="classification", val_fraction=0.3), storage, tmp_path / "c", seed)
+    assert class_counts(data.classes, dataset_labels(data.train)) == {"a": 21, "b": 21, "rare": 1}
+    assert class_counts(data.classes, dataset_labels(data.val)) == {"a": 9, "b": 9, "rare": 1}
+
+
+def test_a_class_with_no_training_sample_gets_the_same_words_from_both_types(tmp_path: Path, storage: Storage):
+    from shared.spec import CsvDataset
+    from worker.training.tables import load_csv
+
+    storage.upload_dir(make_folder(tmp_path / "train", {"a": 2, "b": 2}), "s3://trainq/tests/words/train/")
+    storage.upload_dir(make_folder(tmp_path / "val", {"a": 1, "b": 1, "c": 2}), "s3://trainq/tests/words/val/")
+    (tmp_path / "t.csv").write_text("x,y\n1,a\n2,a\n3,b\n4,b\n")
+    (tmp_path / "v.csv").write_text("x,y\n1,a\n2,b\n3,c\n4,c\n")
+    train_csv = storage.upload_file(tmp_path / "t.csv", "s3://trainq/tests/words/t.csv")
+    val_csv = storage.upload_file(tmp_path / "v.csv", "s3://trainq/tests/words/v.csv")
+    image_spec = ImageFolderDataset(uri="s3://trainq/tests/words/train/", val_uri="s3://trainq/tests/words/val/", image_size=8)
+    csv_spec = CsvDataset(type="csv", uri=train_csv, val_uri=val_csv, target="y", task="classification")
+    with pytest.raises(DatasetError) as image_error:
+        load_image_folder(image_spec, storage, tmp_path / "cache", seed=0)
+    with pytest.raises(DatasetError) as csv_error:
+        load_csv(csv_spec, storage, tmp_path / "cache", seed=0)
+    words = "1 class(es) have no training sample, so the model could never learn them: "
+    assert str(image_error.value) == f"s3://trainq/tests/words/train/: {words}'c' (2 in validation); " + ADVICE
+    assert str(csv_error.value) == f"{train_csv}: {words}the target at {val_csv} line 4 (2 in validation); " + ADVICE
+
+
+ADVICE = "add training samples of each class (with val_fraction, a class of 2 or more samples has one in each split)"

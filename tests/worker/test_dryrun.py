@@ -145,6 +145,16 @@ def test_the_dry_run_prepares_as_the_job_does_and_takes_a_step(storage: Storage,
     assert 0.3 < report.loss < 1.5  # about ln(2) at random init
 
 
+def test_the_dry_run_counts_every_class_in_each_split_zeros_included(storage: Storage, settings: Settings):
+    # Issue 19: a class missing from a split was left out of the counts instead of showing 0.
+    write_images(settings.data_root / "imgs" / "a", 20)
+    write_images(settings.data_root / "imgs" / "b", 22)
+    write_images(settings.data_root / "imgs" / "solo", 1)
+    report = dry_run(local_spec(batch_size=8), storage, settings)
+    assert report.counts == {"a": 16, "b": 17, "solo": 1}  # stratified: 9 of 43 held out, per class
+    assert report.val_counts == {"a": 4, "b": 5, "solo": 0} and report.num_val == 9
+
+
 def test_the_dry_run_never_passes_a_last_batch_of_one_into_batchnorm(storage: Storage, settings: Settings):
     # 42 images, 8 held out: 34 training samples in batches of 33 leave a last batch of 1, which
     # reaches resnet18's last BatchNorm as 1 value per channel (its feature map is 1x1 at 16 px).

@@ -59,6 +59,21 @@ def validation_error() -> ValidationError:
     raise AssertionError("no error")
 
 
+def dataloader_death(signal_name: str) -> RuntimeError:
+    """What torch's DataLoader raises when a worker dies of a signal: "exited unexpectedly", raised
+    from the "killed by signal" error its SIGCHLD handler raised."""
+    try:
+        try:
+            raise RuntimeError(
+                f"DataLoader worker (pid 4242) is killed by signal: {signal_name}. It is possible that dataloader's "
+                "workers are out of shared memory. Please try to raise your shared memory limit."
+            )
+        except RuntimeError as cause:
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly") from cause
+    except RuntimeError as exc:
+        return exc
+
+
 FAULTS = [
     # S3 and Redis unreachable, timing out or throttling: transient.
     ("s3 endpoint unreachable", EndpointConnectionError(endpoint_url=ENDPOINT), Fault.TRANSIENT),
@@ -82,6 +97,14 @@ FAULTS = [
     ("s3 no such key", client_error("NoSuchKey", 404), Fault.JOB),
     ("s3 forbidden", client_error("AccessDenied", 403), Fault.JOB),
     ("cuda out of memory", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), Fault.JOB),
+    # Resources the job exhausted (issue 19): shared memory, host memory, disk, open files.
+    ("shm: loader worker SIGBUS", dataloader_death("Bus error"), Fault.JOB),
+    ("loader worker OOM-killed", dataloader_death("Killed"), Fault.JOB),
+    ("host memory", RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory"), Fault.JOB),
+    ("python memory", MemoryError(), Fault.JOB),
+    ("disk full", OSError(errno.ENOSPC, "No space left on device"), Fault.JOB),
+    ("too many open files", OSError(errno.EMFILE, "Too many open files"), Fault.JOB),
+    ("fd passing failed", RuntimeError("received 0 items of ancdata"), Fault.JOB),
     # Anything else: internal, fail at once (the issue's examples, before their own fixes).
     ("batchnorm batch of one", ValueError("Expected more than 1 value per channel when training"), Fault.INTERNAL),
     ("csv row missing target", TypeError("float() argument must be a string or a real number, not 'NoneType'"), Fault.INTERNAL),
@@ -156,3 +179,24 @@ def test_a_dataloader_workers_traceback_is_cut_to_its_message():
         "shared.exceptions.DatasetError: cannot read image s3://trainq/x/a/1.png: broken\n"
     )
     assert public_message(text) == "cannot read image s3://trainq/x/a/1.png: broken"
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (dataloader_death("Bus error"), "a DataLoader worker ran out of shared memory (SIGBUS"),
+        (dataloader_death("Killed"), "a DataLoader worker was killed (SIGKILL: usually the host ran out of memory)"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the worker's disk is full"),
+        (OSError(errno.EMFILE, "Too many open files"), "too many open files"),
+        (MemoryError(), "out of host memory"),
+    ],
+)
+def test_a_resource_the_job_exhausted_is_a_job_error_with_advice(exc: BaseException, words: str):
+    with pytest.raises(type(exc)) as info, in_stage("step 3 (epoch 1)"):
+        raise exc
+    kind, message = job_error(info.value)
+    assert kind is Fault.JOB and message.startswith(f"step 3 (epoch 1): {words}") and "internal error" not in message
+
+
+def test_a_bug_while_handling_a_full_disk_is_still_internal():
+    assert classify(raised_while_handling(OSError(errno.ENOSPC, "full"), KeyError("y"))) is Fault.INTERNAL

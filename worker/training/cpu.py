@@ -11,14 +11,24 @@ different thread counts, and resume must stay bit-identical); else, for a one-pr
 with DataLoader workers, :func:`probe_threads` measures one batch's loading and a training step
 before step 1 and :func:`decide_threads` gives the workers' cores to torch when the workers
 would be mostly idle; else the CPUs this process may use minus the DataLoader workers (at least 1).
+
+The probe times the machine as it is, busy or not: beside a CPU hog it can choose otherwise, and
+the same spec would train with another count and end with other weights (issue 19). So its
+choice is recorded once per (spec, machine) on the worker (:func:`recorded_threads`) and every
+later run of that spec there trains with it: the same spec and seed give the same weights,
+whatever the load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,7 +227,8 @@ def choose_threads(
     give different floating-point results at different thread counts, so a resume with another
     count would not be bit-identical), if this worker has that many CPUs; else, on a fresh
     one-process CPU job whose DataLoader workers hold cores torch could use, the probe's choice
-    (:func:`probe_threads`); else ``static`` (usable CPUs − workers).
+    (:func:`probe_threads`), made once per spec and machine and recorded in
+    ``DATA_CACHE_DIR/threads`` (:func:`recorded_threads`); else ``static`` (usable CPUs − workers).
     """
     threads = static
     if settings.torch_threads:
@@ -229,16 +240,19 @@ def choose_threads(
             logger.warning("job %s: resumed from a run with %d torch threads; this worker has %d CPUs, so %d (not bit-identical)",
                            job_id, resumed_threads, usable_cpus(), static)
     elif device.type == "cpu" and not distributed and spec.num_workers and usable_cpus() > static:
-        rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
-        try:
-            choice = probe_threads(
-                num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=prepared.data.train.__getitem__,
-                num_samples=len(prepared.data.train), train_step=_probe_step(prepared, spec),
-            )
-        finally:
-            restore_rng_state(rng)
-        threads = choice.threads
-        logger.info("job %s: %s: %d torch thread(s)", job_id, choice.describe(), threads)
+        def probe() -> ThreadChoice:
+            rng = capture_rng_state()  # dropout and any unseeded transform in the probe draw from these
+            try:
+                return probe_threads(
+                    num_workers=spec.num_workers, batch_size=spec.batch_size, load_sample=prepared.data.train.__getitem__,
+                    num_samples=len(prepared.data.train), train_step=_probe_step(prepared, spec),
+                )
+            finally:
+                restore_rng_state(rng)
+
+        # Probed once per spec and machine, then reused: a probe beside a busy CPU must not change the weights.
+        threads, choice = recorded_threads(settings.data_cache_dir / "threads", threads_key(spec), probe)
+        logger.info("job %s: %s: %d torch thread(s)", job_id, choice.describe() if choice else "as recorded for this spec", threads)
     torch.set_num_threads(threads)
     logger.info("job %s: %d torch thread(s) beside %d DataLoader worker(s)", job_id, threads, spec.num_workers)
     return threads
@@ -264,3 +278,60 @@ def _probe_step(prepared: Prepared, spec: JobSpec) -> Callable[[list[Any]], None
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+#: Spec fields that do not change what one training step computes or costs: runs that differ only
+#: in them share a recorded thread count.
+_NOT_IN_STEP = ("name", "seed", "epochs", "max_runtime_s", "checkpoint", "early_stopping", "queue")
+
+
+def threads_key(spec: JobSpec) -> str:
+    """A name for ``spec`` on this machine: a hash of the spec's fields that shape a
+    training step, the usable CPUs, the CPU model and capability, and the torch version."""
+    fields = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_IN_STEP}
+    machine = {
+        "cpus": usable_cpus(), "cpu": _cpu_model(), "arch": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps([fields, machine], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def recorded_threads(folder: Path, key: str, probe: Callable[[], ThreadChoice]) -> tuple[int, ThreadChoice | None]:
+    """The thread count recorded under ``folder`` for ``key``; else ``probe()``'s, recorded first.
+
+    Returns ``(threads, choice)``: ``choice`` is None when the count was recorded before. The
+    record is created atomically (a hard link, refused if one exists): of two runs probing at
+    once, both train with the count that was recorded first.
+    """
+    path = folder / f"{key}.json"
+    recorded = _read_threads(path)
+    if recorded is not None:
+        return recorded, None
+    choice = probe()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"threads": choice.threads, "probe": choice.describe()}))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    recorded = _read_threads(path)
+    return (recorded, choice) if recorded is not None else (choice.threads, choice)
+
+
+def _read_threads(path: Path) -> int | None:
+    try:
+        threads = json.loads(path.read_text())["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return threads if isinstance(threads, int) and threads >= 1 else None

@@ -13,10 +13,10 @@ real last batch (e.g. a final batch of 1) goes forward and backward. Nothing is 
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from shared.exceptions import JobFailure
 from shared.schemas import DryRunReport
@@ -26,7 +26,8 @@ from shared.storage import ShouldStop, Storage
 from worker.training.cpu import training_threads
 from worker.training.memory import CPU_BUDGET_FRACTION, format_bytes, host_memory_bytes, memory_budget
 from worker.training.prepare import Prepared, prepare, seed_everything
-from worker.training.sources import TrainingData
+from worker.training.sources import TrainingData, dataset_labels
+from worker.training.split import class_counts
 
 
 def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop: ShouldStop | None = None) -> DryRunReport:
@@ -78,7 +79,8 @@ def dry_run(spec: JobSpec, storage: Storage, settings: Settings, *, should_stop:
     return DryRunReport(
         task=data.task,
         classes=data.classes,
-        counts=_counts(data),
+        counts=_counts(data, data.train),
+        val_counts=_counts(data, data.val),
         input_shape=list(data.input_shape),
         num_outputs=data.num_outputs,
         num_val=len(data.val),
@@ -148,15 +150,9 @@ def _train_step(prepared: Prepared, spec: JobSpec, inputs: torch.Tensor, targets
     return float(loss.detach())
 
 
-def _counts(data: TrainingData) -> dict[str, int]:
-    """Training samples per class (classification) or ``{"rows": n}`` (regression), without decoding."""
+def _counts(data: TrainingData, dataset: Dataset) -> dict[str, int]:
+    """Samples of ``dataset`` (``data.train`` or ``data.val``) per class, zeros included
+    (classification), or ``{"rows": n}`` (regression); without decoding."""
     if not data.classes:
-        return {"rows": len(data.train)}
-    train = data.train
-    if hasattr(train, "tensors"):  # CSV: a TensorDataset of (features, labels)
-        labels = train.tensors[1].flatten().tolist()
-    else:  # image folders: a SeededTransform over an ImageFolder or a ConcatDataset of them
-        base = train.base
-        targets = base.targets if hasattr(base, "targets") else [t for folder in base.datasets for t in folder.targets]
-        labels = [targets[index] for index in train.indices]
-    return dict(sorted(Counter(data.classes[int(label)] for label in labels).items()))
+        return {"rows": len(dataset)}
+    return class_counts(data.classes, dataset_labels(dataset))

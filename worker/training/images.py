@@ -7,6 +7,7 @@ unreadable image fails the job naming it (pytorch/vision#4925, #138).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from shared.spec import ImageFolderDataset, Loc
 from shared.storage import Storage
 from worker.faults import in_stage
 from worker.training.decode import DecodeError, ImageModeError, decode_file
-from worker.training.sources import DEFAULT_MAX_IMAGE_PIXELS, LoadOptions, TrainingData, blaming, fetch_folder, split_indices
+from worker.training.sources import (
+    DEFAULT_MAX_IMAGE_PIXELS, LoadOptions, TrainingData, blaming, dataset_labels, fetch_folder, folder_targets,
+)
+from worker.training.split import check_class_counts, split_indices
 from worker.training.transforms import SeededTransform, build_augment, build_finish, collate_images
 
 
@@ -154,8 +158,9 @@ def _decode_problems(paths: list[str], options: LoadOptions, mode: str = "RGB", 
 
 def _image_folders(
     uris: list[tuple[Loc, str]], storage: Storage, cache_dir: Path, mode: str, data_root: Path | None,
-    options: LoadOptions | None = None,
+    options: LoadOptions | None = None, also: Sequence[str] = (),
 ) -> tuple[Dataset, list[str]]:
+    """The image folders of ``uris`` as one dataset, and the class names: those of their folders and ``also``."""
     roots = []
     for loc, uri in uris:
         with blaming(loc):
@@ -166,6 +171,7 @@ def _image_folders(
             f"no class folders under {', '.join(uri for _, uri in uris)} (expected <class_name>/<image> files)",
             field=".".join(map(str, uris[0][0])),
         )
+    classes = sorted(set(classes) | set(also))
     index = {name: i for i, name in enumerate(classes)}
     folders = []
     for loc, uri, root in roots:
@@ -187,30 +193,35 @@ def load_image_folder(
 ) -> TrainingData:
     """Download ``spec.uri`` (with ``extra_uris``, and ``val_uri``) and build train/val sets.
 
-    Without ``val_uri``, a seeded random ``val_fraction`` of the images (at least one) is held
-    out; the same seed always gives the same split.
+    Without ``val_uri``, a seeded ``val_fraction`` of the images (at least one) is held out,
+    per class (:func:`worker.training.split.split_indices`); the same seed always gives the same split.
 
     Raises:
-        DatasetError: as :func:`load_data`, or fewer than 2 classes.
+        DatasetError: as :func:`load_data`, fewer than 2 classes, or a class with no training image.
     """
     mode = "L" if spec.channels == 1 else "RGB"
-    full, classes = _image_folders(spec.training_uris(), storage, cache_dir, mode, data_root, options)
+    val_loc = (("dataset", "val_uri"), spec.val_uri)
+    # Classes of both sets: one the validation set lacks is fine, one the training set lacks is
+    # refused below in the words a CSV gets (check_class_counts).
+    val_classes: list[str] = []
+    if spec.val_uri is not None:
+        with blaming(val_loc[0]):
+            val_classes = visible_class_folders(fetch_folder(spec.val_uri, storage, cache_dir, data_root, options))
+    full, classes = _image_folders(spec.training_uris(), storage, cache_dir, mode, data_root, options, also=val_classes)
     if len(classes) < 2:
         raise DatasetError(f"{spec.uri} has {len(classes)} class folder(s) {classes}; classification needs at least 2")
     train_transform = build_augment(spec.train_transforms, spec)
     eval_transform = build_augment(spec.eval_transforms, spec)
     if spec.val_uri is not None:
-        val_full, val_classes = _image_folders([(("dataset", "val_uri"), spec.val_uri)], storage, cache_dir, mode, data_root, options)
-        if val_classes != classes:
-            raise DatasetError(
-                f"classes of {spec.val_uri} {val_classes} differ from those of {spec.uri} {classes}", field="dataset.val_uri"
-            )
+        val_full, _ = _image_folders([val_loc], storage, cache_dir, mode, data_root, options, also=classes)
         train_indices, val = list(range(len(full))), SeededTransform(val_full, list(range(len(val_full))), eval_transform, seed)
     else:
-        train_indices, val_indices = split_indices(len(full), spec.val_fraction, seed, spec.uri)
+        train_indices, val_indices = split_indices(len(full), spec.val_fraction, seed, spec.uri, labels=folder_targets(full))
         val = SeededTransform(full, val_indices, eval_transform, seed)
+    train = SeededTransform(full, train_indices, train_transform, seed)
+    check_class_counts(classes, dataset_labels(train), dataset_labels(val), spec.uri)
     return TrainingData(
-        train=SeededTransform(full, train_indices, train_transform, seed),
+        train=train,
         val=val,
         task="classification",
         classes=classes,

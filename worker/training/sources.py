@@ -157,10 +157,17 @@ def blaming(field: str | Loc) -> Iterator[None]:
         raise
 
 
-def split_indices(count: int, val_fraction: float, seed: int, uri: str) -> tuple[list[int], list[int]]:
-    """Seeded random (train, val) index lists; at least one sample in each."""
-    num_val = max(1, round(count * val_fraction))
-    if count - num_val < 1:
-        raise DatasetError(f"{uri} has {count} sample(s): too few to hold out a validation split")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[num_val:], order[:num_val]
+def folder_targets(dataset: Dataset) -> list[int]:
+    """Class indices of an ImageFolder or a ConcatDataset of them, in index order (no decoding)."""
+    if hasattr(dataset, "targets"):
+        return list(dataset.targets)
+    return [target for folder in dataset.datasets for target in folder.targets]
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Class indices of a classification set of :class:`TrainingData` (``train`` or ``val``),
+    without decoding a sample: a CSV's TensorDataset or a SeededTransform over image folders."""
+    if hasattr(dataset, "tensors"):
+        return [int(label) for label in dataset.tensors[1].flatten().tolist()]
+    targets = folder_targets(dataset.base)
+    return [targets[index] for index in dataset.indices]

@@ -12,7 +12,8 @@ from torch.utils.data import TensorDataset
 from shared.exceptions import DatasetError
 from shared.spec import CsvDataset
 from shared.storage import Storage
-from worker.training.sources import LoadOptions, TrainingData, blaming, fetch_file, split_indices
+from worker.training.sources import LoadOptions, TrainingData, blaming, fetch_file
+from worker.training.split import check_class_counts, split_indices
 
 def _read_csv(path: Path, uri: str, spec: CsvDataset, features: list[str] | None) -> tuple[list[str], list[list[float]], list[str]]:
     """Feature names, feature rows and raw target strings of one CSV file."""
@@ -94,11 +95,14 @@ def load_csv(
         val_x = torch.tensor(val_rows, dtype=torch.float32)
         train_lines, val_lines = [i + 2 for i in range(len(raw))], [i + 2 for i in range(len(val_raw))]
     else:
-        train_idx, val_idx = split_indices(len(rows), spec.val_fraction, seed, spec.uri)
+        labels = raw if spec.task == "classification" else None
+        train_idx, val_idx = split_indices(len(rows), spec.val_fraction, seed, spec.uri, labels=labels)
         train_x, val_x = features[train_idx], features[val_idx]
         train_raw, val_raw = [raw[i] for i in train_idx], [raw[i] for i in val_idx]
         train_lines, val_lines = [i + 2 for i in train_idx], [i + 2 for i in val_idx]
-    classes = sorted(set(train_raw)) if spec.task == "classification" else []
+    # Every class either split names; a class with no training row is refused below, in the words
+    # an image folder gets (check_class_counts).
+    classes = sorted(set(train_raw) | set(val_raw)) if spec.task == "classification" else []
     if spec.task == "classification" and len(classes) < 2:
         raise DatasetError(f"{spec.uri}: target {spec.target!r} has {len(classes)} distinct value(s); classification needs at least 2")
     mean = train_x.mean(dim=0)
@@ -107,6 +111,12 @@ def load_csv(
     train_y = _targets(train_raw, spec, classes, spec.uri, train_lines)
     with blaming("dataset.val_uri" if spec.val_uri else "dataset.uri"):
         val_y = _targets(val_raw, spec, classes, spec.val_uri or spec.uri, val_lines)
+    if classes:
+        first_val_line: dict[str, int] = {}
+        for value, line in zip(val_raw, val_lines, strict=True):
+            first_val_line.setdefault(value, line)
+        shown = [f"the target at {spec.val_uri or spec.uri} line {first_val_line.get(name, '?')}" for name in classes]
+        check_class_counts(classes, train_y.tolist(), val_y.tolist(), spec.uri, shown)
     return TrainingData(
         train=TensorDataset((train_x - mean) / std, train_y),
         val=TensorDataset((val_x - mean) / std, val_y),
