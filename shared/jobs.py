@@ -31,7 +31,8 @@ from pydantic import BaseModel, Field
 from shared.auth import ANONYMOUS_OWNER
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
-from shared.spec import JobSpec
+from shared.pending import enlist, unlist
+from shared.spec import DEFAULT_PRIORITY, JobSpec
 
 JOB_KEY = "trainq:job:{}"
 INDEX_KEY = "trainq:jobs"
@@ -53,12 +54,16 @@ class JobState(str, Enum):
     """Where a job is in its life. ``succeeded``, ``failed`` and ``cancelled`` are final.
 
     ``retrying``: an infrastructure failure (worker lost, S3 or Redis unreachable) sent the job
-    back to the queue; it resumes from its newest complete checkpoint.
+    back to the queue; it resumes from its newest complete checkpoint. ``preempted``: the
+    dispatcher stopped it for a job of higher priority; it waits again (keeping its age) and
+    resumes from the checkpoint it saved. ``queued``, ``retrying`` and ``preempted`` jobs are
+    pending: the dispatcher (:mod:`shared.scheduler`) sends each to a worker when one is free.
     """
 
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
+    PREEMPTED = "preempted"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -71,14 +76,15 @@ class JobState(str, Enum):
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 #: States in which a delivered message may start the job.
-STARTABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
+STARTABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING, JobState.PREEMPTED})
 
 #: The lifecycle: which state may follow which. A queued job can fail without running (it could
 #: not be enqueued) or be cancelled before it starts.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING, JobState.PREEMPTED}),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.PREEMPTED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
@@ -183,6 +189,9 @@ class JobRecord(BaseModel):
     attempts: int = Field(0, description="Times a worker started the job (1 unless it was retried).")
     duplicate_deliveries: int = Field(0, description="Queue deliveries skipped because the job was already taken.")
     cancel_requested_at: float | None = None
+    preempt_requested_at: float | None = Field(
+        None, description="When the dispatcher asked this attempt to stop for a job of higher priority."
+    )
     resumed_from: str | None = Field(None, description="Checkpoint the latest attempt resumed from.")
     progress: Progress = Field(default_factory=Progress)
     device: str | None = Field(None, description="Where it trained: a CUDA device name or `cpu`.")
@@ -627,6 +636,7 @@ class JobStore:
                     update["transitions"] = current["transitions"] + [entry]
                     if state is JobState.RUNNING:
                         update["attempts"] = attempts + 1
+                        update["preempt_requested_at"] = None  # a request was for the attempt before
                         update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
@@ -648,6 +658,12 @@ class JobStore:
                         pipe.srem(RUNNING_KEY, job_id)
                     if state.is_final:
                         pipe.srem(ACTIVE_KEY.format(owner), job_id)
+                    if (previous in STARTABLE_STATES) != (state in STARTABLE_STATES):  # the pending set follows the state
+                        if state in STARTABLE_STATES:
+                            priority = current["spec"].get("priority", DEFAULT_PRIORITY)
+                            enlist(pipe, job_id, current["queue"], owner, priority, current["created_at"])
+                        else:
+                            unlist(pipe, job_id, current["queue"], owner)
                     pipe.execute()
                     break
                 except redis.WatchError:

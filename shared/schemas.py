@@ -46,7 +46,8 @@ class QueueInfo(BaseModel):
     """One Celery queue: messages waiting and live workers consuming it."""
 
     name: str
-    depth: int = Field(description="Messages waiting in the queue (jobs not yet taken by a worker).")
+    depth: int = Field(description="Jobs waiting on the queue: pending (queued, retrying, preempted) or sent to a worker and "
+                       "not yet taken.")
     workers: int = Field(description="Live workers that consume this queue; 0 means its jobs wait.")
 
 

@@ -1,4 +1,4 @@
-"""The heartbeat of a running job: renews its lease and relays cancel requests to the engine.
+"""The heartbeat of a running job: renews its lease and relays cancel and preemption requests to the engine.
 
 One thread per running job. The engine asks :meth:`JobMonitor.stop_requested` after every step;
 that reads flags this thread sets, so the training loop itself never waits on Redis.
@@ -14,6 +14,7 @@ import redis
 
 from shared.jobs import JobStore
 from shared.lease import JobLease
+from shared.scheduler import preempt_requested
 from worker.training import StopReason
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ worker_shutdown = threading.Event()
 
 
 class JobMonitor(threading.Thread):
-    """Renews ``lease`` and watches for a cancel request on ``job_id`` until :meth:`stop`.
+    """Renews ``lease`` and watches for a cancel or preemption request on ``job_id`` until :meth:`stop`.
 
     Args:
         store: job records (for the cancel flag).
@@ -39,6 +40,7 @@ class JobMonitor(threading.Thread):
         self.interval_s = min(interval_s, lease_ttl_s / 3)
         self.lease_ttl_s = lease_ttl_s
         self.cancelled = threading.Event()
+        self.preempted = threading.Event()
         self.lease_lost = threading.Event()
         self._stopped = threading.Event()
 
@@ -48,6 +50,8 @@ class JobMonitor(threading.Thread):
             return StopReason.LEASE_LOST
         if self.cancelled.is_set():
             return StopReason.CANCELLED
+        if self.preempted.is_set():
+            return StopReason.PREEMPTED
         if worker_shutdown.is_set():
             return StopReason.SHUTDOWN
         return None
@@ -63,6 +67,8 @@ class JobMonitor(threading.Thread):
                 last_renewed = time.monotonic()
                 if self.store.cancel_requested(self.job_id):
                     self.cancelled.set()
+                if preempt_requested(self.store.redis, self.job_id):
+                    self.preempted.set()
             except redis.RedisError as exc:
                 # Redis restarting: go on training; only a lease that may have expired is lost.
                 if time.monotonic() - last_renewed > self.lease_ttl_s:

@@ -12,6 +12,7 @@ import math
 from typing import Annotated
 
 import anyio
+import redis
 from celery import Celery
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -24,9 +25,9 @@ from shared.access import spec_access_problems
 from shared.auth import Principal
 from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobStore
-from shared.queue import enqueue, request_dry_run
+from shared.queue import request_dry_run
 from shared.quotas import count_submission
-from shared.sanitize import public_message
+from shared.scheduler import make_pending
 from shared.schemas import ErrorDetail
 from shared.settings import Settings
 from shared.spec import QUEUE_PATTERN, JobSpec
@@ -79,7 +80,7 @@ async def create_job(
         ),
     ] = False,
 ) -> JobRecord | DryRunReport:
-    """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
+    """Validate a training spec, record the job as `queued` in its queue's pending set. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
     # An async route: FastAPI would run a sync one in its threadpool. What blocks (a dry run's wait,
@@ -103,7 +104,7 @@ async def create_job(
         except QuotaExceededError as exc:
             raise _too_many(exc) from exc
         if created:
-            await run_in_threadpool(_enqueue_or_fail, celery, store, record)
+            await run_in_threadpool(_make_pending, store, record)
     response.headers["Location"] = f"/jobs/{record.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -124,15 +125,14 @@ def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery:
     return _dry_run(spec, settings, store, celery, owner)
 
 
-def _enqueue_or_fail(celery: Celery, store: JobStore, record: JobRecord) -> None:
-    """Send ``record``'s message (kombu's publish blocks); if it cannot be sent, fail the job and answer 503."""
+def _make_pending(store: JobStore, record: JobRecord) -> None:
+    """Put the new job in its queue's pending set and wake the dispatcher, which sends it to a worker
+    when one is free (:mod:`shared.scheduler`). The job is recorded already: if Redis fails now, the
+    dispatcher's sweep lists it within seconds, so the answer stays 202."""
     try:
-        enqueue(celery, record.id, record.queue)
-    except Exception as exc:
-        # Never leave a job recorded as queued that no worker will ever see.
-        logger.exception("job %s: enqueue failed", record.id)
-        store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {public_message(exc)}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again shortly") from exc
+        make_pending(store.redis, record)
+    except redis.RedisError as exc:
+        logger.warning("job %s: not listed for dispatch yet (%s); the dispatcher's sweep will", record.id, exc)
 
 
 def _too_many(exc: QuotaExceededError) -> HTTPException:

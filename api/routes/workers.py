@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from api.deps import PrincipalDep, SettingsDep, StoreDep
 from shared.exceptions import JobNotFoundError
-from shared.queue import queue_depth
+from shared.scheduler import waiting_jobs
 from shared.schemas import QueueInfo, QueueList, WorkerList
 from shared.workers import live_workers
 
@@ -47,12 +47,12 @@ def read_workers(store: StoreDep, principal: PrincipalDep, _: Annotated[NoQuery,
 def read_queues(
     store: StoreDep, settings: SettingsDep, _principal: PrincipalDep, _: Annotated[NoQuery, Query()]
 ) -> QueueList:
-    """Each queue: messages waiting (`depth`) and live workers consuming it."""
+    """Each queue: jobs waiting (`depth`: pending, or sent and not yet taken) and live workers consuming it."""
     workers = live_workers(store.redis)
     names = set(store.queues()) | {settings.default_queue} | {queue for worker in workers for queue in worker.queues}
     return QueueList(
         data=[
-            QueueInfo(name=name, depth=queue_depth(store.redis, name), workers=sum(name in w.queues for w in workers))
+            QueueInfo(name=name, depth=waiting_jobs(store.redis, name), workers=sum(name in w.queues for w in workers))
             for name in sorted(names)
         ]
     )

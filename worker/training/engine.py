@@ -80,6 +80,7 @@ class StopReason(str, Enum):
     CANCELLED = "cancelled"
     TIME_LIMIT = "time limit"
     SHUTDOWN = "worker shutdown"
+    PREEMPTED = "preempted"  # a job of higher priority needs the worker; resumed later from this checkpoint
     LEASE_LOST = "lease lost"
 
     @property
