@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 WAKE_KEY = "trainq:dispatcher:wake"
 #: Decayed GPU-seconds per owner: ``owner -> [gpu_seconds, at]`` (JSON), as of ``at``.
 USAGE_KEY = "trainq:usage"
-#: Running jobs charged so far: ``job_id -> when last charged``.
-CHARGED_KEY = "trainq:usage:charged"
+#: GPU-seconds charged so far for one attempt (``<job_id>:<attempt>``), so a charge counts each second once.
+CHARGED_KEY = "trainq:usage:charged:{}:{}"
 #: The lease of the acting dispatcher (a :class:`JobLease` named ``dispatcher``).
 LEASE_NAME = "dispatcher"
 LEASE_TTL_S = 10.0
@@ -61,7 +61,12 @@ DISPATCH_TIMEOUT_S = 60.0
 #: Seconds between sweeps for startable jobs in no pending set (a process died between two steps).
 SWEEP_INTERVAL_S = 15.0
 
+#: Charge an attempt up to ``ARGV[2]`` GPU-seconds in all. KEYS: usage, the attempt's charged key.
+#: ARGV: owner, GPU-seconds of the attempt so far, now, half-life (s), TTL of the charged key (s).
 _CHARGE = """
+local delta = tonumber(ARGV[2]) - tonumber(redis.call('GET', KEYS[2]) or '0')
+if delta <= 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[5])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local now, half = tonumber(ARGV[3]), tonumber(ARGV[4])
 local value = 0
@@ -69,8 +74,8 @@ if raw then
   local old = cjson.decode(raw)
   value = old[1] * math.pow(2, -math.max(0, now - old[2]) / half)
 end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({value + tonumber(ARGV[2]), now}))
-return tostring(value + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({value + delta, now}))
+return 1
 """
 _REQUEST_PREEMPT = """
 if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
@@ -117,10 +122,26 @@ def usage(client: redis.Redis, half_life_s: float, now: float | None = None) -> 
     return out
 
 
-def charge(client: redis.Redis, owner: str, gpu_seconds: float, half_life_s: float) -> float:
-    """Add ``gpu_seconds`` to ``owner``'s decayed usage; return the new usage."""
-    script = client.register_script(_CHARGE)
-    return float(script(keys=[USAGE_KEY], args=[owner, gpu_seconds, time.time(), half_life_s]))
+class AttemptMeter:
+    """Charges one running attempt's GPU-seconds to its owner's usage, as it goes and at its end.
+
+    Each call charges what the attempt used since the last one (GPUs × seconds since the attempt
+    entered ``running``), whoever calls, so a charge never counts a second twice.
+    """
+
+    def __init__(self, client: redis.Redis, record: JobRecord, half_life_s: float) -> None:
+        self.redis, self.owner, self.half_life_s = client, record.owner, half_life_s
+        self.gpus = record.spec.resources.gpus
+        self.started_at = next(t.at for t in reversed(record.transitions) if t.state is JobState.RUNNING)
+        self.key = CHARGED_KEY.format(record.id, record.attempts)
+        self._charge = client.register_script(_CHARGE)
+
+    def charge(self, now: float | None = None) -> None:
+        """Bring the owner's usage up to date with this attempt (raises on a Redis error)."""
+        now = time.time() if now is None else now
+        used = self.gpus * max(0.0, now - self.started_at)
+        ttl = int(max(self.half_life_s * 10, 3600))
+        self._charge(keys=[USAGE_KEY, self.key], args=[self.owner, used, now, self.half_life_s, ttl])
 
 
 @dataclass
@@ -246,7 +267,6 @@ class Dispatcher(threading.Thread):
             self._last_sweep = time.monotonic()
             self.sweep()
         snapshot = self.snapshot()
-        self.charge_running(snapshot)
         queues = [queue for queue in self.queues() if self.pending.owners(queue)]
         sent = self._fill(queues, snapshot)
         for queue in queues:
@@ -367,24 +387,6 @@ class Dispatcher(threading.Thread):
                 transitions[-1]["at"] if transitions else 0.0,
             ))
         return held
-
-    # -- usage -----------------------------------------------------------------------------------
-    def charge_running(self, snapshot: Snapshot) -> None:
-        """Charge each running job's owner its GPUs × the seconds since the last charge."""
-        now = time.time()
-        last = {key.decode(): float(value) for key, value in self.store.redis.hgetall(CHARGED_KEY).items()}
-        running = [h for h in snapshot.held if h.running]
-        for job in running:
-            since = last.get(job.job_id, max(job.started_at, now - self.settings.dispatch_interval_s))
-            if now > since:
-                charge(self.store.redis, job.owner, job.gpus * (now - since), self.settings.fair_share_half_life_s)
-        pipe = self.store.redis.pipeline(transaction=False)
-        if running:
-            pipe.hset(CHARGED_KEY, mapping={job.job_id: now for job in running})
-        gone = set(last) - {job.job_id for job in running}
-        if gone:
-            pipe.hdel(CHARGED_KEY, *gone)
-        pipe.execute()
 
     # -- preemption ------------------------------------------------------------------------------
     def _preempt(self, queue: str, owners: list[str], snapshot: Snapshot) -> list[str]:

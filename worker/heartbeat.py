@@ -14,7 +14,8 @@ import redis
 
 from shared.jobs import JobStore
 from shared.lease import JobLease
-from shared.scheduler import preempt_requested
+from shared.scheduler import AttemptMeter, preempt_requested
+from shared.settings import get_settings
 from worker.training import StopReason
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ class JobMonitor(threading.Thread):
         self.preempted = threading.Event()
         self.lease_lost = threading.Event()
         self._stopped = threading.Event()
+        self.meter: AttemptMeter | None = None  # charges the owner's fair-share usage as the attempt runs
+
+    def start(self) -> None:
+        """Start the thread; first note the attempt for its usage charges (best effort)."""
+        try:
+            self.meter = AttemptMeter(self.store.redis, self.store.get(self.job_id), get_settings().fair_share_half_life_s)
+        except redis.RedisError as exc:
+            logger.warning("job %s: usage will not be charged (%s)", self.job_id, exc)
+        super().start()
 
     def stop_requested(self) -> StopReason | None:
         """Why the engine should stop now, if it should (lease loss first: it must not write)."""
@@ -60,6 +70,7 @@ class JobMonitor(threading.Thread):
         last_renewed = time.monotonic()
         while not self._stopped.wait(self.interval_s):
             try:
+                self._charge()
                 if not self.lease.renew():
                     logger.error("job %s: lease taken over by another worker; stopping", self.job_id)
                     self.lease_lost.set()
@@ -78,7 +89,16 @@ class JobMonitor(threading.Thread):
                 logger.warning("job %s: heartbeat failed (%s); retrying", self.job_id, exc)
 
     def stop(self) -> None:
-        """End the thread (the lease is released by the caller)."""
+        """End the thread and charge the attempt's last seconds (the lease is released by the caller)."""
         self._stopped.set()
         if self.is_alive():
             self.join()
+        try:
+            self._charge()
+        except redis.RedisError as exc:
+            logger.warning("job %s: usage not charged (%s)", self.job_id, exc)
+
+    def _charge(self) -> None:
+        """Charge the attempt's GPU-seconds so far to its owner (fair share)."""
+        if self.meter is not None:
+            self.meter.charge()

@@ -18,7 +18,7 @@ import redis
 from shared.jobs import JobState, JobStore
 from shared.pending import PendingSet
 from shared.queue import make_celery, queue_depth
-from shared.scheduler import Candidate, Dispatcher, charge, choose, deficits, preempt_requested, usage
+from shared.scheduler import AttemptMeter, Candidate, Dispatcher, choose, deficits, preempt_requested, usage
 from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.workers import DeviceInfo, WorkerStatus, publish
@@ -167,6 +167,17 @@ def test_sweep_lists_a_job_its_submit_never_listed_and_usage_decays(store: JobSt
     store.redis.hset(f"trainq:job:{record.id}", "transitions", json.dumps([{"state": "queued", "at": time.time() - 60}]))
     assert dispatcher.sweep() == 1 and PendingSet(store.redis).pending_ids("default") == [record.id]
     assert dispatcher.sweep() == 0
-    charge(store.redis, "alice", 100.0, 3600)
-    now = time.time()
-    assert usage(store.redis, 3600, now + 3600)["alice"] == pytest.approx(50.0, rel=1e-3)
+
+
+
+def test_an_attempt_is_charged_once_per_second_used_and_usage_decays(store: JobStore):
+    job = submit(store, "alice", resources={"gpus": 2})
+    record = store.transition(job, JobState.RUNNING, worker="w1")
+    meter, again = AttemptMeter(store.redis, record, 3600), AttemptMeter(store.redis, record, 3600)
+    start = record.transitions[-1].at
+    meter.charge(start + 30)
+    again.charge(start + 40)  # another caller (the attempt's end) charges only what is new
+    meter.charge(start + 40)
+    expected = 60 * 2 ** (-10 / 3600) + 20  # 2 GPUs × 30 s, decayed for 10 s, then 2 × 10 s
+    assert usage(store.redis, 3600, start + 40)["alice"] == pytest.approx(expected, rel=1e-6)
+    assert usage(store.redis, 3600, start + 40 + 3600)["alice"] == pytest.approx(expected / 2, rel=1e-6)  # a half-life later

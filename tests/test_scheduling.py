@@ -1,0 +1,123 @@
+"""Sharing the workers, end to end (real Redis, S3, API and Celery workers on one queue): fair share
+between two owners, and preemption that resumes bit-identically."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.storage import Storage
+from tests.conftest import wait_for_job
+from tests.test_fault_tolerance import FAST_FAILURE_ENV, assert_bit_identical
+from trainq.stack import LocalStack
+from worker.training.checkpoint import load_checkpoint
+
+ENV = FAST_FAILURE_ENV | {
+    "AUTH_REQUIRED": "true",
+    "WORKER_HEARTBEAT_INTERVAL_S": "1",
+    "DISPATCH_INTERVAL_S": "0.5",
+    "PRIORITY_CEILING_BY_OWNER": '{"oncall": 100}',
+    "MAX_ACTIVE_JOBS_PER_OWNER": "1000",
+    "SUBMISSIONS_PER_MINUTE": "1000",
+}
+
+
+def table_spec(epochs: int = 1, **overrides) -> dict:
+    """A short regression job on the diabetes table (45 steps an epoch)."""
+    spec = {
+        "name": "sched",
+        "dataset": {"type": "csv", "uri": "s3://trainq/tables/diabetes.csv", "target": "target", "task": "regression"},
+        "model": {"arch": "mlp", "hidden_sizes": [16]},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "epochs": epochs,
+        "batch_size": 8,
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("sched-stack"), workers=0, env=ENV, isolated=True) as running:
+        running.seed_tables()
+        yield running
+
+
+def client(stack: LocalStack, owner: str) -> httpx.Client:
+    return httpx.Client(base_url=stack.api_url, timeout=30, headers={"Authorization": f"Bearer {stack.create_token(owner)}"})
+
+
+def submit(api: httpx.Client, spec: dict) -> str:
+    response = api.post("/jobs", json=spec)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_two_owners_alternate_on_two_workers(stack: LocalStack):
+    alice, bob = client(stack, "alice"), client(stack, "bob")
+    jobs = {"alice": [submit(alice, table_spec()) for _ in range(10)]}
+    jobs["bob"] = [submit(bob, table_spec()) for _ in range(10)]
+    owner_of = {job_id: owner for owner, ids in jobs.items() for job_id in ids}
+    for name in ("s1", "s2"):
+        stack.start_worker(name)
+    try:
+        records = [wait_for_job(alice if owner == "alice" else bob, job_id) for job_id, owner in owner_of.items()]
+    finally:
+        for name in ("s1", "s2"):
+            stack.stop_process(name)
+    assert all(r["state"] == "succeeded" and r["attempts"] == 1 for r in records), [r["error"] for r in records]
+    started = sorted(records, key=lambda r: r["started_at"])
+    order = [owner_of[r["id"]] for r in started[:10]]
+    for n in range(1, 11):  # every prefix of the first 10 dispatches is balanced within one
+        assert abs(order[:n].count("alice") - order[:n].count("bob")) <= 1, order
+    # Each owner's jobs still start oldest first.
+    for ids in jobs.values():
+        mine = [r["id"] for r in started if r["id"] in ids]
+        assert mine == ids
+
+
+def test_a_high_priority_job_preempts_a_low_one_which_resumes_bit_identically(stack: LocalStack, tmp_path: Path):
+    storage = Storage(stack.settings)
+    alice, oncall = client(stack, "alice"), client(stack, "oncall")
+    low_spec = table_spec(epochs=30, priority=10, checkpoint={"every_epochs": 5, "every_steps": 100})
+    stack.start_worker("p1")
+    try:
+        reference = wait_for_job(alice, submit(alice, low_spec))  # uninterrupted, on the same worker
+        low = submit(alice, low_spec)
+        deadline = time.monotonic() + 120
+        while alice.get(f"/jobs/{low}").json()["progress"]["step"] < 20:
+            assert time.monotonic() < deadline, "the low job never got going"
+            time.sleep(0.1)
+        high = submit(oncall, table_spec(priority=90))
+        asked = time.monotonic()
+        while (state := alice.get(f"/jobs/{low}").json())["state"] != "preempted":
+            assert time.monotonic() - asked < 10, f"not preempted within 10 s: {state['state']}"
+            time.sleep(0.05)
+        high_record = wait_for_job(oncall, high)
+        low_record = wait_for_job(alice, low)
+    finally:
+        stack.stop_process("p1")
+    assert high_record["state"] == "succeeded" and low_record["state"] == "succeeded", low_record["error"]
+    states = [t["state"] for t in low_record["transitions"]]
+    assert states == ["queued", "running", "preempted", "running", "succeeded"]
+    stopped_at = int(low_record["transitions"][2]["reason"].rsplit(" ", 1)[1])
+    assert low_record["resumed_from"].endswith(f"step-{stopped_at:09d}.pt")  # the checkpoint it saved when preempted
+    assert high_record["started_at"] < low_record["transitions"][3]["at"]  # the high one ran in between
+    assert low_record["attempts"] == 2
+    final = load_checkpoint(storage.download_file(low_record["artifacts"]["final_checkpoint"], tmp_path / "low.pt"))
+    expected = load_checkpoint(storage.download_file(reference["artifacts"]["final_checkpoint"], tmp_path / "ref.pt"))
+    assert_bit_identical(final, expected)
+
+
+def test_priority_above_the_owner_ceiling_and_unpreemptible_low_priority_are_422(stack: LocalStack):
+    alice = client(stack, "alice")
+    response = alice.post("/jobs", json=table_spec(priority=71))
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "priority"] and "above 70" in error["msg"]
+    response = alice.post("/jobs", json=table_spec(priority=50, preemptible=False))
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "preemptible"]
