@@ -39,8 +39,9 @@ from celery import Celery
 
 from shared.jobs import JOB_KEY, RUNNING_KEY, JobRecord, JobState, JobStore
 from shared.lease import JobLease
-from shared.pending import PENDING_STATES, PendingSet, priority_of
+from shared.pending import PENDING_OWNER_KEY, PENDING_STATES, PendingSet, priority_of
 from shared.queue import enqueue, queue_depth
+from shared.schemas import OwnerShare
 from shared.settings import Settings
 from shared.spec import DEFAULT_PRIORITY
 from shared.workers import live_workers
@@ -104,6 +105,32 @@ def make_pending(client: redis.Redis, record: JobRecord) -> None:
 def waiting_jobs(client: redis.Redis, queue: str) -> int:
     """Jobs waiting on ``queue``: pending for the dispatcher, plus messages in Celery's lists no worker took."""
     return PendingSet(client).pending_count(queue) + queue_depth(client, queue)
+
+
+def owner_shares(store: JobStore, queue: str, settings: Settings) -> list[OwnerShare]:
+    """Each owner with jobs pending or running on ``queue``: counts, normalized share, decayed usage."""
+    pending = PendingSet(store.redis)
+    owners = pending.owners(queue)
+    pipe = store.redis.pipeline(transaction=False)
+    for owner in owners:
+        pipe.zcard(PENDING_OWNER_KEY.format(queue, owner))
+    waiting = dict(zip(owners, pipe.execute()))
+    running: dict[str, int] = {}
+    held = [m.decode() for m in store.redis.smembers(RUNNING_KEY)] + list(pending.dispatched(queue))
+    pipe = store.redis.pipeline(transaction=False)
+    for job_id in held:
+        pipe.hmget(JOB_KEY.format(job_id), ("owner", "queue"))
+    for owner, job_queue in pipe.execute():
+        if owner is not None and json.loads(job_queue) == queue:
+            running[json.loads(owner)] = running.get(json.loads(owner), 0) + 1
+    names = sorted({o for o, n in waiting.items() if n} | set(running))
+    weights = {owner: settings.fair_share_weights.get(owner, 1.0) for owner in names}
+    used = usage(store.redis, settings.fair_share_half_life_s)
+    return [
+        OwnerShare(owner=owner, pending=waiting.get(owner, 0), running=running.get(owner, 0),
+                   share=weights[owner] / sum(weights.values()), usage_gpu_s=used.get(owner, 0.0))
+        for owner in names
+    ]
 
 
 def preempt_requested(client: redis.Redis, job_id: str) -> bool:

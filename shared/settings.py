@@ -88,10 +88,8 @@ class Settings(BaseSettings):
         "idle wakes it at once); also the longest a preemption waits to be asked.",
     )
     max_running_jobs_per_owner: int | None = Field(
-        None, ge=1, description="Jobs (of any queue) an owner may have running at once; others wait. Unset: no limit."
-    )
-    max_pending_jobs_per_owner: int | None = Field(
-        None, ge=1, description="Jobs an owner may have waiting (queued or preempted) at once; more is a 429. Unset: no limit."
+        None, ge=1, description="Jobs (of any queue) an owner may have running at once; the others wait, pending, and "
+        "other owners' jobs go first. Unset: no limit (`MAX_ACTIVE_JOBS_PER_OWNER` still caps jobs queued and running)."
     )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600,

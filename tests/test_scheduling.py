@@ -12,11 +12,13 @@ import pytest
 
 from shared.storage import Storage
 from tests.conftest import wait_for_job
+from tests.fixtures import DIGITS_URI, fast_digits_spec
 from tests.test_fault_tolerance import FAST_FAILURE_ENV, assert_bit_identical
 from trainq.stack import LocalStack
 from worker.training.checkpoint import load_checkpoint
 
 ENV = FAST_FAILURE_ENV | {
+    "LEASE_TTL_S": "15",  # a loaded machine must not make a busy worker look dead here: attempts are counted
     "AUTH_REQUIRED": "true",
     "WORKER_HEARTBEAT_INTERVAL_S": "1",
     "DISPATCH_INTERVAL_S": "0.5",
@@ -44,7 +46,21 @@ def table_spec(epochs: int = 1, **overrides) -> dict:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with LocalStack(tmp_path_factory.mktemp("sched-stack"), workers=0, env=ENV, isolated=True) as running:
         running.seed_tables()
+        running.seed_digits(DIGITS_URI)
         yield running
+
+
+def digits(epochs: int = 1) -> dict:
+    """The digits CNN for ``epochs`` epochs of 23 steps, loading in the training process."""
+    return fast_digits_spec(epochs=epochs, num_workers=0)
+
+
+def wait_until(api: httpx.Client, job_id: str, predicate, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not predicate(record := api.get(f"/jobs/{job_id}").json()):
+        assert time.monotonic() < deadline, f"job {job_id}: condition not met in {timeout_s} s: {record}"
+        time.sleep(0.05)
+    return record
 
 
 def client(stack: LocalStack, owner: str) -> httpx.Client:
@@ -58,13 +74,18 @@ def submit(api: httpx.Client, spec: dict) -> str:
 
 
 def test_two_owners_alternate_on_two_workers(stack: LocalStack):
-    alice, bob = client(stack, "alice"), client(stack, "bob")
-    jobs = {"alice": [submit(alice, table_spec()) for _ in range(10)]}
-    jobs["bob"] = [submit(bob, table_spec()) for _ in range(10)]
-    owner_of = {job_id: owner for owner, ids in jobs.items() for job_id in ids}
+    # Both workers busy with a third owner's jobs (which also warms their data cache), then alice
+    # submits 10 one-epoch jobs and bob 10: as workers free up, the jobs alternate between them.
+    alice, bob, carol = client(stack, "alice"), client(stack, "bob"), client(stack, "carol")
     for name in ("s1", "s2"):
         stack.start_worker(name)
     try:
+        blockers = [submit(carol, digits(epochs=3)) for _ in range(2)]
+        for job_id in blockers:
+            wait_until(carol, job_id, lambda r: r["state"] == "running")
+        jobs = {"alice": [submit(alice, digits()) for _ in range(10)]}
+        jobs["bob"] = [submit(bob, digits()) for _ in range(10)]
+        owner_of = {job_id: owner for owner, ids in jobs.items() for job_id in ids}
         records = [wait_for_job(alice if owner == "alice" else bob, job_id) for job_id, owner in owner_of.items()]
     finally:
         for name in ("s1", "s2"):
@@ -74,10 +95,8 @@ def test_two_owners_alternate_on_two_workers(stack: LocalStack):
     order = [owner_of[r["id"]] for r in started[:10]]
     for n in range(1, 11):  # every prefix of the first 10 dispatches is balanced within one
         assert abs(order[:n].count("alice") - order[:n].count("bob")) <= 1, order
-    # Each owner's jobs still start oldest first.
-    for ids in jobs.values():
-        mine = [r["id"] for r in started if r["id"] in ids]
-        assert mine == ids
+    for ids in jobs.values():  # each owner's jobs still start oldest first
+        assert [r["id"] for r in started if r["id"] in ids] == ids
 
 
 def test_a_high_priority_job_preempts_a_low_one_which_resumes_bit_identically(stack: LocalStack, tmp_path: Path):
@@ -88,15 +107,9 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_bit_identically(st
     try:
         reference = wait_for_job(alice, submit(alice, low_spec))  # uninterrupted, on the same worker
         low = submit(alice, low_spec)
-        deadline = time.monotonic() + 120
-        while alice.get(f"/jobs/{low}").json()["progress"]["step"] < 20:
-            assert time.monotonic() < deadline, "the low job never got going"
-            time.sleep(0.1)
+        wait_until(alice, low, lambda r: r["progress"]["step"] >= 20)
         high = submit(oncall, table_spec(priority=90))
-        asked = time.monotonic()
-        while (state := alice.get(f"/jobs/{low}").json())["state"] != "preempted":
-            assert time.monotonic() - asked < 10, f"not preempted within 10 s: {state['state']}"
-            time.sleep(0.05)
+        wait_until(alice, low, lambda r: r["state"] == "preempted", timeout_s=10)
         high_record = wait_for_job(oncall, high)
         low_record = wait_for_job(alice, low)
     finally:

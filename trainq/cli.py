@@ -274,13 +274,15 @@ def status(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The j
     console, p = _console(), record.progress
     rows = [
         ("id", record.id), ("name", record.name or "-"), ("owner", record.owner), ("state", record.state.value),
-        ("queue", record.queue), ("created", _when(record.created_at)), ("attempts", str(record.attempts)),
+        ("queue", record.queue), ("priority", f"{record.spec.priority}" + ("" if record.spec.preemptible else " (not preemptible)")),
+        ("created", _when(record.created_at)), ("attempts", str(record.attempts)),
         ("progress", _metrics_text(record)), ("runtime", _duration(p.runtime_s)),
         ("ETA", _duration(p.eta_s) if record.state is JobState.RUNNING else "-"),
         ("device", record.device or "-"), ("worker", record.worker or "-"),
     ]
     if record.error:
         rows.append(("error", record.error))
+    rows.append(("history", " → ".join(t.state.value + (f" ({t.reason})" if t.reason else "") for t in record.transitions)))
     if record.artifacts.tensorboard:
         rows.append(("tensorboard", record.artifacts.tensorboard))
     if record.artifacts.final_checkpoint:
@@ -425,10 +427,11 @@ def workers(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command()
 @handle_errors
 def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Queues: jobs waiting and live workers consuming each."""
-    listing = _client(ctx).queues()
+    """Queues: jobs waiting and live workers consuming each; per owner, jobs pending and running, fair share and usage."""
+    client = _client(ctx)
+    listing, shares = client.queues(), client.shares()
     if as_json:
-        _print_json(listing)
+        _print_json({"queues": listing.model_dump(mode="json")["data"], "shares": shares.model_dump(mode="json")["data"]})
         return
     table = Table(box=None, header_style="bold")
     for column in ("queue", "waiting", "workers"):
@@ -436,6 +439,14 @@ def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
     for queue in listing.data:
         table.add_row(queue.name, str(queue.depth), str(queue.workers) + ("  (no worker: its jobs wait)" if queue.depth and not queue.workers else ""))
     _console().print(table)
+    owners = Table(box=None, header_style="bold")
+    for column in ("queue", "owner", "pending", "running", "share", "usage (GPU-h, decayed)"):
+        owners.add_column(column)
+    for queue in shares.data:
+        for o in queue.owners:
+            owners.add_row(queue.queue, o.owner, str(o.pending), str(o.running), f"{o.share:.0%}", f"{o.usage_gpu_s / 3600:.2f}")
+    if owners.row_count:
+        _console().print(owners)
 
 
 @app.command()

@@ -27,7 +27,7 @@ from httpx_sse import aconnect_sse, connect_sse
 from pydantic import BaseModel, ValidationError
 
 from shared.jobs import DryRunReport, JobRecord, JobsPage, JobState, JobSummary
-from shared.schemas import ArtifactList, QueueList, Readiness, TensorBoardConfig, WorkerList
+from shared.schemas import ArtifactList, QueueList, Readiness, SharesList, TensorBoardConfig, WorkerList
 from shared.spec import JobSpec
 from shared.workers import WorkerStatus
 
@@ -298,6 +298,10 @@ class Client:
     def queues(self) -> QueueList:
         """Queues with their depth and consumers."""
         return _parse(QueueList, self.request("GET", "/queues"))
+
+    def shares(self) -> SharesList:
+        """Per queue, each owner's jobs, fair share and decayed usage (``GET /queues/shares``)."""
+        return _parse(SharesList, self.request("GET", "/queues/shares"))
 
     def ready(self) -> Readiness:
         """``/readyz``, also when it is 503."""

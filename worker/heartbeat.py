@@ -20,6 +20,9 @@ from worker.training import StopReason
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between charges of the attempt's GPU-seconds to its owner's fair-share usage (and one at its end).
+CHARGE_INTERVAL_S = 5.0
+
 #: Set when the Celery worker begins a warm shutdown (SIGTERM, Ctrl-C): running jobs checkpoint
 #: and go back to the queue instead of holding the shutdown until they finish.
 worker_shutdown = threading.Event()
@@ -67,10 +70,9 @@ class JobMonitor(threading.Thread):
         return None
 
     def run(self) -> None:
-        last_renewed = time.monotonic()
+        last_renewed = last_charged = time.monotonic()
         while not self._stopped.wait(self.interval_s):
             try:
-                self._charge()
                 if not self.lease.renew():
                     logger.error("job %s: lease taken over by another worker; stopping", self.job_id)
                     self.lease_lost.set()
@@ -80,6 +82,9 @@ class JobMonitor(threading.Thread):
                     self.cancelled.set()
                 if preempt_requested(self.store.redis, self.job_id):
                     self.preempted.set()
+                if time.monotonic() - last_charged >= CHARGE_INTERVAL_S:
+                    self._charge()
+                    last_charged = time.monotonic()
             except redis.RedisError as exc:
                 # Redis restarting: go on training; only a lease that may have expired is lost.
                 if time.monotonic() - last_renewed > self.lease_ttl_s:
