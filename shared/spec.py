@@ -519,6 +519,14 @@ class CheckpointSpec(SpecModel):
     best_metric: Metric | None = Field(
         None, description="Also keep `best.pt`: the epoch with the best value of this validation metric."
     )
+    keep_last: Int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Keep only the newest N step checkpoints (`step-*.pt`, written by `every_steps` and `every_epochs`): "
+        "an older one is deleted from S3 once a newer one is uploaded. `best.pt` and `final.pt` are always kept. "
+        "Default: keep every checkpoint.",
+    )
 
 
 class EarlyStopping(SpecModel):

@@ -1,5 +1,5 @@
 """Sharing the workers, end to end (real Redis, S3, API and Celery workers on one queue): fair share
-between two owners, and preemption that resumes bit-identically."""
+between two owners, preemption that resumes bit-identically, and checkpoint retention (keep_last)."""
 
 from __future__ import annotations
 
@@ -134,3 +134,23 @@ def test_priority_above_the_owner_ceiling_and_unpreemptible_low_priority_are_422
     assert error["loc"] == ["body", "priority"] and "above 70" in error["msg"]
     response = alice.post("/jobs", json=table_spec(priority=50, preemptible=False))
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "preemptible"]
+
+
+def test_keep_last_leaves_the_two_newest_step_checkpoints_final_and_best(stack: LocalStack):
+    storage = Storage(stack.settings)
+    alice = client(stack, "alice")
+    spec = digits() | {"checkpoint": {"every_steps": 1, "keep_last": 2, "best_metric": "val_loss"}}
+    stack.start_worker("r1")
+    try:
+        record = wait_for_job(alice, submit(alice, spec))
+    finally:
+        stack.stop_process("r1")
+    assert record["state"] == "succeeded", record["error"]
+    prefix = f"s3://trainq/jobs/{record['id']}/checkpoints/"
+    names = sorted(obj.key.rsplit("/", 1)[-1] for obj in storage.list_objects(prefix))
+    steps = [name for name in names if name.startswith("step-")]
+    assert len(steps) == 2 and steps[-1] == "step-000000023.pt", names
+    assert set(names) - set(steps) == {"final.pt", "best.pt"}
+    # The record lists what is in S3, oldest first.
+    assert record["artifacts"]["checkpoints"] == [prefix + name for name in steps] + [prefix + "final.pt"]
+    assert record["artifacts"]["best_checkpoint"] == prefix + "best.pt"

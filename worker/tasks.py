@@ -88,6 +88,11 @@ class RecordCallbacks(TrainingCallbacks):
             self.artifacts.final_checkpoint = uri
         self._write(artifacts=self.artifacts)
 
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        if uri in self.artifacts.checkpoints:
+            self.artifacts.checkpoints.remove(uri)
+            self._write(artifacts=self.artifacts)
+
     def stop_requested(self) -> StopReason | None:
         return self.monitor.stop_requested()
 

@@ -61,6 +61,7 @@ from worker.training.fastpath import FastPath, build_fast_path, configure_backen
 from worker.training.memory import check_memory, estimate_memory, memory_budget
 from worker.training.models import build_model, load_initial_weights
 from worker.training.recipe import MetricTracker, build_loss, build_optimizer, build_scheduler
+from worker.training.retention import delete_checkpoint, stale_checkpoints
 from worker.training.uploads import BackgroundUploader
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class TrainingCallbacks:
 
     def on_checkpoint(self, uri: str) -> None:
         """A checkpoint is complete in S3 at ``uri``."""
+
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        """An older checkpoint was deleted from S3 (``checkpoint.keep_last``); called from the upload thread."""
 
     def stop_requested(self) -> StopReason | None:
         """Polled after every optimizer step, before every validation batch and between the files
@@ -666,10 +670,19 @@ class _Run:
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.last_checkpoint = uri
         self.uploader.submit_file(
-            path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri),
+            path, uri, on_done=lambda: self._checkpoint_uploaded(uri),
             write=lambda: write_checkpoint(path, snapshot), coalesce=_coalesce_key(name),
         )
         return uri
+
+    def _checkpoint_uploaded(self, uri: str) -> None:
+        """Report ``uri``; then, with ``checkpoint.keep_last``, delete the step checkpoints it makes stale."""
+        self.callbacks.on_checkpoint(uri)
+        if self.spec.checkpoint.keep_last is not None and _STEP_CHECKPOINT.search(uri):
+            steps = [u for u in checkpoint_uris(self.storage, self.job_id) if _STEP_CHECKPOINT.search(u)]
+            for stale in stale_checkpoints(steps, self.spec.checkpoint.keep_last):
+                if delete_checkpoint(self.storage, stale):
+                    self.callbacks.on_checkpoint_deleted(stale)
 
     @in_stage("upload")
     def drain(self, *, stoppable: bool = True, max_wait_s: float | None = None) -> bool:
