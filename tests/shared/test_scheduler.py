@@ -1,7 +1,7 @@
 """The dispatcher's policy and bookkeeping on a real Redis (no API, no worker processes): pending
 sets following the lifecycle, dispatch order, the lease's fence, preemption requests, the sweep.
 
-Workers appear as the status records real workers publish (:func:`shared.workers.publish`);
+Workers appear as the status records real workers publish (:func:`tests.shared.conftest.publish_worker`);
 dispatched messages land in Celery's own Redis lists (a real Celery app, no consumer).
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,19 +19,8 @@ from shared.queue import make_celery, queue_depth
 from shared.scheduler import AttemptMeter, Candidate, Dispatcher, choose, deficits, preempt_requested, usage
 from shared.settings import Settings
 from shared.spec import JobSpec
-from shared.workers import DeviceInfo, WorkerStatus, publish
 from tests.fixtures import example_spec
-from trainq.stack import LocalStack
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    stack = LocalStack(tmp_path_factory.mktemp("sched-redis"), workers=0, isolated=True)
-    stack.start_redis()
-    try:
-        yield stack.env["REDIS_URL"]
-    finally:
-        stack.stop()
+from tests.shared.conftest import publish_worker
 
 
 @pytest.fixture
@@ -55,16 +42,10 @@ def submit(store: JobStore, owner: str, queue: str = "default", **spec: object) 
     return record.id
 
 
-def worker(store: JobStore, name: str, queues: list[str] = ["default"], current_job: str | None = None) -> None:
-    status = WorkerStatus(name=name, host="h", pid=1, queues=queues, device=DeviceInfo(cuda_available=False),
-                          current_job=current_job, started_at=time.time(), last_heartbeat=time.time())
-    publish(store.redis, status, 60)
-
-
 def start(store: JobStore, job_id: str, worker_name: str) -> None:
     """What a worker does when it takes the job."""
     store.transition(job_id, JobState.RUNNING, worker=worker_name)
-    worker(store, worker_name, current_job=job_id)
+    publish_worker(store, worker_name, current_job=job_id)
 
 
 @pytest.fixture
@@ -102,25 +83,25 @@ def test_pending_set_follows_the_lifecycle_and_a_preempted_job_keeps_its_age(sto
 def test_dispatch_sends_one_job_per_free_worker_alternating_owners(store: JobStore, dispatcher: Dispatcher):
     alice = [submit(store, "alice") for _ in range(3)]
     bob = [submit(store, "bob") for _ in range(3)]
-    worker(store, "w1")
-    worker(store, "w2")
+    publish_worker(store, "w1")
+    publish_worker(store, "w2")
     assert dispatcher.dispatch_once() == [alice[0], bob[0]]  # alice is older; then she holds one
     assert queue_depth(store.redis, "default") == 2
     assert dispatcher.dispatch_once() == []  # both workers have a job on its way
     start(store, alice[0], "w1")
     start(store, bob[0], "w2")
     store.transition(bob[0], JobState.SUCCEEDED)
-    worker(store, "w2")
+    publish_worker(store, "w2")
     assert dispatcher.dispatch_once() == [bob[1]]  # alice still holds w1
 
 
 def test_priority_beats_age_and_quota_holds_an_owner_back(store: JobStore, dispatcher: Dispatcher, settings: Settings):
     low = submit(store, "alice")
     high = submit(store, "bob", priority=60)
-    worker(store, "w1")
+    publish_worker(store, "w1")
     assert dispatcher.dispatch_once() == [high]
     dispatcher.settings = settings.model_copy(update={"max_running_jobs_per_owner": 1})
-    worker(store, "w2")
+    publish_worker(store, "w2")
     other = submit(store, "bob", priority=60)
     assert dispatcher.dispatch_once() == [low]  # bob is at his limit of 1
     assert PendingSet(store.redis).pending_ids("default") == [other]
@@ -128,7 +109,7 @@ def test_priority_beats_age_and_quota_holds_an_owner_back(store: JobStore, dispa
 
 def test_a_dispatcher_without_the_lease_moves_nothing(store: JobStore, dispatcher: Dispatcher, settings: Settings):
     job = submit(store, "alice")
-    worker(store, "w1")
+    publish_worker(store, "w1")
     usurper = Dispatcher(store, make_celery(settings), settings)
     assert not usurper.lease.acquire()
     assert usurper.dispatch_once() == [] and not usurper.leading
@@ -141,7 +122,7 @@ def test_a_waiting_job_of_higher_priority_preempts_the_lowest_preemptible_one(st
     for owner, spec, name in (("carol", {"priority": 5, "preemptible": False}, "w1"), ("alice", {"priority": 30}, "w2"),
                               ("alice", {"priority": 10}, "w3")):
         job = submit(store, owner, **spec)
-        worker(store, name)
+        publish_worker(store, name)
         assert dispatcher.dispatch_once() == [job]
         start(store, job, name)
         started.append(job)

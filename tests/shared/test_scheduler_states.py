@@ -8,9 +8,7 @@ transition. After every step the pending bookkeeping must match the records exac
 
 from __future__ import annotations
 
-import time
 
-import pytest
 import redis
 from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -24,23 +22,18 @@ from shared.scheduler import LEASE_NAME, Dispatcher, make_pending
 from shared.settings import Settings
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
-from tests.shared.test_scheduler import redis_url, worker  # noqa: F401  (the module's Redis server)
+from tests.shared.conftest import publish_worker
 
 WORKERS = ("w1", "w2")
 
 
-@pytest.fixture
-def machine_redis(redis_url: str) -> str:  # noqa: F811
-    return redis_url
-
-
-def test_no_job_is_lost_or_run_twice(machine_redis: str):
-    settings = Settings(redis_url=machine_redis, queues=["default"], fair_share_half_life_s=3600)
+def test_no_job_is_lost_or_run_twice(redis_url: str):
+    settings = Settings(redis_url=redis_url, queues=["default"], fair_share_half_life_s=3600)
 
     class Scheduling(RuleBasedStateMachine):
         @initialize()
         def setup(self) -> None:
-            client = redis.Redis.from_url(machine_redis)
+            client = redis.Redis.from_url(redis_url)
             client.flushdb()
             self.store = JobStore(client)
             self.pending = PendingSet(client)
@@ -52,7 +45,7 @@ def test_no_job_is_lost_or_run_twice(machine_redis: str):
             self.delivered: list[str] = []  # every message sent, duplicates included
             self.runs: dict[str, str] = {}  # job -> worker running it
             for name in WORKERS:
-                worker(self.store, name)
+                publish_worker(self.store, name)
 
         @rule(owner=st.sampled_from(["alice", "bob"]), priority=st.sampled_from([10, 50, 90]))
         def submit(self, owner: str, priority: int) -> None:
@@ -88,7 +81,7 @@ def test_no_job_is_lost_or_run_twice(machine_redis: str):
                 return  # skipped, as the task skips it
             assert job_id not in self.runs, "a job started twice at once"
             self.runs[job_id] = name
-            worker(self.store, name, current_job=job_id)
+            publish_worker(self.store, name, current_job=job_id)
 
         @precondition(lambda self: self.runs)
         @rule(data=st.data(), outcome=st.sampled_from(["succeeded", "preempted", "worker lost", "cancelled"]))
@@ -98,7 +91,7 @@ def test_no_job_is_lost_or_run_twice(machine_redis: str):
             state = {"succeeded": JobState.SUCCEEDED, "preempted": JobState.PREEMPTED,
                      "worker lost": JobState.RETRYING, "cancelled": JobState.CANCELLED}[outcome]
             self.store.transition(job_id, state, reason=outcome, expect_attempt=attempt)
-            worker(self.store, self.runs.pop(job_id))
+            publish_worker(self.store, self.runs.pop(job_id))
 
         @precondition(lambda self: self.jobs)
         @rule(data=st.data())
