@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from shared.jobs import JOB_KEY, RUNNING_KEY, JobRecord, JobState, JobStore
+from shared.exceptions import JobNotFoundError
+from shared.jobs import INDEX_KEY, JOB_KEY, RUNNING_KEY, JobRecord, JobState, JobStore
 from shared.lease import JobLease
 from shared.pending import PENDING_OWNER_KEY, PENDING_STATES, PendingSet, priority_of
 from shared.queue import enqueue, queue_depth
@@ -207,6 +208,7 @@ class Snapshot:
     load: dict[str, float] = field(default_factory=dict)  # owner -> GPUs held + usage / half-life
 
     def running_jobs(self, owner: str) -> int:
+        """Jobs of ``owner`` running or on their way to a worker (``MAX_RUNNING_JOBS_PER_OWNER`` counts these)."""
         return sum(1 for h in self.held if h.owner == owner)
 
 
@@ -243,7 +245,6 @@ class Dispatcher(threading.Thread):
     def __init__(self, store: JobStore, celery: Celery, settings: Settings) -> None:
         super().__init__(name="trainq-dispatcher", daemon=True)
         self.store, self.celery, self.settings = store, celery, settings
-        self.redis = store.redis
         self.pending = PendingSet(store.redis)
         self.lease = JobLease(store.redis, LEASE_NAME, LEASE_TTL_S, owner=f"{socket.gethostname()}")
         self.leading = False
@@ -263,7 +264,7 @@ class Dispatcher(threading.Thread):
                     self._stopped.wait(interval)
                     continue
                 self.dispatch_once()
-                self.redis.blpop([WAKE_KEY], timeout=max(interval, 0.01))
+                self.store.redis.blpop([WAKE_KEY], timeout=max(interval, 0.01))  # a submit or an idle worker wakes it
             except redis.RedisError as exc:
                 logger.warning("dispatcher: Redis unavailable (%s)", exc)
                 self._stopped.wait(interval)
@@ -288,7 +289,7 @@ class Dispatcher(threading.Thread):
 
     # -- one pass ------------------------------------------------------------------------------
     def dispatch_once(self) -> list[str]:
-        """One pass: charge usage, send pending jobs to free workers, preempt for jobs still waiting,
+        """One pass: send pending jobs to free workers, ask for preemptions for those still waiting,
         and now and then sweep; returns the ids dispatched."""
         if time.monotonic() - self._last_sweep > SWEEP_INTERVAL_S:
             self._last_sweep = time.monotonic()
@@ -452,29 +453,22 @@ class Dispatcher(threading.Thread):
         :data:`DISPATCH_TIMEOUT_S`; returns how many."""
         fixed = 0
         queues = self.queues()
-        listed = {queue: set(self.pending.pending_ids(queue)) for queue in queues}
-        sent = {queue: self.pending.dispatched(queue) for queue in queues}
+        listed = set().union(*(self.pending.pending_ids(queue) for queue in queues))
+        sent = {job_id: when for queue in queues for job_id, when in self.pending.dispatched(queue).items()}
         now = time.time()
         for state in PENDING_STATES:
-            for member in self.store.redis.zrange(f"trainq:jobs:state:{state}", 0, -1):
+            for member in self.store.redis.zrange(f"{INDEX_KEY}:state:{state}", 0, -1):
                 job_id = member.decode()
+                if job_id in listed or now - sent.get(job_id, 0.0) < DISPATCH_TIMEOUT_S:
+                    continue  # pending, or on its way to a worker
                 try:
                     record = self.store.get(job_id)
-                except Exception:
+                except JobNotFoundError:
                     continue
-                queue = record.queue
-                if job_id in listed.get(queue, set()) or record.state.value not in PENDING_STATES:
-                    continue
-                if now - record.transitions[-1].at < SWEEP_INTERVAL_S:
-                    continue  # just recorded: its submit or transition is listing it now
-                when = sent.get(queue, {}).get(job_id)
-                if when is not None and now - when < DISPATCH_TIMEOUT_S:
-                    continue
-                if when is not None:
-                    added = self.pending.undispatch(job_id, queue, record.owner, record.spec.priority, record.created_at)
-                else:
-                    added = self.pending.push(job_id, queue, record.owner, record.spec.priority, record.created_at)
-                if added:
-                    logger.warning("job %s: was in no pending set; put back", job_id)
+                if record.state.value not in PENDING_STATES or now - record.transitions[-1].at < SWEEP_INTERVAL_S:
+                    continue  # moved on, or just recorded: its submit or transition is listing it now
+                args = (job_id, record.queue, record.owner, record.spec.priority, record.created_at)
+                if self.pending.undispatch(*args) if job_id in sent else self.pending.push(*args):
+                    logger.warning("job %s: was in no pending set (or its worker never took it); put back", job_id)
                     fixed += 1
         return fixed
