@@ -431,7 +431,7 @@ def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
     client = _client(ctx)
     listing, shares = client.queues(), client.shares()
     if as_json:
-        _print_json({"queues": listing.model_dump(mode="json")["data"], "shares": shares.model_dump(mode="json")["data"]})
+        _print_json(listing.model_dump(mode="json") | {"shares": shares.model_dump(mode="json")["data"]})
         return
     table = Table(box=None, header_style="bold")
     for column in ("queue", "waiting", "workers"):
