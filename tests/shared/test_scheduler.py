@@ -16,7 +16,7 @@ import redis
 from shared.jobs import JobState, JobStore
 from shared.pending import PendingSet
 from shared.queue import make_celery, queue_depth
-from shared.scheduler import AttemptMeter, Candidate, Dispatcher, choose, deficits, preempt_requested, usage
+from shared.scheduler import AttemptMeter, Candidate, Dispatcher, choose, deficits, owner_shares, preempt_requested, usage
 from shared.settings import Settings
 from shared.spec import JobSpec
 from tests.fixtures import example_spec
@@ -162,3 +162,15 @@ def test_an_attempt_is_charged_once_per_second_used_and_usage_decays(store: JobS
     expected = 60 * 2 ** (-10 / 3600) + 20  # 2 GPUs × 30 s, decayed for 10 s, then 2 × 10 s
     assert usage(store.redis, 3600, start + 40)["alice"] == pytest.approx(expected, rel=1e-6)
     assert usage(store.redis, 3600, start + 40 + 3600)["alice"] == pytest.approx(expected / 2, rel=1e-6)  # a half-life later
+
+
+def test_owner_shares_count_each_owners_jobs_and_normalize_weights(store: JobStore, dispatcher: Dispatcher, settings: Settings):
+    running = submit(store, "alice")
+    publish_worker(store, "w1")
+    assert dispatcher.dispatch_once() == [running]
+    start(store, running, "w1")
+    submit(store, "alice")
+    submit(store, "bob")
+    submit(store, "bob")
+    shares = owner_shares(store, "default", settings.model_copy(update={"fair_share_weights": {"alice": 3.0}}))
+    assert [(s.owner, s.pending, s.running, s.share) for s in shares] == [("alice", 1, 1, 0.75), ("bob", 2, 0, 0.25)]
