@@ -154,3 +154,12 @@ def test_keep_last_leaves_the_two_newest_step_checkpoints_final_and_best(stack: 
     # The record lists what is in S3, oldest first.
     assert record["artifacts"]["checkpoints"] == [prefix + name for name in steps] + [prefix + "final.pt"]
     assert record["artifacts"]["best_checkpoint"] == prefix + "best.pt"
+
+
+def test_shares_show_an_owner_only_their_own_row(stack: LocalStack):
+    alice, bob = client(stack, "alice"), client(stack, "bob")
+    submit(alice, table_spec(queue="nobody-listens"))
+    submit(bob, table_spec(queue="nobody-listens"))
+    rows = {q["queue"]: q["owners"] for q in alice.get("/queues/shares").raise_for_status().json()["data"]}
+    assert [(o["owner"], o["pending"], o["running"]) for o in rows["nobody-listens"]] == [("alice", 1, 0)]
+    assert rows["nobody-listens"][0]["share"] == 0.5  # of the two owners waiting there
