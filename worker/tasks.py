@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
-from celery import Celery
 
 from shared.access import settings_for_owner
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
@@ -90,11 +89,16 @@ class RecordCallbacks(TrainingCallbacks):
             self.artifacts.final_checkpoint = uri
         self._write(artifacts=self.artifacts)
 
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        if uri in self.artifacts.checkpoints:
+            self.artifacts.checkpoints.remove(uri)
+            self._write(artifacts=self.artifacts)
+
     def stop_requested(self) -> StopReason | None:
         return self.monitor.stop_requested()
 
 
-def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings, celery: Celery, worker_name: str) -> JobState:
+def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings, worker_name: str) -> JobState:
     """Run one delivery of job ``job_id``; return the job's state afterwards."""
     try:
         record = store.get(job_id)
@@ -144,7 +148,9 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             message = f"time limit: ran {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
             return finish(JobState.FAILED, reason="time limit", error=message)
         if stop.reason is StopReason.SHUTDOWN:
-            return _requeue(store, celery, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
+            return _requeue(store, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
+        if stop.reason is StopReason.PREEMPTED:  # back to pending, keeping its age; not counted against MAX_ATTEMPTS
+            return finish(JobState.PREEMPTED, reason=f"preempted at step {stop.step}")
         logger.error("job %s: %s; leaving the job to its new owner", job_id, stop)
         return store.get(job_id).state
     except Exception as exc:
@@ -152,7 +158,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         kind, message = job_error(exc, settings.data_cache_dir, settings.data_root)
         if kind is Fault.TRANSIENT:
             logger.warning("job %s: attempt %d: %s", job_id, attempt, message, exc_info=True)
-            return _requeue(store, celery, job_id, message, attempt, settings.max_attempts)
+            return _requeue(store, job_id, message, attempt, settings.max_attempts)
         if kind is Fault.JOB:
             logger.warning("job %s: failed: %s", job_id, message)
             return finish(JobState.FAILED, reason="job error", error=message)
@@ -185,9 +191,9 @@ def _start_job_log(job_id: str, attempt: int, worker_name: str, storage: Storage
         return None
 
 
-def _requeue(store: JobStore, celery: Celery, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
+def _requeue(store: JobStore, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
     try:
-        return requeue(store, celery, job_id, reason=reason, attempt=attempt, max_attempts=max_attempts)
+        return requeue(store, job_id, reason=reason, attempt=attempt, max_attempts=max_attempts)
     except InvalidTransitionError as exc:
         logger.error("job %s: not requeued: %s", job_id, exc)
         return store.get(job_id).state
@@ -214,6 +220,6 @@ def train(self, job_id: str) -> str:
     if _store is None:
         _store = JobStore.from_url(settings.redis_url)
         _storage = MeteredStorage(settings)
-    state = execute_job(job_id, _store, _storage, settings, app, self.request.hostname or "worker")
+    state = execute_job(job_id, _store, _storage, settings, self.request.hostname or "worker")
     STATS.count_outcome(job_id, state)
     return state.value
