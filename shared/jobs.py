@@ -521,7 +521,7 @@ class JobStore:
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel ``job_id``: at once if it has not started, else ask its worker to stop.
 
-        A queued or retrying job becomes ``cancelled`` (a later delivery skips it). A running
+        A queued, retrying or preempted job becomes ``cancelled`` (a later delivery skips it). A running
         job gets ``cancel_requested_at``; its worker stops at the next step boundary, saves a
         checkpoint and ends it ``cancelled``.
 
