@@ -29,11 +29,11 @@ from shared.auth import MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.records import ANONYMOUS_OWNER
+from shared.scheduler import Dispatcher
 from shared.schemas import ErrorDetail
 from shared.settings import Settings, get_settings
 from shared.spec import json_path
 from shared.storage import Storage
-
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Readiness must answer within a probe's timeout: one try, short timeouts.
         app.state.s3_probe = Storage(settings, max_attempts=1, timeout_s=2)
         app.state.presigner = Storage(settings, endpoint_url=settings.s3_public_endpoint_url)
+        # Every API process runs one; the holder of the Redis lease dispatches (shared.scheduler).
+        dispatcher = Dispatcher(app.state.store, app.state.celery, settings)
+        dispatcher.start()
         yield
+        dispatcher.stop()
         app.state.store.redis.close()
         await app.state.store.aredis.aclose()
 

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator, metrics
 
 from api.deps import get_principal
-from shared.queue import queue_depth
+from shared.scheduler import waiting_jobs
 from shared.workers import live_workers
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class ServiceCollector(Collector):
             states = store.count_by_state()
             workers = live_workers(store.redis)
             names = set(store.queues()) | {self.app.state.settings.default_queue} | {q for w in workers for q in w.queues}
-            depths = {name: queue_depth(store.redis, name) for name in sorted(names)}
+            depths = {name: waiting_jobs(store.redis, name) for name in sorted(names)}
         except Exception as exc:  # Redis down: say so instead of failing the scrape
             logger.warning("metrics: Redis: %s: %s", type(exc).__name__, exc)
             up.add_metric([], 0)
@@ -53,7 +53,9 @@ class ServiceCollector(Collector):
         for state, count in states.items():
             jobs.add_metric([state.value], count)
         yield jobs
-        depth = GaugeMetricFamily("trainq_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "trainq_queue_depth", "Jobs waiting in each queue: pending, or sent to Celery and not yet taken.", labels=["queue"]
+        )
         for name, value in depths.items():
             depth.add_metric([name], value)
         yield depth

@@ -102,9 +102,34 @@ def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) ->
     raise ValueError(f"{printable(uri)} is not under a prefix this service may read ({', '.join(allowed)}; see DATA_URIS_ALLOWED)")
 
 
-def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = None) -> list[AccessProblem]:
-    """Every field of ``spec`` that names a queue or a URI the settings do not allow ``owner``."""
+def priority_ceiling(settings: Settings, owner: str) -> int:
+    """The highest spec ``priority`` ``owner`` may give: its ``PRIORITY_CEILING_BY_OWNER`` entry, else ``PRIORITY_CEILING``."""
+    return settings.priority_ceiling_by_owner.get(owner, settings.priority_ceiling)
+
+
+def priority_problems(spec: JobSpec, settings: Settings, owner: str) -> list[AccessProblem]:
+    """``priority`` over ``owner``'s ceiling; ``preemptible: false`` below ``NON_PREEMPTIBLE_MIN_PRIORITY``."""
     problems = []
+    ceiling = priority_ceiling(settings, owner)
+    if spec.priority > ceiling:
+        problems.append(AccessProblem(
+            ("priority",), str(spec.priority),
+            f"priority {spec.priority} is above {ceiling}, the highest owner {owner!r} may give (PRIORITY_CEILING"
+            f"{'_BY_OWNER' if owner in settings.priority_ceiling_by_owner else ''})",
+        ))
+    if not spec.preemptible and spec.priority < settings.non_preemptible_min_priority:
+        problems.append(AccessProblem(
+            ("preemptible",), "false",
+            f"preemptible: false needs priority {settings.non_preemptible_min_priority} or more "
+            f"(NON_PREEMPTIBLE_MIN_PRIORITY); this spec has {spec.priority}",
+        ))
+    return problems
+
+
+def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = None) -> list[AccessProblem]:
+    """Every field of ``spec`` that names a queue or a URI the settings do not allow ``owner``, and, with an
+    ``owner`` (the API's check at submit), a priority or ``preemptible`` it may not ask for."""
+    problems = [] if owner is None else priority_problems(spec, settings, owner)
     queue = spec.queue or settings.default_queue
     if queue not in settings.queues:
         problems.append(AccessProblem(("queue",), queue, f"queue {queue!r} is not one of the configured queues {settings.queues} (QUEUES)"))

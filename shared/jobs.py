@@ -20,21 +20,38 @@ import hashlib
 import json
 import time
 import uuid
-from enum import Enum
 from collections.abc import Iterator
+from enum import Enum
 from typing import Any
 
 import redis
 import redis.asyncio
 from pydantic import BaseModel
 
-from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
+from shared.exceptions import (
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    QuotaExceededError,
+)
 from shared.numbers import parse_float
+from shared.pending import enlist, unlist
 from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
-from shared.records import ALLOWED_TRANSITIONS, ANONYMOUS_OWNER, STARTABLE_STATES, SUMMARY_FIELDS, JobRecord, JobState, JobSummary, JobsPage, Progress, Transition
-from shared.spec import JobSpec
+from shared.records import (
+    ALLOWED_TRANSITIONS,
+    ANONYMOUS_OWNER,
+    JOB_KEY,
+    STARTABLE_STATES,
+    SUMMARY_FIELDS,
+    JobRecord,
+    JobsPage,
+    JobState,
+    JobSummary,
+    Progress,
+    Transition,
+)
+from shared.spec import DEFAULT_PRIORITY, JobSpec
 
-JOB_KEY = "trainq:job:{}"
 INDEX_KEY = "trainq:jobs"
 OWNER_INDEX_KEY = "trainq:jobs:owner:{}"
 ACTIVE_KEY = "trainq:active:{}"
@@ -467,6 +484,7 @@ class JobStore:
                     update["transitions"] = current["transitions"] + [entry]
                     if state is JobState.RUNNING:
                         update["attempts"] = attempts + 1
+                        update["preempt_requested_at"] = None  # a request was for the attempt before
                         update.setdefault("started_at", current.get("started_at") or now)
                     if state.is_final:
                         update["finished_at"] = now
@@ -488,6 +506,12 @@ class JobStore:
                         pipe.srem(RUNNING_KEY, job_id)
                     if state.is_final:
                         pipe.srem(ACTIVE_KEY.format(owner), job_id)
+                    if (previous in STARTABLE_STATES) != (state in STARTABLE_STATES):  # the pending set follows the state
+                        if state in STARTABLE_STATES:
+                            priority = current["spec"].get("priority", DEFAULT_PRIORITY)
+                            enlist(pipe, job_id, current["queue"], owner, priority, current["created_at"])
+                        else:
+                            unlist(pipe, job_id, current["queue"], owner)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -497,7 +521,7 @@ class JobStore:
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel ``job_id``: at once if it has not started, else ask its worker to stop.
 
-        A queued or retrying job becomes ``cancelled`` (a later delivery skips it). A running
+        A queued, retrying or preempted job becomes ``cancelled`` (a later delivery skips it). A running
         job gets ``cancel_requested_at``; its worker stops at the next step boundary, saves a
         checkpoint and ends it ``cancelled``.
 

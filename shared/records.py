@@ -11,18 +11,24 @@ from shared.spec import JobSpec
 
 #: The owner of every request while ``AUTH_REQUIRED`` is off (local, loopback-only use).
 ANONYMOUS_OWNER = "local"
+#: The Redis hash holding a job's record (written by :mod:`shared.jobs`, read by :mod:`shared.pending`'s scripts).
+JOB_KEY = "trainq:job:{}"
 
 
 class JobState(str, Enum):
     """Where a job is in its life. ``succeeded``, ``failed`` and ``cancelled`` are final.
 
     ``retrying``: an infrastructure failure (worker lost, S3 or Redis unreachable) sent the job
-    back to the queue; it resumes from its newest complete checkpoint.
+    back to the queue; it resumes from its newest complete checkpoint. ``preempted``: the
+    dispatcher stopped it for a job of higher priority; it waits again (keeping its age) and
+    resumes from the checkpoint it saved. ``queued``, ``retrying`` and ``preempted`` jobs are
+    pending: the dispatcher (:mod:`shared.scheduler`) sends each to a worker when one is free.
     """
 
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
+    PREEMPTED = "preempted"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -39,14 +45,15 @@ class JobState(str, Enum):
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 #: States in which a delivered message may start the job.
-STARTABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
+STARTABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING, JobState.PREEMPTED})
 
 #: The lifecycle: which state may follow which. A queued job can fail without running (it could
 #: not be enqueued) or be cancelled before it starts.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING, JobState.PREEMPTED}),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.PREEMPTED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
@@ -151,6 +158,9 @@ class JobRecord(BaseModel):
     attempts: int = Field(0, description="Times a worker started the job (1 unless it was retried).")
     duplicate_deliveries: int = Field(0, description="Queue deliveries skipped because the job was already taken.")
     cancel_requested_at: float | None = None
+    preempt_requested_at: float | None = Field(
+        None, description="When the dispatcher asked this attempt to stop for a job of higher priority."
+    )
     resumed_from: str | None = Field(None, description="Checkpoint the latest attempt resumed from.")
     progress: Progress = Field(default_factory=Progress)
     device: str | None = Field(None, description="Where it trained: a CUDA device name or `cpu`.")

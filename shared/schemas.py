@@ -80,12 +80,36 @@ class WorkerList(BaseModel):
     data: list[WorkerStatus]
 
 
+class OwnerShare(BaseModel):
+    """One owner on a queue: its jobs, its fair share and what it used (``shared.scheduler``)."""
+
+    owner: str
+    pending: int = Field(description="Its jobs waiting on this queue (queued, retrying, preempted).")
+    running: int = Field(description="Its jobs running on this queue, or sent to a worker.")
+    share: float = Field(description="Its weight (`FAIR_SHARE_WEIGHTS`) over the weights of the owners listed, 0..1.")
+    usage_gpu_s: float = Field(description="GPU-seconds it used on any queue, decayed by `FAIR_SHARE_HALF_LIFE_S`.")
+
+
 class QueueInfo(BaseModel):
     """One Celery queue: messages waiting and live workers consuming it."""
 
     name: str
-    depth: int = Field(description="Messages waiting in the queue (jobs not yet taken by a worker).")
+    depth: int = Field(description="Jobs waiting on the queue: pending (queued, retrying, preempted) or sent to a worker and "
+                       "not yet taken.")
     workers: int = Field(description="Live workers that consume this queue; 0 means its jobs wait.")
+
+
+class QueueShares(BaseModel):
+    """The owners with jobs pending or running on one queue."""
+
+    queue: str
+    owners: list[OwnerShare]
+
+
+class SharesList(BaseModel):
+    """``GET /queues/shares``: per queue, each owner's jobs, fair share and usage (yours only, unless you are an admin)."""
+
+    data: list[QueueShares]
 
 
 class QueueList(BaseModel):

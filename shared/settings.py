@@ -76,6 +76,37 @@ class Settings(BaseSettings):
     submissions_per_minute: int = Field(
         60, ge=1, description="`POST /jobs` calls (dry runs included) an owner may make in any 60 s; more is a 429."
     )
+    # -- sharing the workers: priority, fair share, preemption (shared.scheduler) ------------------
+    priority_ceiling: int = Field(
+        70, ge=0, le=100,
+        description="Highest spec `priority` an owner may give (a higher one is a 422); the range above is for the "
+        "owners of `PRIORITY_CEILING_BY_OWNER`.",
+    )
+    priority_ceiling_by_owner: dict[str, int] = Field(
+        {}, description="Per-owner ceilings as JSON, e.g. `{\"oncall\": 100, \"interns\": 30}`; others get `PRIORITY_CEILING`."
+    )
+    non_preemptible_min_priority: int = Field(
+        80, ge=0, le=100, description="Lowest `priority` at which a spec may say `preemptible: false`."
+    )
+    fair_share_weights: dict[str, float] = Field(
+        {},
+        description="Owners' shares as JSON, e.g. `{\"vision\": 2, \"nlp\": 1}`; an owner not named has 1. Among jobs "
+        "of equal priority, the owner furthest below its share of the GPUs goes first.",
+    )
+    fair_share_half_life_s: float = Field(
+        24 * 3600.0, gt=0,
+        description="Half-life of the usage that fair share counts (GPU-seconds, decayed as Slurm's "
+        "PriorityDecayHalfLife): an hour used a half-life ago weighs half an hour now.",
+    )
+    dispatch_interval_s: float = Field(
+        1.0, gt=0,
+        description="Seconds between the dispatcher's passes when nothing wakes it (a submit or a worker falling "
+        "idle wakes it at once); also the longest a preemption waits to be asked.",
+    )
+    max_running_jobs_per_owner: int | None = Field(
+        None, ge=1, description="Jobs (of any queue) an owner may have running at once; the others wait, pending, and "
+        "other owners' jobs go first. Unset: no limit (`MAX_ACTIVE_JOBS_PER_OWNER` still caps jobs queued and running)."
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600,
         gt=0,
@@ -236,7 +267,7 @@ class Settings(BaseSettings):
             return None if not items and info.field_name == "data_uris_allowed" else items
         return value
 
-    @field_validator("data_uris_allowed_by_owner", mode="before")
+    @field_validator("data_uris_allowed_by_owner", "priority_ceiling_by_owner", "fair_share_weights", mode="before")
     @classmethod
     def _json_object(cls, value: object) -> object:
         # From the environment (or a dict of environment strings, as LocalStack.settings builds).

@@ -528,6 +528,10 @@ CLASSIFICATION_METRICS = frozenset({"val_loss", "val_accuracy", "val_top5_accura
 REGRESSION_METRICS = frozenset({"val_loss", "val_mae", "val_rmse", "val_r2"})
 
 
+#: A spec's ``priority`` when it names none (the middle of 0–100).
+DEFAULT_PRIORITY = 50
+
+
 class CheckpointSpec(SpecModel):
     """How often a checkpoint is written and uploaded. A final checkpoint is always written."""
 
@@ -537,6 +541,14 @@ class CheckpointSpec(SpecModel):
     )
     best_metric: Metric | None = Field(
         None, description="Also keep `best.pt`: the epoch with the best value of this validation metric."
+    )
+    keep_last: Int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Keep only the newest N step checkpoints (`step-*.pt`, written by `every_steps` and `every_epochs`): "
+        "an older one is deleted from S3 once a newer one is uploaded. `best.pt` and `final.pt` are always kept. "
+        "Default: keep every checkpoint.",
     )
 
 
@@ -675,6 +687,21 @@ class JobSpec(SpecModel):
         None,
         pattern=QUEUE_PATTERN,
         description="Celery queue to run on (workers started with `-Q <queue>`); defaults to `DEFAULT_QUEUE`.",
+    )
+    priority: Int = Field(
+        DEFAULT_PRIORITY,
+        ge=0,
+        le=100,
+        description="Dispatch order on the queue, higher first (0–100, default 50): a waiting job of higher priority "
+        "goes to the next free worker before any lower one, and may preempt a running lower one. An owner may give "
+        "at most `PRIORITY_CEILING` (or their `PRIORITY_CEILING_BY_OWNER`). Equal priorities go by the owners' "
+        "fair-share deficit, then by age.",
+    )
+    preemptible: Annotated[bool, Strict()] = Field(
+        True,
+        description="A waiting job of higher priority may stop this one: it checkpoints, goes back to the queue "
+        "(state `preempted`) and later resumes exactly where it stopped. `false` is allowed only at priority "
+        "`NON_PREEMPTIBLE_MIN_PRIORITY` or above.",
     )
 
     @property

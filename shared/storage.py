@@ -407,6 +407,11 @@ class Storage:
         self.client.upload_file(str(path), bucket, key)
         return uri
 
+    def delete(self, uri: str) -> None:
+        """Delete the object at ``uri`` (nothing happens if there is none)."""
+        bucket, key = parse_s3_uri(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
     def upload_dir(self, local_dir: Path, uri: str) -> list[str]:
         """Upload every file under ``local_dir`` to ``uri/<relative path>``; return the URIs."""
         bucket, prefix = folder_prefix(uri)

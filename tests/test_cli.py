@@ -18,10 +18,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from shared.records import JobState
+from shared.records import JobRecord, JobState, Transition
+from shared.spec import JobSpec
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures import REPO, fast_digits_spec
-from trainq.cli import ExitStatus, app
+from trainq.cli import ExitStatus, _status_rows, app
 from trainq.client import Client
 from trainq.stack import LocalStack, free_port
 
@@ -374,3 +375,16 @@ def test_the_log_says_what_the_job_does_before_training(env, waited):
     log = trainq(env, "logs", job_id).stdout
     assert f"job {job_id}: downloading" in log and f"job {job_id}: building model" in log, log[:2000]
     assert log.index(f"job {job_id}: downloading") < log.index(f"job {job_id}: building model") < log.index("epoch 1/2")
+
+
+def test_status_of_a_preempted_job_shows_its_priority_reason_and_history():
+    now = time.time()
+    steps = [(JobState.QUEUED, None), (JobState.RUNNING, None), (JobState.PREEMPTED, "preempted at step 7")]
+    record = JobRecord(
+        id="j-preempted", state=JobState.PREEMPTED, queue="default", created_at=now,
+        spec=JobSpec.model_validate(fast_digits_spec(priority=30)),
+        transitions=[Transition(state=state, at=now, reason=reason) for state, reason in steps],
+    )
+    rows = dict(_status_rows(record))
+    assert rows["priority"] == "30" and rows["reason"] == "preempted at step 7"
+    assert rows["history"] == "queued → running → preempted (preempted at step 7)"

@@ -38,7 +38,16 @@ from typer.core import TyperGroup
 from shared.records import JobRecord, JobState
 from trainq import terminal
 from trainq.client import DEFAULT_URL, Client, TrainqClientError
-from trainq.display import Watcher, format_duration, metrics_text, phase_text, last_reason, summary_line, format_when
+from trainq.display import (
+    Watcher,
+    format_duration,
+    format_when,
+    history_text,
+    last_reason,
+    metrics_text,
+    phase_text,
+    summary_line,
+)
 
 
 class ExitStatus(IntEnum):
@@ -264,7 +273,9 @@ def _status_rows(record: JobRecord) -> list[tuple[str, str]]:
     p = record.progress
     rows = [
         ("id", record.id), ("name", record.name or "-"), ("owner", record.owner), ("state", record.state.value),
-        ("queue", record.queue), ("created", format_when(record.created_at)), ("attempts", str(record.attempts)),
+        ("queue", record.queue),
+        ("priority", f"{record.spec.priority}" + ("" if record.spec.preemptible else " (not preemptible)")),
+        ("created", format_when(record.created_at)), ("attempts", str(record.attempts)),
         *([("phase", phase_text(record))] if phase_text(record) else []),
         ("progress", metrics_text(record)), ("runtime", format_duration(p.runtime_s)),
         ("ETA", format_duration(p.eta_s) if record.state is JobState.RUNNING else "-"),
@@ -272,10 +283,11 @@ def _status_rows(record: JobRecord) -> list[tuple[str, str]]:
     ]
     if record.error:
         rows.append(("error", record.error))
-    elif record.state in (JobState.CANCELLED, JobState.RETRYING) and last_reason(record):
+    elif record.state in (JobState.CANCELLED, JobState.RETRYING, JobState.PREEMPTED) and last_reason(record):
         rows.append(("reason", last_reason(record)))
     if record.state is not JobState.SUCCEEDED and record.artifacts.checkpoints:
         rows.append(("last checkpoint", record.artifacts.checkpoints[-1]))
+    rows.append(("history", history_text(record)))
     if record.artifacts.tensorboard:
         rows.append(("tensorboard", record.artifacts.tensorboard))
     if record.artifacts.final_checkpoint:
@@ -423,10 +435,11 @@ def workers(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command()
 @handle_errors
 def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Queues: jobs waiting and live workers consuming each."""
-    listing = _client(ctx).queues()
+    """Queues: jobs waiting and live workers consuming each; per owner, jobs pending and running, fair share and usage."""
+    client = _client(ctx)
+    listing, shares = client.queues(), client.shares()
     if as_json:
-        _print_json(listing)
+        _print_json(listing.model_dump(mode="json") | {"shares": shares.model_dump(mode="json")["data"]})
         return
     table = Table(box=None, header_style="bold")
     for column in ("queue", "waiting", "workers"):
@@ -434,6 +447,14 @@ def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
     for queue in listing.data:
         table.add_row(queue.name, str(queue.depth), str(queue.workers) + ("  (no worker: its jobs wait)" if queue.depth and not queue.workers else ""))
     _console().print(table)
+    owners = Table(box=None, header_style="bold")
+    for column in ("queue", "owner", "pending", "running", "share", "usage (GPU-h, decayed)"):
+        owners.add_column(column)
+    for queue in shares.data:
+        for o in queue.owners:
+            owners.add_row(queue.queue, o.owner, str(o.pending), str(o.running), f"{o.share:.0%}", f"{o.usage_gpu_s / 3600:.2f}")
+    if owners.row_count:
+        _console().print(owners)
 
 
 @app.command()

@@ -26,9 +26,18 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from pydantic import BaseModel, ValidationError
 
-from shared.records import JobRecord, JobState, JobSummary, JobsPage
+from shared.records import JobRecord, JobsPage, JobState, JobSummary
 from shared.schemas import (
-    ArtifactList, DryRunReport, QueueList, Readiness, TensorBoardConfig, TokenIssued, TokenList, TokenPublic, WorkerList,
+    ArtifactList,
+    DryRunReport,
+    QueueList,
+    Readiness,
+    SharesList,
+    TensorBoardConfig,
+    TokenIssued,
+    TokenList,
+    TokenPublic,
+    WorkerList,
     WorkerStatus,
 )
 from shared.spec import JobSpec
@@ -305,6 +314,10 @@ class Client:
     def queues(self) -> QueueList:
         """Queues with their depth and consumers."""
         return _parse(QueueList, self.request("GET", "/queues"))
+
+    def shares(self) -> SharesList:
+        """Per queue, each owner's jobs, fair share and decayed usage (``GET /queues/shares``)."""
+        return _parse(SharesList, self.request("GET", "/queues/shares"))
 
     def ready(self) -> Readiness:
         """``/readyz``, also when it is 503."""

@@ -160,3 +160,8 @@ def summary_line(record: JobRecord) -> str:
 def last_reason(record: JobRecord) -> str | None:
     """Why the job is in its state (the last transition's reason)."""
     return record.transitions[-1].reason if record.transitions else None
+
+
+def history_text(record: JobRecord) -> str:
+    """The job's states in order, each with its reason: ``queued → running → preempted (…) → running``."""
+    return " → ".join(t.state.value + (f" ({t.reason})" if t.reason else "") for t in record.transitions)

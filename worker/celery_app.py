@@ -39,7 +39,7 @@ def _start_reaper(**_: object) -> None:
     from worker.recovery import Reaper
 
     settings = get_settings()
-    Reaper(JobStore.from_url(settings.redis_url), app, settings).start()
+    Reaper(JobStore.from_url(settings.redis_url), settings).start()
 
 
 _presence = None

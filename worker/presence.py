@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from shared.records import JobState, Progress
+from shared.scheduler import wake
 from shared.schemas import DeviceInfo, GpuInfo, WorkerMetrics, WorkerStatus
 from shared.settings import Settings
 from shared.storage import Storage
@@ -125,12 +126,17 @@ class WorkerPresence(threading.Thread):
             started_at=time.time(), last_heartbeat=time.time(),
         )
         self._stopped = threading.Event()
+        self._published = False
 
     def publish_now(self) -> None:
-        """Write the current status (raises on a Redis error)."""
+        """Write the current status (raises on a Redis error); a worker falling idle wakes the dispatcher."""
         current_job, metrics = self.stats.snapshot()
+        was_idle = self._published and self.status.current_job is None
         self.status = self.status.model_copy(update={"current_job": current_job, "metrics": metrics, "last_heartbeat": time.time()})
         publish(self.redis, self.status, self.interval_s)
+        self._published = True
+        if current_job is None and not was_idle:
+            wake(self.redis)
 
     def run(self) -> None:
         while not self._stopped.is_set():

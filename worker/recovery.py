@@ -1,8 +1,8 @@
 """Sending jobs back to the queue: after an infrastructure failure, and when a worker died.
 
 The :class:`Reaper` runs in every worker. A ``running`` job whose lease has expired (its worker
-was killed, lost power, or hung) is moved to ``retrying`` and enqueued again; the next attempt
-resumes from the job's newest checkpoint. The state change is a Redis transaction, so when
+was killed, lost power, or hung) is moved to ``retrying``, which puts it back in its queue's pending
+set for the dispatcher (:mod:`shared.scheduler`); the next attempt resumes from the job's newest checkpoint. The state change is a Redis transaction, so when
 several reapers see the same dead job, exactly one requeues it.
 
 A job whose worker is lost a second time fails instead (a "poison pill"): a job that keeps
@@ -17,13 +17,12 @@ import threading
 import time
 
 import redis
-from celery import Celery
 
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
 from shared.jobs import JobStore
 from shared.lease import JobLease
-from shared.queue import enqueue
 from shared.records import JobRecord, JobState
+from shared.scheduler import wake
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,12 +40,16 @@ def worker_losses(record: JobRecord) -> int:
     )
 
 
-def requeue(
-    store: JobStore, celery: Celery, job_id: str, *, reason: str, attempt: int, max_attempts: int | None
-) -> JobState:
-    """Send a running job back to the queue, or fail it once ``max_attempts`` are used.
+def preemptions(record: JobRecord) -> int:
+    """How many earlier attempts of the job were preempted (they are not its fault)."""
+    return sum(1 for t in record.transitions if t.state is JobState.PREEMPTED)
 
-    ``max_attempts=None`` always requeues (a worker shutting down is not the job's fault).
+
+def requeue(store: JobStore, job_id: str, *, reason: str, attempt: int, max_attempts: int | None) -> JobState:
+    """Send a running job back to its queue's pending set, or fail it once ``max_attempts`` are used.
+
+    ``max_attempts=None`` always requeues (a worker shutting down is not the job's fault). Attempts
+    that ended preempted do not count against ``max_attempts``.
 
     ``attempt`` fences the change: it happens only if the job is still on that attempt.
     Returns the job's new state.
@@ -54,14 +57,14 @@ def requeue(
     Raises:
         InvalidTransitionError: the job moved on meanwhile (another worker or reaper acted).
     """
-    if max_attempts is not None and attempt >= max_attempts:
+    if max_attempts is not None and attempt - preemptions(store.get(job_id)) >= max_attempts:
         store.transition(
             job_id, JobState.FAILED, reason=reason, expect_attempt=attempt,
             error=f"gave up after {attempt} attempt(s); last: {reason}",
         )
         return JobState.FAILED
-    record = store.transition(job_id, JobState.RETRYING, reason=reason, expect_attempt=attempt, error=reason)
-    enqueue(celery, job_id, record.queue)
+    store.transition(job_id, JobState.RETRYING, reason=reason, expect_attempt=attempt, error=reason)  # now pending
+    wake(store.redis)
     logger.warning("job %s: requeued after attempt %d: %s", job_id, attempt, reason)
     return JobState.RETRYING
 
@@ -69,9 +72,9 @@ def requeue(
 class Reaper(threading.Thread):
     """Every ``reaper_interval_s`` seconds, requeue running jobs whose worker stopped heartbeating."""
 
-    def __init__(self, store: JobStore, celery: Celery, settings: Settings) -> None:
+    def __init__(self, store: JobStore, settings: Settings) -> None:
         super().__init__(name="trainq-reaper", daemon=True)
-        self.store, self.celery, self.settings = store, celery, settings
+        self.store, self.settings = store, settings
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -103,7 +106,7 @@ class Reaper(threading.Thread):
                 elif worker_losses(record) + 1 >= MAX_WORKER_LOSSES:
                     self._fail_poison_pill(record, reason)
                 else:
-                    requeue(self.store, self.celery, job_id, reason=reason, attempt=record.attempts, max_attempts=self.settings.max_attempts)
+                    requeue(self.store, job_id, reason=reason, attempt=record.attempts, max_attempts=self.settings.max_attempts)
                 reaped.append(job_id)
             except InvalidTransitionError:
                 continue  # another reaper, or the worker itself, got there first

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
-from celery import Celery
 
 from shared.access import settings_for_owner
 from shared.exceptions import InvalidTransitionError, JobNotFoundError
@@ -93,13 +92,18 @@ class RecordCallbacks(TrainingCallbacks):
             self.artifacts.final_checkpoint = uri
         self._write(artifacts=self.artifacts)
 
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        if uri in self.artifacts.checkpoints:
+            self.artifacts.checkpoints.remove(uri)
+            self._write(artifacts=self.artifacts)
+
     def stop_requested(self) -> StopReason | None:
         if self.watchdog is not None:
             self.watchdog.polled()  # the engine asks after each step, batch or file: it progresses
         return self.monitor.stop_requested()
 
 
-def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings, celery: Celery, worker_name: str) -> JobState:
+def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settings, worker_name: str) -> JobState:
     """Run one delivery of job ``job_id``; return the job's state afterwards."""
     try:
         record = store.get(job_id)
@@ -137,7 +141,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
     limit = record.spec.time_limit_s(settings.max_runtime_s)
 
     def end_hung(hang: Hang) -> JobState:
-        return _end_hung(hang, finish, lambda reason, retries: _requeue(store, celery, job_id, reason, attempt, retries),
+        return _end_hung(hang, finish, lambda reason, retries: _requeue(store, job_id, reason, attempt, retries),
                          limit, worker_name, settings)
 
     watchdog = Watchdog(
@@ -163,7 +167,9 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
             message = f"time limit: ran {stop.runtime_s:.1f} s, max_runtime_s is {limit:g}; checkpoint {stop.checkpoint}"
             return finish(JobState.FAILED, reason="time limit", error=message)
         if stop.reason is StopReason.SHUTDOWN:
-            return _requeue(store, celery, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
+            return _requeue(store, job_id, f"worker {worker_name} shut down at step {stop.step}", attempt, None)
+        if stop.reason is StopReason.PREEMPTED:  # back to pending, keeping its age; not counted against MAX_ATTEMPTS
+            return finish(JobState.PREEMPTED, reason=f"preempted at step {stop.step}")
         logger.error("job %s: %s; leaving the job to its new owner", job_id, stop)
         return store.get(job_id).state
     except Exception as exc:
@@ -171,7 +177,7 @@ def execute_job(job_id: str, store: JobStore, storage: Storage, settings: Settin
         kind, message = job_error(exc, settings.data_cache_dir, settings.data_root)
         if kind is Fault.TRANSIENT:
             logger.warning("job %s: attempt %d: %s", job_id, attempt, message, exc_info=True)
-            return _requeue(store, celery, job_id, message, attempt, settings.max_attempts)
+            return _requeue(store, job_id, message, attempt, settings.max_attempts)
         if kind is Fault.JOB:
             logger.warning("job %s: failed: %s", job_id, message)
             return finish(JobState.FAILED, reason="job error", error=message)
@@ -200,7 +206,8 @@ def _end_hung(
     """The outcome of an attempt the watchdog ended: what was due, and that the job hung.
 
     A cancel ends it cancelled, a time limit failed, a shutdown back in the queue (not the job's
-    fault), a stall (no progress, nothing asked) back in the queue up to ``max_attempts`` (a dead
+    fault), a preemption back to pending (resuming from its last checkpoint), a stall (no progress,
+    nothing asked) back in the queue up to ``max_attempts`` (a dead
     mount may come back; a deadlock in the job's code fails it after the last attempt).
     """
     if hang.cause is StopReason.CANCELLED:
@@ -210,6 +217,10 @@ def _end_hung(
         return finish(JobState.FAILED, reason="time limit", error=message)
     if hang.cause is StopReason.SHUTDOWN:
         return requeue_job(f"worker {worker_name} shut down; {hang.describe()}", None)
+    if hang.cause is StopReason.PREEMPTED:  # back to pending as any preempted job; resumes from its last checkpoint
+        return finish(JobState.PREEMPTED, reason=f"preempted; {hang.describe()}")
+    if hang.cause is StopReason.LEASE_LOST:  # another attempt may own the job: the requeue is fenced by this attempt
+        return requeue_job(f"lease lost; {hang.describe()}", None)
     assert hang.cause == STALLED
     return requeue_job(f"hung: {hang.describe()} (stall_timeout_s is {settings.stall_timeout_s:g})", settings.max_attempts)
 
@@ -225,9 +236,9 @@ def _start_job_log(job_id: str, attempt: int, worker_name: str, storage: Storage
         return None
 
 
-def _requeue(store: JobStore, celery: Celery, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
+def _requeue(store: JobStore, job_id: str, reason: str, attempt: int, max_attempts: int | None) -> JobState:
     try:
-        return requeue(store, celery, job_id, reason=reason, attempt=attempt, max_attempts=max_attempts)
+        return requeue(store, job_id, reason=reason, attempt=attempt, max_attempts=max_attempts)
     except InvalidTransitionError as exc:
         logger.error("job %s: not requeued: %s", job_id, exc)
         return store.get(job_id).state
@@ -254,6 +265,6 @@ def train(self, job_id: str) -> str:
     if _store is None:
         _store = JobStore.from_url(settings.redis_url)
         _storage = MeteredStorage(settings)
-    state = execute_job(job_id, _store, _storage, settings, app, self.request.hostname or "worker")
+    state = execute_job(job_id, _store, _storage, settings, self.request.hostname or "worker")
     STATS.count_outcome(job_id, state)
     return state.value

@@ -12,6 +12,7 @@ import math
 from typing import Annotated
 
 import anyio
+import redis
 from celery import Celery
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -21,15 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CeleryDep, PrincipalDep, SettingsDep, StoreDep, VisibleJobDep
 from shared.access import spec_access_problems
-from shared.exceptions import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError, QuotaExceededError
 from shared.dryruns import request_dry_run
+from shared.exceptions import (
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    QuotaExceededError,
+)
 from shared.jobs import JobStore
-from shared.queue import enqueue
 from shared.quotas import count_submission
-from shared.records import JobRecord, JobState, JobsPage
-from shared.sanitize import public_message
-from shared.schemas import DryRunReport
-from shared.schemas import ErrorDetail
+from shared.records import JobRecord, JobsPage, JobState
+from shared.scheduler import make_pending
+from shared.schemas import DryRunReport, ErrorDetail
 from shared.settings import Settings
 from shared.spec import QUEUE_PATTERN, JobSpec
 
@@ -81,10 +85,10 @@ async def create_job(
         ),
     ] = False,
 ) -> JobRecord | DryRunReport:
-    """Validate a training spec, record the job as `queued` and enqueue it. 202 with the job.
+    """Validate a training spec, record the job as `queued` in its queue's pending set. 202 with the job.
 
     With `dry_run=true`: 200 with what the data and model look like, or 422 naming the problem."""
-    # An async route: FastAPI would run a sync one in its threadpool. Only kombu's publish goes to a
+    # An async route: FastAPI would run a sync one in its threadpool. Only the pending-set write goes to a
     # thread; the record is one Lua script on redis.asyncio and a dry run waits on it too (issue 17).
     if dry_run:
         response.status_code = status.HTTP_200_OK
@@ -105,7 +109,7 @@ async def create_job(
         except QuotaExceededError as exc:
             raise _too_many(exc) from exc
         if created:
-            await run_in_threadpool(_enqueue_or_fail, celery, store, record)
+            await run_in_threadpool(_make_pending, store, record)
     response.headers["Location"] = f"/jobs/{record.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -126,15 +130,14 @@ async def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, c
     return await _dry_run(spec, settings, store, celery, owner)
 
 
-def _enqueue_or_fail(celery: Celery, store: JobStore, record: JobRecord) -> None:
-    """Send ``record``'s message (kombu's publish blocks); if it cannot be sent, fail the job and answer 503."""
+def _make_pending(store: JobStore, record: JobRecord) -> None:
+    """Put the new job in its queue's pending set and wake the dispatcher, which sends it to a worker
+    when one is free (:mod:`shared.scheduler`). The job is recorded already: if Redis fails now, the
+    dispatcher's sweep lists it within seconds, so the answer stays 202."""
     try:
-        enqueue(celery, record.id, record.queue)
-    except Exception as exc:
-        # Never leave a job recorded as queued that no worker will ever see.
-        logger.exception("job %s: enqueue failed", record.id)
-        store.transition(record.id, JobState.FAILED, reason="enqueue failed", error=f"could not enqueue: {public_message(exc)}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable; try again shortly") from exc
+        make_pending(store.redis, record)
+    except redis.RedisError as exc:
+        logger.warning("job %s: not listed for dispatch yet (%s); the dispatcher's sweep will", record.id, exc)
 
 
 def _too_many(exc: QuotaExceededError) -> HTTPException:

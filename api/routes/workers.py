@@ -1,4 +1,5 @@
-"""``GET /workers`` and ``GET /queues``: which workers are alive, and how many jobs wait where.
+"""``GET /workers``, ``GET /queues`` and ``GET /queues/shares``: which workers are alive, how many jobs
+wait where, and each owner's jobs, fair share and usage per queue.
 
 Workers report themselves to Redis (:mod:`shared.workers`); the API never imports torch.
 """
@@ -12,8 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from api.deps import PrincipalDep, SettingsDep, StoreDep
 from shared.exceptions import JobNotFoundError
-from shared.queue import queue_depth
-from shared.schemas import QueueInfo, QueueList, WorkerList
+from shared.scheduler import owner_shares, waiting_jobs
+from shared.schemas import QueueInfo, QueueList, QueueShares, SharesList, WorkerList
 from shared.workers import live_workers
 
 router = APIRouter(tags=["workers"])
@@ -47,12 +48,27 @@ def read_workers(store: StoreDep, principal: PrincipalDep, _: Annotated[NoQuery,
 def read_queues(
     store: StoreDep, settings: SettingsDep, _principal: PrincipalDep, _: Annotated[NoQuery, Query()]
 ) -> QueueList:
-    """Each queue: messages waiting (`depth`) and live workers consuming it."""
+    """Each queue: jobs waiting (`depth`: pending, or sent and not yet taken) and live workers consuming it."""
     workers = live_workers(store.redis)
     names = set(store.queues()) | {settings.default_queue} | {queue for worker in workers for queue in worker.queues}
     return QueueList(
         data=[
-            QueueInfo(name=name, depth=queue_depth(store.redis, name), workers=sum(name in w.queues for w in workers))
+            QueueInfo(name=name, depth=waiting_jobs(store.redis, name), workers=sum(name in w.queues for w in workers))
             for name in sorted(names)
+        ]
+    )
+
+
+@router.get("/queues/shares", response_model=SharesList)
+def read_shares(
+    store: StoreDep, settings: SettingsDep, principal: PrincipalDep, _: Annotated[NoQuery, Query()]
+) -> SharesList:
+    """Per queue, each owner with jobs pending or running there: the counts, its fair share (`FAIR_SHARE_WEIGHTS`,
+    normalized over those owners) and its decayed GPU-seconds. Yours only, unless you are an admin."""
+    names = sorted(set(store.queues()) | {settings.default_queue})
+    return SharesList(
+        data=[
+            QueueShares(queue=name, owners=[o for o in owner_shares(store, name, settings) if principal.can_see(o.owner)])
+            for name in names
         ]
     )

@@ -29,6 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from shared.pending import PENDING_KEY
 from trainq import lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -357,8 +358,8 @@ def test_keda_resources_are_consistent(overlay: Path):
         queue = _env(container, "WORKER_QUEUES")
         (trigger,) = spec["triggers"]
         assert trigger["type"] == "redis" and set(trigger["metadata"]) <= _REDIS_TRIGGER_KEYS
-        # Celery's Redis transport keeps a queue's waiting messages in a list named after it.
-        assert trigger["metadata"]["listName"] == queue and "," not in queue
+        # The dispatcher keeps a queue's pending jobs in this list (shared.pending.PENDING_KEY).
+        assert trigger["metadata"]["listName"] == PENDING_KEY.format(queue) and "," not in queue
         assert queue in allowed_queues, f"queue {queue} is not in QUEUES {allowed_queues}"
         auth = resources[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
         params = {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}

@@ -37,6 +37,7 @@ class Recorder(TrainingCallbacks):
         self.device: str | None = None
         self.progress: Progress | None = None
         self.checkpoints: list[str] = []
+        self.deleted: list[str] = []
         self.stop_after = stop_after
 
     def on_start(self, *, device: str, **fields) -> None:
@@ -47,6 +48,9 @@ class Recorder(TrainingCallbacks):
 
     def on_checkpoint(self, uri: str, kind: CheckpointKind) -> None:
         self.checkpoints.append(uri)
+
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        self.deleted.append(uri)
 
     def stop_requested(self) -> StopReason | None:
         if self.stop_after is not None and self.progress is not None and self.progress.step >= self.stop_after:
@@ -136,6 +140,18 @@ def test_a_stop_ends_every_rank_and_the_job_resumes_bit_identically(
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert got["optimizer"]["state"][0]["momentum_buffer"].equal(want["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_keep_last_deletions_reach_the_callbacks_through_the_supervisor(storage: Storage, settings: Settings, digits_table: str):
+    """Rank 0 deletes the step checkpoints ``checkpoint.keep_last`` makes stale and the supervisor relays
+    each deletion, as it relays each checkpoint (the job does not fail on the upload thread)."""
+    recorder = Recorder()
+    body = spec_body(digits_table, 2) | {"epochs": 3, "checkpoint": {"every_epochs": 1, "keep_last": 1}}
+    run_training("ddp-keep-last", JobSpec.model_validate(body), storage, settings, recorder)
+    steps = [uri for uri in recorder.checkpoints if "/checkpoints/step-" in uri]
+    assert len(steps) >= 2 and sorted(recorder.deleted) == sorted(steps[:-1])
+    left = [obj.key for obj in storage.list_objects(storage.job_uri("ddp-keep-last", "checkpoints"))]
+    assert sorted(key.rsplit("/", 1)[-1] for key in left) == ["final.pt", steps[-1].rsplit("/", 1)[-1]]
 
 
 def test_more_gpus_than_the_worker_has_fails_at_start(storage: Storage, settings: Settings, digits_table: str):

@@ -89,7 +89,7 @@ def test_auto_decodes_on_the_device_on_cuda_with_a_folder_of_jpegs(tmp_path: Pat
 
 
 def test_a_file_no_decoder_reads_fails_naming_its_uri_on_both_paths(tmp_path: Path):
-    root = write_photos(tmp_path / "root" / "photos", odd_ones=False)
+    write_photos(tmp_path / "root" / "photos", odd_ones=False)
     spec = spec_of("device")
     data = load_image_folder(spec, None, tmp_path / "cache", seed=0, data_root=tmp_path / "root")  # verified: all good
     # A training sample of class `light` (which ones train is the stratified split's choice).

@@ -66,3 +66,31 @@ def test_no_progress_for_the_stall_timeout_is_a_hang_and_progress_resets_it():
             time.sleep(0.1)
         time.sleep(60)
     assert hung.value.hang.cause == STALLED and hung.value.hang.stuck_s >= 0.5
+
+
+@pytest.mark.parametrize("cause", [*StopReason, STALLED])
+def test_every_cause_of_a_hang_has_an_outcome(cause):
+    # A stop reason added later (preempted came with the scheduler) must not reach the stall branch.
+    from shared.records import JobState
+    from shared.settings import Settings
+    from worker.tasks import _end_hung
+    from worker.watchdog import Hang
+
+    outcomes: list[tuple[str, object]] = []
+
+    def finish(state: JobState, **fields) -> JobState:
+        outcomes.append(("finish", state))
+        return state
+
+    def requeue(reason: str, retries: int | None) -> JobState:
+        outcomes.append(("requeue", retries))
+        return JobState.RETRYING
+
+    state = _end_hung(Hang(cause, "training", 31.0), finish, requeue, 20.0, "w1", Settings())
+    expected = {
+        StopReason.CANCELLED: ("finish", JobState.CANCELLED), StopReason.TIME_LIMIT: ("finish", JobState.FAILED),
+        StopReason.PREEMPTED: ("finish", JobState.PREEMPTED), StopReason.SHUTDOWN: ("requeue", None),
+        StopReason.LEASE_LOST: ("requeue", None), STALLED: ("requeue", Settings().max_attempts),
+    }[cause]
+    assert outcomes == [expected]
+    assert state in (JobState.CANCELLED, JobState.FAILED, JobState.PREEMPTED, JobState.RETRYING)

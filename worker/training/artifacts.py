@@ -19,9 +19,17 @@ from shared.sanitize import public_message
 from shared.settings import Settings
 from shared.storage import Storage
 from worker.faults import Fault, classify, in_stage
-from worker.training.checkpoint import CheckpointKind, Snapshot, checkpoint_name, checkpoint_uris, load_checkpoint, write_checkpoint
+from worker.training.checkpoint import (
+    CheckpointKind,
+    Snapshot,
+    checkpoint_name,
+    checkpoint_uris,
+    load_checkpoint,
+    write_checkpoint,
+)
 from worker.training.contract import StopReason, TrainingCallbacks, TrainingStopped
 from worker.training.distributed import ProcessGroup
+from worker.training.retention import delete_checkpoint, stale_checkpoints
 from worker.training.state import TrainState
 from worker.training.uploads import BackgroundUploader
 
@@ -35,15 +43,20 @@ def _coalesce_key(kind: CheckpointKind) -> str | None:
 
 
 class ArtifactWriter:
-    """The job's work folder on this worker, its uploader, and what goes through them."""
+    """The job's work folder on this worker, its uploader, and what goes through them.
+
+    With ``keep_last`` (the spec's ``checkpoint.keep_last``), each uploaded step checkpoint
+    deletes the step checkpoints beyond the newest ``keep_last`` (:mod:`worker.training.retention`).
+    """
 
     def __init__(
         self, job_id: str, storage: Storage, settings: Settings, callbacks: TrainingCallbacks, group: ProcessGroup,
-        state: TrainState,
+        state: TrainState, keep_last: int | None = None,
     ) -> None:
         self.job_id, self.storage, self.settings, self.callbacks, self.group, self.state = (
             job_id, storage, settings, callbacks, group, state
         )
+        self.keep_last = keep_last
         self.workdir = settings.data_cache_dir / "jobs" / (job_id if group.is_main else f"{job_id}.rank{group.rank}")
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.tb_dir = self.workdir / "tensorboard"
@@ -98,10 +111,19 @@ class ArtifactWriter:
         path = self.workdir / "checkpoints" / f"{self.saves:06d}-{name}"
         uri = self.storage.job_uri(self.job_id, "checkpoints", name)
         self.uploader.submit_file(
-            path, uri, on_done=lambda: self.callbacks.on_checkpoint(uri, kind),
+            path, uri, on_done=lambda: self._checkpoint_uploaded(uri, kind),
             write=lambda: write_checkpoint(path, snapshot), coalesce=_coalesce_key(kind),
         )
         return uri
+
+    def _checkpoint_uploaded(self, uri: str, kind: CheckpointKind) -> None:
+        """Report ``uri``; then, with ``keep_last``, delete the step checkpoints a new step one makes stale."""
+        self.callbacks.on_checkpoint(uri, kind)
+        if self.keep_last is not None and kind is CheckpointKind.STEP:
+            steps = checkpoint_uris(self.storage, self.job_id, frozenset({CheckpointKind.STEP}))
+            for stale in stale_checkpoints(steps, self.keep_last):
+                if delete_checkpoint(self.storage, stale):
+                    self.callbacks.on_checkpoint_deleted(stale)
 
     def upload_tensorboard(self, writer: SummaryWriter | Any) -> None:
         """Queue an upload of the events written so far (rank 0)."""

@@ -50,8 +50,11 @@ def checkpoint_name(kind: CheckpointKind, step: int) -> str:
     return BEST_CHECKPOINT if kind is CheckpointKind.BEST else f"step-{step:09d}.pt"
 
 
-def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
-    """The job's checkpoints in S3, newest first (``final.pt``, then ``step-N.pt`` by N).
+def checkpoint_uris(
+    storage: Storage, job_id: str, kinds: frozenset[CheckpointKind] = frozenset({CheckpointKind.FINAL, CheckpointKind.STEP})
+) -> list[str]:
+    """The job's checkpoints of ``kinds`` (``best.pt`` is never listed) in S3, newest first
+    (``final.pt``, then ``step-N.pt`` by N).
 
     Only complete objects are ever listed: an S3 PUT or multipart upload appears whole or not
     at all, so a worker killed mid-upload leaves nothing behind.
@@ -60,9 +63,9 @@ def checkpoint_uris(storage: Storage, job_id: str) -> list[str]:
     for obj in storage.list_objects(storage.job_uri(job_id, "checkpoints")):
         name = obj.key.rsplit("/", 1)[-1]
         match = _STEP_CHECKPOINT.fullmatch(name)
-        if name == FINAL_CHECKPOINT:
+        if name == FINAL_CHECKPOINT and CheckpointKind.FINAL in kinds:
             ranked.append((float("inf"), obj.key))
-        elif match:
+        elif match and CheckpointKind.STEP in kinds:
             ranked.append((int(match[1]), obj.key))
     return [f"s3://{storage.bucket}/{key}" for _, key in sorted(ranked, reverse=True)]
 

@@ -19,6 +19,7 @@ class StopReason(str, Enum):
     CANCELLED = "cancelled"
     TIME_LIMIT = "time limit"
     SHUTDOWN = "worker shutdown"
+    PREEMPTED = "preempted"  # a job of higher priority needs the worker; resumed later from this checkpoint
     LEASE_LOST = "lease lost"
 
     @property
@@ -50,6 +51,9 @@ class TrainingCallbacks:
 
     def on_checkpoint(self, uri: str, kind: CheckpointKind) -> None:
         """A checkpoint of ``kind`` (step, best or final) is complete in S3 at ``uri``."""
+
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        """An older step checkpoint was deleted from S3 (``checkpoint.keep_last``); called from the upload thread."""
 
     def stop_requested(self) -> StopReason | None:
         """Polled after every optimizer step, before every validation batch and between the files

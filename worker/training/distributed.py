@@ -195,6 +195,8 @@ def _supervise(processes: list, events: Any, stop: Any, callbacks: TrainingCallb
             callbacks.on_progress(payload)
         elif kind == "checkpoint":
             callbacks.on_checkpoint(*payload)
+        elif kind == "checkpoint_deleted":
+            callbacks.on_checkpoint_deleted(payload)
         else:
             return kind, payload
 
@@ -227,6 +229,9 @@ class _RelayCallbacks:
 
     def on_checkpoint(self, uri: str, kind: Any) -> None:
         self.events.put(("checkpoint", (uri, kind)))
+
+    def on_checkpoint_deleted(self, uri: str) -> None:
+        self.events.put(("checkpoint_deleted", uri))
 
     def stop_requested(self) -> Any:
         code = self.stop.value  # shared memory: no I/O

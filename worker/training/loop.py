@@ -56,7 +56,7 @@ def run_rank(
     """One process's part of :func:`~worker.training.engine.run_training` (all of it in a one-process
     job): rank ``group.rank`` of ``group.world_size``, in a process group already initialized."""
     state = TrainState()
-    artifacts = ArtifactWriter(job_id, storage, settings, callbacks, group, state)
+    artifacts = ArtifactWriter(job_id, storage, settings, callbacks, group, state, keep_last=spec.checkpoint.keep_last)
     stop = StopPoll(callbacks, group, state, spec.time_limit_s(settings.max_runtime_s))
     with ExitStack() as cleanup:
         cleanup.callback(artifacts.close)
