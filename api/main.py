@@ -29,7 +29,7 @@ from shared.auth import MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.records import ANONYMOUS_OWNER
-from shared.scheduler import Dispatcher
+from shared.scheduler import DISPATCHER_CLIENT_NAME, Dispatcher
 from shared.schemas import ErrorDetail
 from shared.settings import Settings, get_settings
 from shared.spec import json_path
@@ -152,10 +152,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.s3_probe = Storage(settings, max_attempts=1, timeout_s=2)
         app.state.presigner = Storage(settings, endpoint_url=settings.s3_public_endpoint_url)
         # Every API process runs one; the holder of the Redis lease dispatches (shared.scheduler).
-        dispatcher = Dispatcher(app.state.store, app.state.celery, settings)
+        # On connections of its own, named, so a route's Redis work and the dispatcher's stay apart.
+        dispatcher_redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name=DISPATCHER_CLIENT_NAME)
+        dispatcher = Dispatcher(JobStore(dispatcher_redis), app.state.celery, settings)
         dispatcher.start()
         yield
         dispatcher.stop()
+        dispatcher_redis.close()
         app.state.store.redis.close()
         await app.state.store.aredis.aclose()
 

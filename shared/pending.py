@@ -67,9 +67,17 @@ def unlist(pipe: redis.client.Pipeline, job_id: str, queue: str, owner: str) -> 
 
 
 #: Make a job pending if it is startable and neither pending nor dispatched. KEYS: the owner's set,
-#: owners, the list, dispatched, the job's hash. ARGV: id, score, owner, the pending states (JSON).
-#: Returns 1 when it was added.
+#: owners, the list, dispatched, the job's hash, and the dispatcher's wake list ('' for none: pushed
+#: to when the job was added, in this one round trip of the submit). ARGV: id, score, owner, the
+#: pending states (JSON). Returns 1 when it was added.
 _PUSH = """
+local function woken(added)
+  if added == 1 and KEYS[6] ~= '' then
+    redis.call('LPUSH', KEYS[6], '1')
+    redis.call('LTRIM', KEYS[6], 0, 0)
+  end
+  return added
+end
 if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
 local state = redis.call('HGET', KEYS[5], 'state')
 local startable = false
@@ -78,7 +86,7 @@ if not startable then return 0 end
 if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[1])
-return 1
+return woken(1)
 """
 
 #: Move a job from pending to dispatched. KEYS: the dispatcher's lease ('' for none), the owner's
@@ -115,10 +123,11 @@ class PendingSet:
         self._claim = client.register_script(_CLAIM)
         self._prune = client.register_script(_PRUNE)
 
-    def push(self, job_id: str, queue: str, owner: str, priority: int, created_at: float) -> bool:
-        """Make ``job_id`` pending unless it already is, is dispatched, or is not startable; True if added."""
+    def push(self, job_id: str, queue: str, owner: str, priority: int, created_at: float, *, wake_key: str = "") -> bool:
+        """Make ``job_id`` pending unless it already is, is dispatched, or is not startable; True if added
+        (and then, with a ``wake_key``, the dispatcher woken in the same script)."""
         keys = [PENDING_OWNER_KEY.format(queue, owner), PENDING_OWNERS_KEY.format(queue), PENDING_KEY.format(queue),
-                DISPATCHED_KEY.format(queue), JOB_KEY.format(job_id)]
+                DISPATCHED_KEY.format(queue), JOB_KEY.format(job_id), wake_key]
         return bool(self._push(keys=keys, args=[job_id, rank(priority, created_at), owner, json.dumps(PENDING_STATES)]))
 
     def claim(self, job_id: str, queue: str, owner: str, *, lease_key: str = "", token: str = "") -> int:

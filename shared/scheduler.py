@@ -58,6 +58,8 @@ USAGE_KEY = "trainq:usage"
 CHARGED_KEY = "trainq:usage:charged:{}:{}"
 #: The lease of the acting dispatcher (a :class:`JobLease` named ``dispatcher``).
 LEASE_NAME = "dispatcher"
+#: The dispatcher's Redis connections' name (`CLIENT LIST` tells them from the routes' connections).
+DISPATCHER_CLIENT_NAME = "trainq-dispatcher"
 LEASE_TTL_S = 10.0
 #: A dispatched job no worker has started within this is put back in pending (its worker vanished).
 DISPATCH_TIMEOUT_S = 60.0
@@ -99,9 +101,9 @@ def wake(client: redis.Redis) -> None:
 
 
 def make_pending(client: redis.Redis, record: JobRecord) -> None:
-    """List a newly recorded job in its queue's pending set and wake the dispatcher (the submit path)."""
-    PendingSet(client).push(record.id, record.queue, record.owner, record.spec.priority, record.created_at)
-    wake(client)
+    """List a newly recorded job in its queue's pending set and wake the dispatcher (the submit path:
+    one round trip, ``tests/api/test_submit_round_trips.py``)."""
+    PendingSet(client).push(record.id, record.queue, record.owner, record.spec.priority, record.created_at, wake_key=WAKE_KEY)
 
 
 def waiting_jobs(client: redis.Redis, queue: str) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.storage import Storage
-from worker.faults import Fault, classify
+from worker.faults import Fault, classify, describe
 from worker.training.uploads import UPLOAD_NICE, BackgroundUploader, UploadError
 
 
@@ -103,7 +103,10 @@ def test_a_failed_checkpoint_write_fails_the_upload_classified_by_its_cause(tmp_
     uploader.submit_file(tmp_path / "step-1.pt", "s3://trainq/tests/uploads/step-1.pt", write=write, coalesce="step")
     with pytest.raises(UploadError, match="writing s3://trainq/tests/uploads/step-1.pt before its upload failed: .*No space left") as failed:
         uploader.drain(timeout_s=10)
-    assert calls == [1] and classify(failed.value) is Fault.INTERNAL
+    # A full disk is a job error with advice since issue 19 (resource faults of the job's own making),
+    # not an internal one; either way never a retry.
+    assert calls == [1] and classify(failed.value) is Fault.JOB
+    assert "the worker's disk is full" in describe(failed.value)
     with pytest.raises(UploadError):
         uploader.raise_if_failed()
     uploader.close()
