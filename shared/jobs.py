@@ -437,6 +437,15 @@ class JobStore:
             summaries.append(JobSummary.model_validate(fields) if "state" in fields else None)
         return summaries
 
+    def owner_job_ids(self, owner: str, *, limit: int) -> tuple[list[str], int]:
+        """The ids of ``owner``'s newest ``limit`` jobs (any state), newest first, and how many it has."""
+        key = OWNER_INDEX_KEY.format(owner)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrange(key, 0, limit - 1)
+        pipe.zcard(key)
+        ids, total = pipe.execute()
+        return [member.decode() for member in ids], int(total)
+
     def queues(self) -> list[str]:
         """Every queue a job was submitted to, sorted."""
         return sorted(member.decode() for member in self.redis.smembers(QUEUES_KEY))
