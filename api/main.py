@@ -23,7 +23,7 @@ from fastapi_offline import FastAPIOffline
 
 from api.metrics import instrument
 from api.ratelimit import LookupLimiter
-from api.routes import artifacts, config, health, jobs, logs, tokens, workers
+from api.routes import artifacts, config, health, jobs, logs, storage, tokens, workers
 from api.suggest import did_you_mean, field_names_at
 from shared.auth import MIN_ADMIN_TOKEN_CHARS
 from shared.jobs import JobStore
@@ -180,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(logs.router)
     app.include_router(artifacts.router)
     app.include_router(workers.router)
+    app.include_router(storage.router)
     app.include_router(config.router)
     app.include_router(tokens.router)
     app.include_router(health.router)

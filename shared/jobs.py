@@ -35,7 +35,7 @@ from shared.exceptions import (
     QuotaExceededError,
 )
 from shared.numbers import parse_float
-from shared.pending import enlist, unlist
+from shared.pending import PENDING_STATES, enlist, unlist
 from shared.quotas import COUNT_CALL_LUA, RATE_KEY, rate_exceeded
 from shared.records import (
     ALLOWED_TRANSITIONS,
@@ -73,8 +73,13 @@ def index_keys(owner: str, **values: str | None) -> list[str]:
     keys = []
     for field, value in values.items():
         if value is not None:
-            keys += [f"{INDEX_KEY}:{field}:{value}", f"{OWNER_INDEX_KEY.format(owner)}:{field}:{value}"]
+            keys += [f"{INDEX_KEY}:{field}:{value}", owner_index_key(owner, field, value)]
     return keys
+
+
+def owner_index_key(owner: str, field: str, value: str) -> str:
+    """The sorted set of ``owner``'s jobs whose ``field`` (state, queue, name) is ``value``."""
+    return f"{OWNER_INDEX_KEY.format(owner)}:{field}:{value}"
 
 
 def encode_cursor(score: float, job_id: str) -> str:
@@ -116,13 +121,23 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return {key.decode(): json.loads(value) for key, value in raw.items()}
 
 
+#: ``MAX_PENDING_JOBS_PER_OWNER`` counts an owner's jobs in the pending states (waiting to start, or
+#: sent to a worker that has not taken them yet) from its state indexes: the submit script writes
+#: the new job's and every transition moves them in its own transaction, so the count is exact at
+#: the moment of a submit (the pending sets are filled just after the record, so two concurrent
+#: submits could both miss each other there).
+PENDING_STATE_COUNT = len(PENDING_STATES)
+
+
 #: Records a submission atomically; KEYS: rate window, idempotency key (or ``""``), the owner's
-#: active set, the job's hash, the queues set, then every index the new job goes into. ARGV: now,
-#: window (s), submissions allowed per window (-1: none counted), the window's member, the
-#: idempotency value (``[id, spec digest]`` as JSON), the spec digest, max active jobs (-1: no
-#: limit), the TTL of the idempotency key (s), the job id, its creation time (the index score),
-#: its queue, then the record's field/value pairs. Returns ``{"created"}``, ``{"rate", wait_s}``,
-#: ``{"replay", id, fields...}``, ``{"conflict", id}`` or ``{"quota", active}``.
+#: active set, the job's hash, the queues set, the owner's state indexes of the pending states
+#: (:data:`PENDING_STATE_COUNT` of them: its jobs waiting to start), then every index the new job
+#: goes into. ARGV: now, window (s), submissions allowed per window (-1: none counted), the
+#: window's member, the idempotency value (``[id, spec digest]`` as JSON), the spec digest, max
+#: active jobs (-1: no limit), the TTL of the idempotency key (s), the job id, its creation time
+#: (the index score), its queue, max pending jobs (-1: no limit), then the record's field/value
+#: pairs. Returns ``{"created"}``, ``{"rate", wait_s}``, ``{"replay", id, fields...}``,
+#: ``{"conflict", id}``, ``{"quota", active}`` or ``{"pending_quota", pending}``.
 _SUBMIT = COUNT_CALL_LUA + """
 local now, window, per_minute = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if per_minute >= 0 then
@@ -144,14 +159,20 @@ if max_active >= 0 then
   local active = redis.call('SCARD', KEYS[3])
   if active >= max_active then return {'quota', tostring(active)} end
 end
+local max_pending = tonumber(ARGV[12])
+if max_pending >= 0 then
+  local pending = 0
+  for i = 6, 5 + PENDING_STATE_COUNT do pending = pending + redis.call('ZCARD', KEYS[i]) end
+  if pending >= max_pending then return {'pending_quota', tostring(pending)} end
+end
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[8]) end
-redis.call('HSET', KEYS[4], unpack(ARGV, 12))
+redis.call('HSET', KEYS[4], unpack(ARGV, 13))
 local id, score = ARGV[9], ARGV[10]
-for i = 6, #KEYS do redis.call('ZADD', KEYS[i], score, id) end
+for i = 6 + PENDING_STATE_COUNT, #KEYS do redis.call('ZADD', KEYS[i], score, id) end
 redis.call('SADD', KEYS[3], id)
 redis.call('SADD', KEYS[5], ARGV[11])
 return {'created'}
-""".replace("JOB_PREFIX", repr(JOB_KEY.format("")))
+""".replace("JOB_PREFIX", repr(JOB_KEY.format(""))).replace("PENDING_STATE_COUNT", str(PENDING_STATE_COUNT))
 
 
 class _Submission:
@@ -159,7 +180,7 @@ class _Submission:
 
     def __init__(
         self, spec: JobSpec, queue: str, owner: str, idempotency_key: str | None, max_active: int | None,
-        per_minute: int | None, window_s: float = 60.0,
+        per_minute: int | None, max_pending: int | None = None, window_s: float = 60.0,
     ) -> None:
         now = time.time()
         self.record = JobRecord(
@@ -173,7 +194,8 @@ class _Submission:
             progress=Progress(epochs=spec.epochs),
             transitions=[Transition(state=JobState.QUEUED, at=now)],
         )
-        self.idempotency_key, self.per_minute, self.max_active, self.window_s = idempotency_key, per_minute, max_active, window_s
+        self.idempotency_key, self.per_minute, self.window_s = idempotency_key, per_minute, window_s
+        self.max_active, self.max_pending = max_active, max_pending
         digest, idempotency = "", ""
         if idempotency_key is not None:
             digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
@@ -182,12 +204,14 @@ class _Submission:
         fields = _encode(record.model_dump(mode="json", exclude_none=True))
         self.keys = [
             RATE_KEY.format(owner), idempotency, ACTIVE_KEY.format(owner), JOB_KEY.format(record.id), QUEUES_KEY,
+            *(owner_index_key(owner, "state", state) for state in PENDING_STATES),
             INDEX_KEY, OWNER_INDEX_KEY.format(owner),
             *index_keys(owner, state=record.state.value, queue=record.queue, name=record.name),
         ]
         self.args = [
             now, window_s, -1 if per_minute is None else per_minute, uuid.uuid4().hex, json.dumps([record.id, digest]),
             digest, -1 if max_active is None else max_active, IDEMPOTENCY_TTL_S, record.id, record.created_at, queue,
+            -1 if max_pending is None else max_pending,
             *(item for pair in fields.items() for item in pair),
         ]
 
@@ -204,6 +228,12 @@ class _Submission:
             raise QuotaExceededError(
                 f"owner {self.record.owner!r} has {int(reply[1])} jobs queued or running; the limit is {self.max_active} "
                 "(MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one",
+                retry_after_s=60,
+            )
+        if kind == "pending_quota":
+            raise QuotaExceededError(
+                f"owner {self.record.owner!r} has {int(reply[1])} jobs waiting to start (queued, retrying or preempted); "
+                f"the limit is {self.max_pending} (MAX_PENDING_JOBS_PER_OWNER): wait for some to start or cancel one",
                 retry_after_s=60,
             )
         fields = dict(zip(reply[2::2], reply[3::2]))  # "replay": the job the key returned
@@ -242,6 +272,7 @@ class JobStore:
         owner: str = ANONYMOUS_OWNER,
         idempotency_key: str | None = None,
         max_active: int | None = None,
+        max_pending: int | None = None,
         per_minute: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Record a new ``queued`` job of ``owner`` for ``spec`` on ``queue``.
@@ -251,12 +282,14 @@ class JobStore:
         per owner: another owner's key never returns, or reveals, someone else's job.
 
         Every check and write is one Lua script (:data:`_SUBMIT`), so it is atomic and one round
-        trip: the rate window, the idempotency key, the active-job quota, then the record and
-        its indexes. A refused call writes nothing but its place in the rate window.
+        trip: the rate window, the idempotency key, the active-job and pending-job quotas, then
+        the record and its indexes. A refused call writes nothing but its place in the rate window.
 
         Args:
             max_active: refuse when ``owner`` already has this many jobs queued, running or
                 retrying.
+            max_pending: refuse when ``owner`` already has this many jobs waiting to start
+                (queued, retrying or preempted, on any queue).
             per_minute: first count the call in ``owner``'s submission window
                 (:func:`shared.quotas.count_submission`); refuse past this many a minute.
 
@@ -265,9 +298,9 @@ class JobStore:
 
         Raises:
             IdempotencyConflictError: the owner used the key before with a different spec.
-            QuotaExceededError: ``owner`` is at ``max_active`` or over ``per_minute``.
+            QuotaExceededError: ``owner`` is at ``max_active`` or ``max_pending``, or over ``per_minute``.
         """
-        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute)
+        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute, max_pending)
         return submission.outcome(self._submit(keys=submission.keys, args=submission.args))
 
     async def create_async(
@@ -278,6 +311,7 @@ class JobStore:
         owner: str = ANONYMOUS_OWNER,
         idempotency_key: str | None = None,
         max_active: int | None = None,
+        max_pending: int | None = None,
         per_minute: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """:meth:`create` on the asyncio client (:attr:`aredis`), for the API's event loop.
@@ -287,7 +321,7 @@ class JobStore:
         """
         if self._asubmit is None:
             raise RuntimeError("this JobStore has no asyncio client")
-        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute)
+        submission = _Submission(spec, queue, owner, idempotency_key, max_active, per_minute, max_pending)
         return submission.outcome(await self._asubmit(keys=submission.keys, args=submission.args))
 
     def get(self, job_id: str) -> JobRecord:
@@ -402,6 +436,15 @@ class JobStore:
             fields = {name: json.loads(value) for name, value in zip(SUMMARY_FIELDS, values) if value is not None}
             summaries.append(JobSummary.model_validate(fields) if "state" in fields else None)
         return summaries
+
+    def owner_job_ids(self, owner: str, *, limit: int) -> tuple[list[str], int]:
+        """The ids of ``owner``'s newest ``limit`` jobs (any state), newest first, and how many it has."""
+        key = OWNER_INDEX_KEY.format(owner)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrange(key, 0, limit - 1)
+        pipe.zcard(key)
+        ids, total = pipe.execute()
+        return [member.decode() for member in ids], int(total)
 
     def queues(self) -> list[str]:
         """Every queue a job was submitted to, sorted."""

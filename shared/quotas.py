@@ -2,9 +2,10 @@
 
 Each accepted submission adds a timestamp to the sorted set ``trainq:rate:<owner>``; a Lua
 script drops those older than the window, counts the rest and refuses once ``limit`` is reached,
-all atomically, so concurrent API processes share one count. The other per-owner quota, jobs
-queued or running at once (``MAX_ACTIVE_JOBS_PER_OWNER``), is checked by
-:meth:`shared.jobs.JobStore.create` in the transaction that records the job.
+all atomically, so concurrent API processes share one count. The other per-owner quotas, jobs
+queued or running at once (``MAX_ACTIVE_JOBS_PER_OWNER``) and jobs waiting to start
+(``MAX_PENDING_JOBS_PER_OWNER``), are checked by :meth:`shared.jobs.JobStore.create` in the
+script that records the job.
 """
 
 from __future__ import annotations

@@ -74,6 +74,17 @@ class ArtifactList(BaseModel):
     files: list[ArtifactFile]
 
 
+class OwnerStorage(BaseModel):
+    """``GET /storage``: the bytes an owner's jobs hold in S3 (checkpoints, TensorBoard events, logs)."""
+
+    owner: str
+    bytes: int = Field(description="Total size of the objects under the jobs' prefixes counted, in bytes.")
+    objects: int = Field(description="Objects counted.")
+    jobs: int = Field(description="Jobs whose prefixes were listed: the owner's newest, at most `jobs_total`.")
+    jobs_total: int = Field(description="Jobs the owner has; more than `jobs` when the listing was bounded (then "
+                            "`bytes` leaves the oldest out).")
+
+
 class WorkerList(BaseModel):
     """The workers that reported within the last three heartbeat intervals."""
 

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         None, ge=1, description="Jobs (of any queue) an owner may have running at once; the others wait, pending, and "
         "other owners' jobs go first. Unset: no limit (`MAX_ACTIVE_JOBS_PER_OWNER` still caps jobs queued and running)."
     )
+    max_pending_jobs_per_owner: int | None = Field(
+        None, ge=1, description="Jobs an owner may have waiting to start (queued, retrying or preempted, on any queue) "
+        "at once; a submit past it is a 429. Unset: no limit (`MAX_ACTIVE_JOBS_PER_OWNER` still caps jobs queued and "
+        "running)."
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600,
         gt=0,

@@ -4,7 +4,7 @@
     trainq submit examples/digits.json --wait   # submit, then a progress bar until the job ends
     trainq list --state running                 # your jobs, newest first
     trainq status ID | cancel ID | logs ID --follow | artifacts ID --download DIR | tensorboard ID
-    trainq workers | queues
+    trainq workers | queues | storage
 
 The API is ``--url`` or ``TRAINQ_URL`` (default ``http://127.0.0.1:8000``), the token ``--token`` or
 ``TRAINQ_TOKEN``. A job id may be shortened to a unique prefix of at least 6 characters (as git's).
@@ -455,6 +455,23 @@ def queues(ctx: typer.Context, as_json: JsonOption = False) -> None:
             owners.add_row(queue.queue, o.owner, str(o.pending), str(o.running), f"{o.share:.0%}", f"{o.usage_gpu_s / 3600:.2f}")
     if owners.row_count:
         _console().print(owners)
+
+
+@app.command()
+@handle_errors
+def storage(
+    ctx: typer.Context,
+    owner: Annotated[str | None, typer.Option(help="Another owner's (admins only); default yours.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Bytes your jobs hold in S3 (checkpoints, TensorBoard events, logs), listed now."""
+    found = _client(ctx).storage(owner)
+    if as_json:
+        _print_json(found)
+        return
+    bounded = f" (newest {found.jobs} of {found.jobs_total} jobs)" if found.jobs < found.jobs_total else ""
+    terminal.write(f"{found.owner}: {found.bytes:,} bytes ({found.bytes / 2**30:.2f} GiB) in {found.objects:,} objects "
+                   f"of {found.jobs:,} jobs{bounded}")
 
 
 @app.command()

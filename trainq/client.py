@@ -30,6 +30,7 @@ from shared.records import JobRecord, JobsPage, JobState, JobSummary
 from shared.schemas import (
     ArtifactList,
     DryRunReport,
+    OwnerStorage,
     QueueList,
     Readiness,
     SharesList,
@@ -318,6 +319,10 @@ class Client:
     def shares(self) -> SharesList:
         """Per queue, each owner's jobs, fair share and decayed usage (``GET /queues/shares``)."""
         return _parse(SharesList, self.request("GET", "/queues/shares"))
+
+    def storage(self, owner: str | None = None) -> OwnerStorage:
+        """Bytes an owner's jobs hold in S3 (``GET /storage``): yours, or ``owner``'s (admins)."""
+        return _parse(OwnerStorage, self.request("GET", "/storage", params={"owner": owner} if owner else None))
 
     def ready(self) -> Readiness:
         """``/readyz``, also when it is 503."""

@@ -61,7 +61,8 @@ class JobsQuery(BaseModel):
     responses={
         200: {"model": DryRunReport, "description": "Dry run: what was found; nothing queued."},
         409: {"model": ErrorDetail, "description": "The `Idempotency-Key` was used with another spec."},
-        429: {"description": "Over the owner's quota (jobs queued or running, or submissions per minute); see `Retry-After`."},
+        429: {"description": "Over the owner's quota (jobs queued or running, jobs waiting to start, or submissions per minute); "
+             "see `Retry-After`."},
     },
 )
 async def create_job(
@@ -102,7 +103,8 @@ async def create_job(
         try:
             record, created = await store.create_async(
                 spec, queue, owner=principal.owner, idempotency_key=idempotency_key,
-                max_active=settings.max_active_jobs_per_owner, per_minute=settings.submissions_per_minute,
+                max_active=settings.max_active_jobs_per_owner, max_pending=settings.max_pending_jobs_per_owner,
+                per_minute=settings.submissions_per_minute,
             )
         except IdempotencyConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc

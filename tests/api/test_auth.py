@@ -50,7 +50,7 @@ def submit(api: httpx.Client, **overrides) -> dict:
 
 ROUTES = [("GET", "/jobs"), ("GET", "/jobs/some-id"), ("POST", "/jobs/some-id/cancel"), ("POST", "/jobs"),
           ("POST", "/jobs?dry_run=true"), ("GET", "/jobs/some-id/logs"), ("GET", "/jobs/some-id/logs?follow=true"),
-          ("GET", "/jobs/some-id/artifacts"), ("GET", "/workers"), ("GET", "/queues"), ("GET", "/metrics"),
+          ("GET", "/jobs/some-id/artifacts"), ("GET", "/workers"), ("GET", "/queues"), ("GET", "/storage"), ("GET", "/metrics"),
           ("GET", "/config/tensorboard"), ("GET", "/tokens"), ("POST", "/tokens"), ("DELETE", "/tokens?owner=x")]
 
 

@@ -122,6 +122,19 @@ def test_an_owner_over_the_active_job_quota_gets_429(stack: LocalStack, limited:
         assert api.post("/jobs", json=spec).status_code == 202
 
 
+def test_an_owner_over_the_pending_job_quota_gets_429_naming_it(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
+    spec = example_spec() | {"queue": PARKED}
+    with api_process(stack, tmp_path_factory.mktemp("pending"), MAX_PENDING_JOBS_PER_OWNER="2") as limited_pending, \
+            owner_client(stack, limited_pending) as api:
+        first, _ = [api.post("/jobs", json=spec).raise_for_status().json() for _ in range(2)]
+        refused = api.post("/jobs", json=spec)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "has 2 jobs waiting to start" in refused.json()["detail"]
+        assert "MAX_PENDING_JOBS_PER_OWNER" in refused.json()["detail"]
+        api.post(f"/jobs/{first['id']}/cancel").raise_for_status()  # a cancelled job no longer waits
+        assert api.post("/jobs", json=spec).status_code == 202
+
+
 def test_an_owner_over_the_submission_rate_gets_429_with_retry_after(stack: LocalStack, limited: LocalStack):
     spec = example_spec() | {"queue": PARKED}
     with owner_client(stack, limited) as api:

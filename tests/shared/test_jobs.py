@@ -205,3 +205,42 @@ def test_a_refused_submission_writes_nothing_but_its_place_in_the_rate_window(st
     with pytest.raises(IdempotencyConflictError):
         store.create(spec.model_copy(update={"seed": 7}), "default", owner="finn", idempotency_key="b")
     assert store.list(owner="finn").count == 2 and store.get(first.id).state == JobState.QUEUED
+
+
+def test_the_pending_job_quota_counts_jobs_waiting_to_start_on_every_queue(store: JobStore):
+    from shared.exceptions import QuotaExceededError
+
+    spec = JobSpec.model_validate(example_spec())
+    first, _ = store.create(spec, "default", owner="gail", max_pending=2)
+    store.create(spec, "gpu", owner="gail", max_pending=2)
+    with pytest.raises(QuotaExceededError, match=r"owner 'gail' has 2 jobs waiting to start .*the limit is 2 "
+                       r"\(MAX_PENDING_JOBS_PER_OWNER\)"):
+        store.create(spec, "cpu", owner="gail", max_pending=2)
+    assert store.list(owner="gail").count == 2 and store.redis.keys("trainq:idempotency:*") == []
+    store.create(spec, "default", owner="hank", max_pending=2)  # quotas are per owner
+    store.transition(first.id, JobState.RUNNING)  # a running job no longer waits
+    store.create(spec, "cpu", owner="gail", max_pending=2)
+    store.transition(first.id, JobState.PREEMPTED, reason="preempted")  # a preempted one waits again
+    with pytest.raises(QuotaExceededError, match="has 3 jobs waiting to start"):
+        store.create(spec, "cpu", owner="gail", max_pending=3)
+    assert store.list(owner="gail").count == 3
+
+
+def test_concurrent_submissions_never_exceed_the_pending_job_quota(store: JobStore):
+    # The count and the record are one Lua script: no two submits both take the last place.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.exceptions import QuotaExceededError
+
+    spec = JobSpec.model_validate(example_spec())
+
+    def submit(index: int) -> bool:
+        try:
+            store.create(spec, f"queue-{index % 3}", owner="ivy", max_pending=5)
+            return True
+        except QuotaExceededError:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(submit, range(24))) == 5
+    assert store.list(owner="ivy").count == 5
