@@ -133,9 +133,14 @@ def resolve_job_id(job_id: str, store: JobStore, principal: Principal) -> str:
 
     Raises:
         JobNotFoundError: a prefix no visible job has.
+        HTTPException: 404 for a hex prefix shorter than ``MIN_ID_PREFIX`` (saying so).
         HTTPException: 422 naming ``job_id`` when several visible jobs have the prefix (listing them).
     """
     prefix = job_id.lower()
+    if prefix and len(prefix) < MIN_ID_PREFIX and not prefix.strip("0123456789abcdef"):
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found: a short id needs at least {MIN_ID_PREFIX} hex digits"
+        )
     if not MIN_ID_PREFIX <= len(prefix) < _JOB_ID_CHARS or prefix.strip("0123456789abcdef"):
         return job_id
     # Only the caller's own jobs (an admin's: everyone's), so a prefix reveals no other owner's ids.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from shared.exceptions import JobFailure
 from shared.names import LOCAL_SCHEME, split_s3_uri
 from shared.paths import key_problem, printable
-from shared.spec import JobSpec
+from shared.spec import MAX_PRIORITY, JobSpec
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -102,15 +102,16 @@ def check_uri_allowed(uri: str, settings: Settings, owner: str | None = None) ->
     raise ValueError(f"{printable(uri)} is not under a prefix this service may read ({', '.join(allowed)}; see DATA_URIS_ALLOWED)")
 
 
-def priority_ceiling(settings: Settings, owner: str) -> int:
-    """The highest spec ``priority`` ``owner`` may give: its ``PRIORITY_CEILING_BY_OWNER`` entry, else ``PRIORITY_CEILING``."""
-    return settings.priority_ceiling_by_owner.get(owner, settings.priority_ceiling)
+def priority_ceiling(settings: Settings, owner: str, *, admin: bool = False) -> int:
+    """The highest spec ``priority`` ``owner`` may give: its ``PRIORITY_CEILING_BY_OWNER`` entry, else
+    ``PRIORITY_CEILING`` (an admin token: 100, so the top range and ``preemptible: false`` are reachable)."""
+    return settings.priority_ceiling_by_owner.get(owner, MAX_PRIORITY if admin else settings.priority_ceiling)
 
 
-def priority_problems(spec: JobSpec, settings: Settings, owner: str) -> list[AccessProblem]:
+def priority_problems(spec: JobSpec, settings: Settings, owner: str, *, admin: bool = False) -> list[AccessProblem]:
     """``priority`` over ``owner``'s ceiling; ``preemptible: false`` below ``NON_PREEMPTIBLE_MIN_PRIORITY``."""
     problems = []
-    ceiling = priority_ceiling(settings, owner)
+    ceiling = priority_ceiling(settings, owner, admin=admin)
     if spec.priority > ceiling:
         problems.append(AccessProblem(
             ("priority",), str(spec.priority),
@@ -126,10 +127,10 @@ def priority_problems(spec: JobSpec, settings: Settings, owner: str) -> list[Acc
     return problems
 
 
-def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = None) -> list[AccessProblem]:
+def spec_access_problems(spec: JobSpec, settings: Settings, owner: str | None = None, *, admin: bool = False) -> list[AccessProblem]:
     """Every field of ``spec`` that names a queue or a URI the settings do not allow ``owner``, and, with an
     ``owner`` (the API's check at submit), a priority or ``preemptible`` it may not ask for."""
-    problems = [] if owner is None else priority_problems(spec, settings, owner)
+    problems = [] if owner is None else priority_problems(spec, settings, owner, admin=admin)
     queue = spec.queue or settings.default_queue
     if queue not in settings.queues:
         problems.append(AccessProblem(("queue",), queue, f"queue {queue!r} is not one of the configured queues {settings.queues} (QUEUES)"))

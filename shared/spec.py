@@ -530,6 +530,8 @@ REGRESSION_METRICS = frozenset({"val_loss", "val_mae", "val_rmse", "val_r2"})
 
 #: A spec's ``priority`` when it names none (the middle of 0–100).
 DEFAULT_PRIORITY = 50
+#: The highest spec ``priority``.
+MAX_PRIORITY = 100
 
 
 class CheckpointSpec(SpecModel):
@@ -691,10 +693,10 @@ class JobSpec(SpecModel):
     priority: Int = Field(
         DEFAULT_PRIORITY,
         ge=0,
-        le=100,
+        le=MAX_PRIORITY,
         description="Dispatch order on the queue, higher first (0–100, default 50): a waiting job of higher priority "
         "goes to the next free worker before any lower one, and may preempt a running lower one. An owner may give "
-        "at most `PRIORITY_CEILING` (or their `PRIORITY_CEILING_BY_OWNER`). Equal priorities go by the owners' "
+        "at most `PRIORITY_CEILING` (or their `PRIORITY_CEILING_BY_OWNER`; an admin token up to 100). Equal priorities go by the owners' "
         "fair-share deficit, then by age.",
     )
     preemptible: Annotated[bool, Strict()] = Field(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -388,3 +389,65 @@ def test_status_of_a_preempted_job_shows_its_priority_reason_and_history():
     rows = dict(_status_rows(record))
     assert rows["priority"] == "30" and rows["reason"] == "preempted at step 7"
     assert rows["history"] == "queued → running → preempted (preempted at step 7)"
+
+
+# -- found by a fresh-user pass (2026-12-04) ------------------------------------------------------
+def test_a_server_that_is_not_trainq_is_named_not_printed(env, tmp_path: Path):
+    # With port 8000 taken by another server and TRAINQ_URL forgotten, the CLI printed its HTML page.
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        result = trainq({**env, "TRAINQ_URL": url}, "list")
+        assert result.exit_code == ExitStatus.ERROR
+        assert "is not a trainq API" in result.stderr and "TRAINQ_URL" in result.stderr
+        assert "<html" not in result.output.lower()
+    finally:
+        other.terminate()
+        other.wait(10)
+
+
+def test_a_string_no_encoder_takes_gets_the_apis_422(env, tmp_path: Path):
+    spec = tmp_path / "surrogate.json"
+    spec.write_text(json.dumps({**fast_digits_spec(epochs=1), "name": "\ud800"}))  # a lone surrogate, as JSON allows
+    result = trainq(env, "submit", str(spec))
+    assert result.exit_code == ExitStatus.ERROR and "UnicodeEncodeError" not in result.output
+    assert result.stderr.startswith("error: 422 name:"), result.stderr
+
+
+def test_a_prefix_shorter_than_six_digits_says_so(env, waited):
+    _, job_id = waited
+    result = trainq(env, "status", job_id[:4])
+    assert result.exit_code == ExitStatus.ERROR and "at least 6 hex digits" in result.stderr
+
+
+def test_list_says_when_more_jobs_than_shown(env, waited):
+    result = trainq(env, "list", "--limit", "1")
+    assert result.exit_code == 0 and "the newest 1 shown; more with --limit N" in result.stderr
+
+
+def test_a_download_folder_that_cannot_be_written_is_one_line(env, waited, tmp_path: Path):
+    _, job_id = waited
+    (tmp_path / "a-file").write_text("")
+    result = trainq(env, "artifacts", job_id, "--download", str(tmp_path / "a-file"))
+    assert result.exit_code == ExitStatus.ERROR and result.stderr.startswith("error: cannot write ")
+    assert "unexpected" not in result.stderr
+
+
+def test_tensorboard_on_a_bad_or_taken_port_says_so(env, waited):
+    _, job_id = waited
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    assert trainq({**env, **aws}, "tensorboard", job_id, "--port", "99999").exit_code == ExitStatus.USAGE
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = trainq({**env, **aws}, "tensorboard", job_id, "--port", str(port))
+    assert result.exit_code == ExitStatus.ERROR and f"cannot listen on 127.0.0.1:{port}" in result.stderr

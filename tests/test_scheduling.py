@@ -134,6 +134,13 @@ def test_priority_above_the_owner_ceiling_and_unpreemptible_low_priority_are_422
     assert error["loc"] == ["body", "priority"] and "above 70" in error["msg"]
     response = alice.post("/jobs", json=table_spec(priority=50, preemptible=False))
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "preemptible"]
+    # An admin token may take the top range, so `preemptible: false` is reachable with the defaults
+    # (a fresh user found even the admin capped at 70, below NON_PREEMPTIBLE_MIN_PRIORITY's 80).
+    admin = httpx.Client(base_url=stack.api_url, timeout=30,
+                         headers={"Authorization": f"Bearer {stack.create_token('ops', admin=True)}"})
+    response = admin.post("/jobs", json=table_spec(priority=90, preemptible=False))
+    assert response.status_code == 202, response.text
+    admin.post(f"/jobs/{response.json()['id']}/cancel")
 
 
 def test_keep_last_leaves_the_two_newest_step_checkpoints_final_and_best(stack: LocalStack):

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -233,7 +234,9 @@ def list_jobs(
 ) -> None:
     """Your jobs, newest first."""
     client = _client(ctx)
-    jobs = list(client.iter_jobs(max_jobs=limit, state=state, queue=queue, name=name, owner=owner, limit=min(limit, 500)))
+    # One more than shown, to say when there are more (a silent cut read as "that is all").
+    jobs = list(client.iter_jobs(max_jobs=limit + 1, state=state, queue=queue, name=name, owner=owner, limit=min(limit + 1, 500)))
+    more, jobs = len(jobs) > limit, jobs[:limit]
     if as_json:
         _print_json(jobs)
         return
@@ -249,6 +252,8 @@ def list_jobs(
         )
     console = _console()
     console.print(table if jobs else "no jobs")
+    if more:
+        _console(stderr=True).print(f"the newest {limit} shown; more with --limit N")
 
 
 @app.command()
@@ -373,7 +378,7 @@ def artifacts(
 def tensorboard(
     ctx: typer.Context,
     job_id: Annotated[str | None, typer.Argument(help="A job's id (or a unique prefix); default every job.", show_default=False)] = None,
-    port: Annotated[int, typer.Option(help="TensorBoard's port.")] = 6006,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TensorBoard's port.")] = 6006,
     host: Annotated[str, typer.Option(help="Address TensorBoard listens on.")] = "127.0.0.1",
 ) -> None:
     """Start TensorBoard on a job's (or every job's) event files in S3.
@@ -397,6 +402,11 @@ def tensorboard(
     if boto3.Session().get_credentials() is None:
         _fail("TensorBoard reads S3 with your own credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
               "(the local stack of `trainq up` takes `testing` for both)")
+    with socket.socket() as probe:  # TensorBoard's own message for a taken port is a 255 exit
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another with --port")
     executable = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
     command = [executable, "--logdir", logdir, "--port", str(port), "--host", host]
     terminal.write(f"TensorBoard on {logdir} at http://{host}:{port}/ (S3_ENDPOINT={env.get('S3_ENDPOINT') or 'AWS'}); Ctrl-C stops it",

@@ -4,7 +4,7 @@
 
     client = Client("http://127.0.0.1:8000", token=None)      # or TRAINQ_URL / TRAINQ_TOKEN
     record = client.submit("examples/digits.json").wait()       # a JobRecord once the job is final
-    print(record.state, record.progress.val_accuracy)             # succeeded 0.9889
+    print(record.state, record.progress.val_accuracy)             # succeeded 0.9944
     for line in client.follow_logs(record.id): print(line)
 
 Every failed call raises :class:`TrainqClientError` with one readable line (the API's ``detail``,
@@ -58,6 +58,11 @@ class TrainqClientError(Exception):
 
 def _detail(response: httpx.Response) -> str:
     """The API's error as one line: ``detail``, or a 422's first errors with their locations."""
+    if response.headers.get("content-type", "").startswith("text/html"):
+        # Another server on the port (the trainq API never answers HTML): say so, not its page.
+        url = response.request.url.copy_with(path="/", query=None) if response.request else "?"
+        return (f"{response.status_code} from {url}, which is not a trainq API (it answered with an HTML page): "
+                "is TRAINQ_URL (or --url) right?")
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
@@ -68,6 +73,16 @@ def _detail(response: httpx.Response) -> str:
         more = f" (and {len(detail) - 3} more)" if len(detail) > 3 else ""
         detail = "; ".join(parts) + more
     return f"{response.status_code} {detail}"
+
+
+def _json_body(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with a ``json=`` body encoded as ASCII JSON: a string the API must refuse (a lone
+    surrogate, say) reaches it as an escape and gets its 422, instead of failing here to encode."""
+    if "json" in kwargs:
+        body = json.dumps(kwargs.pop("json"))  # ensure_ascii: every character as an escape
+        kwargs["content"] = body.encode("ascii")
+        kwargs["headers"] = {**(kwargs.get("headers") or {}), "Content-Type": "application/json"}
+    return kwargs
 
 
 def load_spec(spec: JobSpec | dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -154,7 +169,7 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP call; raises :class:`TrainqClientError` unless the answer is 2xx."""
         try:
-            response = self.http.request(method, path, **kwargs)
+            response = self.http.request(method, path, **_json_body(kwargs))
         except httpx.TimeoutException:
             raise TrainqClientError(f"the trainq API at {self.url} did not answer in time") from None
         except httpx.TransportError as exc:
@@ -277,7 +292,7 @@ class Client:
         prefix. ``on_file(path, size_bytes)`` after each.
 
         Raises:
-            TrainqClientError: a download failed, or a path would leave ``dest/<job_id>``.
+            TrainqClientError: a download failed, ``dest`` cannot be written, or a path would leave ``dest/<job_id>``.
         """
         listing = self.artifacts(job_id)
         if not listing.job_id or Path(listing.job_id).name != listing.job_id or listing.job_id in (".", ".."):
@@ -289,19 +304,21 @@ class Client:
                 target = (root / item.path).resolve()
                 if not target.is_relative_to(root):
                     raise TrainqClientError(f"artifact path {item.path!r} leaves {root}")
-                target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(target.name + ".part")
                 try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     with plain.stream("GET", item.url) as response:
                         if response.is_error:
                             raise TrainqClientError(f"download of {item.uri} failed: HTTP {response.status_code}")
                         with open(tmp, "wb") as out:
                             for chunk in response.iter_bytes(1 << 20):
                                 out.write(chunk)
+                    tmp.replace(target)
                 except httpx.TransportError as exc:
                     tmp.unlink(missing_ok=True)
                     raise TrainqClientError(f"download of {item.uri} failed ({type(exc).__name__})") from None
-                tmp.replace(target)
+                except OSError as exc:  # the folder given cannot be written (missing parent, a file, no permission, full)
+                    raise TrainqClientError(f"cannot write {target}: {exc.strerror or exc}") from None
                 paths.append(target)
                 if on_file is not None:
                     on_file(target, item.size_bytes)
@@ -380,7 +397,7 @@ class AsyncClient:
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP call; raises :class:`TrainqClientError` unless the answer is 2xx."""
         try:
-            response = await self.http.request(method, path, **kwargs)
+            response = await self.http.request(method, path, **_json_body(kwargs))
         except httpx.TransportError as exc:
             raise TrainqClientError(f"cannot reach the trainq API at {self.url} ({type(exc).__name__})") from None
         if response.is_error:

@@ -93,10 +93,10 @@ async def create_job(
     # thread; the record is one Lua script on redis.asyncio and a dry run waits on it too (issue 17).
     if dry_run:
         response.status_code = status.HTTP_200_OK
-        return await _checked_dry_run(spec, settings, store, celery, principal.owner)
-    if spec_access_problems(spec, settings, principal.owner):
+        return await _checked_dry_run(spec, settings, store, celery, principal.owner, admin=principal.admin)
+    if spec_access_problems(spec, settings, principal.owner, admin=principal.admin):
         await _count_submission(store, principal.owner, settings)  # a refused submission counts too
-        _check_access(spec, settings, principal.owner)
+        _check_access(spec, settings, principal.owner, admin=principal.admin)
     queue = spec.queue or settings.default_queue
     # Shielded: a cancelled request (server shutdown) must not stop between recording and enqueueing.
     with anyio.CancelScope(shield=True):
@@ -125,10 +125,12 @@ async def _count_submission(store: JobStore, owner: str, settings: Settings) -> 
         raise _too_many(exc) from exc
 
 
-async def _checked_dry_run(spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str) -> DryRunReport:
+async def _checked_dry_run(
+    spec: JobSpec, settings: Settings, store: JobStore, celery: Celery, owner: str, *, admin: bool = False
+) -> DryRunReport:
     """A dry run counts as a submission and is checked like one (429, then 422), then runs on a worker."""
     await _count_submission(store, owner, settings)
-    _check_access(spec, settings, owner)
+    _check_access(spec, settings, owner, admin=admin)
     return await _dry_run(spec, settings, store, celery, owner)
 
 
@@ -148,9 +150,9 @@ def _too_many(exc: QuotaExceededError) -> HTTPException:
     )
 
 
-def _check_access(spec: JobSpec, settings: Settings, owner: str) -> None:
+def _check_access(spec: JobSpec, settings: Settings, owner: str, *, admin: bool = False) -> None:
     """422, shaped as a validation error, for each queue or URI the settings do not allow ``owner``."""
-    problems = spec_access_problems(spec, settings, owner)
+    problems = spec_access_problems(spec, settings, owner, admin=admin)
     if problems:
         errors = [{"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": p.value} for p in problems]
         raise RequestValidationError(errors, body=spec.model_dump(mode="json"))
