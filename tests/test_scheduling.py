@@ -80,11 +80,16 @@ def test_two_owners_alternate_on_two_workers(stack: LocalStack):
     for name in ("s1", "s2"):
         stack.start_worker(name)
     try:
-        blockers = [submit(carol, digits(epochs=3)) for _ in range(2)]
+        # Long enough to outlast the 20 submits on any machine; cancelled once they are all pending
+        # (3 epochs once ended before bob's first submit on a quiet machine: alice, alice, …).
+        blockers = [submit(carol, digits(epochs=200)) for _ in range(2)]
         for job_id in blockers:
             wait_until(carol, job_id, lambda r: r["state"] == "running")
         jobs = {"alice": [submit(alice, digits()) for _ in range(10)]}
         jobs["bob"] = [submit(bob, digits()) for _ in range(10)]
+        for job_id in blockers:
+            assert carol.get(f"/jobs/{job_id}").json()["state"] == "running"  # nothing was dispatched yet
+            carol.post(f"/jobs/{job_id}/cancel").raise_for_status()
         owner_of = {job_id: owner for owner, ids in jobs.items() for job_id in ids}
         records = [wait_for_job(alice if owner == "alice" else bob, job_id) for job_id, owner in owner_of.items()]
     finally:
